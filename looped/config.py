@@ -1,0 +1,226 @@
+"""Typed configuration: OmegaConf structured dataclasses, YAML presets, CLI dotlist overrides.
+
+`load_config(["loop=8", "model=small", "model.d_model=256"])` resolves exactly as `train.py` does:
+  1. the dataclass defaults below,
+  2. configs/defaults.yaml,
+  3. preset selections `group=name` (configs/<group>/<name>.yaml), in the order given,
+  4. dotlist overrides `a.b=value`, in the order given,
+then validates ranges and shapes. Every problem raises `ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from looped.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DepthAttentionConfig:
+    enabled: bool = True
+    # Name in looped.model.depth.SOURCE_POLICIES. None picks `strided` for a plain decoder and
+    # `same_layer` for a looped one.
+    sources: Optional[str] = None
+    stride: Optional[int] = None  # `strided`: None means n_layers // 2 (the authors' setting)
+    window: int = 0  # `strided`: also attend to the w most recent depth positions
+    mix: str = "mixed"  # mixed: sources contribute their mixed values; raw: their raw values
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 2  # layers in the core block; a plain decoder is just the core with loop=1
+    n_prelude: int = 0  # untied layers before the core
+    n_coda: int = 0  # untied layers after the core
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int = 32
+    ffn_dim: int = 384
+    rope_theta: float = 10000.0
+    max_seq_len: int = 256
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    kernel: str = "sdpa"  # sdpa | eager | xformers
+    share_weights: bool = True  # false: the core becomes `loop` untied copies (unrolled baseline)
+    injection: str = "add"  # how the prelude output e enters each iteration: add | concat | none
+    init_state: str = "zeros"  # the state before the first iteration: zeros | embed | noise
+    init_std: float = 0.02
+    depth_attention: DepthAttentionConfig = field(default_factory=DepthAttentionConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    log_every: int = 10
+
+
+@dataclass
+class TaskConfig:
+    name: str = "roots"
+    n_chains: int = 4  # roots: trees in the forest
+    chain_len: int = 6  # roots: nodes per chain (depth of the deepest node + 1)
+    n_queries: int = 8  # roots: questions per sequence
+
+
+@dataclass
+class Config:
+    loop: int = 4  # R: iterations of the core block
+    seed: int = 0
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+def _preset_groups() -> list[str]:
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()) if CONFIG_DIR.is_dir() else []
+
+
+def _all_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            full = f"{prefix}{k}"
+            keys.append(full)
+            keys.extend(_all_keys(node._get_node(k), full + "."))
+    return keys
+
+
+def _unknown_key_message(cfg: DictConfig, key: str) -> str:
+    close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return f"unknown config key '{key}'{hint}"
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        node = OmegaConf.load(path)
+    except Exception as e:  # yaml errors carry multi-line context; keep the first line
+        raise ConfigError(f"cannot read config file {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(node, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    return node
+
+
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(cfg, other)
+    except ConfigKeyError as e:
+        key = getattr(e, "full_key", None) or str(e)
+        raise ConfigError(f"{source}: {_unknown_key_message(cfg, key)}") from None
+    except ValidationError as e:
+        raise ConfigError(f"{source}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0]
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Resolve the config exactly as `python train.py <overrides>` does, then validate it."""
+    cfg = OmegaConf.structured(Config)
+    defaults = CONFIG_DIR / "defaults.yaml"
+    if defaults.is_file():
+        cfg = _merge(cfg, _load_yaml(defaults), str(defaults))
+    groups = set(_preset_groups())
+    dotlist = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        if key in groups:
+            if value not in _presets(key):
+                raise ConfigError(
+                    f"unknown {key} preset '{value}'; choose one of: {', '.join(_presets(key))}"
+                )
+            preset = _load_yaml(CONFIG_DIR / key / f"{value}.yaml")
+            cfg = _merge(cfg, OmegaConf.create({key: preset}), f"preset {key}={value}")
+        else:
+            dotlist.append(item)
+    for item in dotlist:
+        key = item.split("=", 1)[0]
+        if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
+            raise ConfigError(_unknown_key_message(cfg, key))
+        try:
+            cfg.merge_with_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"bad value in '{item}': {_first_line(e)}") from None
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: ranges and shapes, each failure one line.
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: DictConfig) -> None:
+    from looped.model.depth import SOURCE_POLICIES
+    from looped.model.kernels import KERNELS
+
+    m = cfg.model
+    _require(cfg.loop >= 1, f"loop must be >= 1, got {cfg.loop}")
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                 "ffn_dim", "max_seq_len"):
+        _require(m[name] >= 1, f"model.{name} must be >= 1, got {m[name]}")
+    for name in ("n_prelude", "n_coda"):
+        _require(m[name] >= 0, f"model.{name} must be >= 0, got {m[name]}")
+    _require(m.n_heads % m.n_kv_heads == 0,
+             f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
+    _require(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
+    _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+    _require(m.kernel in KERNELS,
+             f"unknown attention kernel '{m.kernel}'; choose one of: {', '.join(KERNELS)}")
+    _require(m.injection in ("add", "concat", "none"),
+             f"unknown model.injection '{m.injection}'; choose one of: add, concat, none")
+    _require(m.init_state in ("zeros", "embed", "noise"),
+             f"unknown model.init_state '{m.init_state}'; choose one of: zeros, embed, noise")
+    _require(not (m.injection == "none" and m.init_state == "zeros"),
+             "model.injection=none with model.init_state=zeros feeds the core only zeros; "
+             "use model.init_state=embed")
+    d = m.depth_attention
+    if d.sources is not None:
+        _require(d.sources in SOURCE_POLICIES,
+                 f"unknown depth source policy '{d.sources}'; choose one of: "
+                 f"{', '.join(SOURCE_POLICIES)}")
+    _require(d.stride is None or d.stride >= 1, f"model.depth_attention.stride must be >= 1")
+    _require(d.window >= 0, f"model.depth_attention.window must be >= 0, got {d.window}")
+    _require(d.mix in ("mixed", "raw"),
+             f"unknown model.depth_attention.mix '{d.mix}'; choose one of: mixed, raw")
+    t = cfg.train
+    _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
+    _require(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")

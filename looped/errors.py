@@ -1,0 +1,42 @@
+"""User-facing errors: each carries one line that tells the user what to fix.
+
+Entry points wrap their `main` in `cli_main`, which turns these into `error: <message>` on stderr
+and exit code 2, with no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class LoopedError(Exception):
+    """Bad input from the user: a config, a path, a checkpoint or a shape."""
+
+
+class ConfigError(LoopedError):
+    pass
+
+
+class KernelUnavailableError(LoopedError):
+    pass
+
+
+class ShapeError(LoopedError, ValueError):
+    pass
+
+
+EXIT_BAD_INPUT = 2
+
+
+def cli_main(main: Callable[[list[str]], int | None], argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = main(argv)
+    except LoopedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

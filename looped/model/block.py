@@ -1,0 +1,34 @@
+"""The decoder block: pre-norm RMSNorm, GQA attention (with Depth-Attention), SwiGLU MLP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from looped.model.attention import Attention, DepthStep
+from looped.model.norm import RMSNorm
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, ffn_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, ffn_dim, bias=False)
+        self.up = nn.Linear(d_model, ffn_dim, bias=False)
+        self.down = nn.Linear(ffn_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope, step: DepthStep) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, step)
+        return x + self.mlp(self.mlp_norm(x))

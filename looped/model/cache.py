@@ -1,0 +1,131 @@
+"""Key/value stores indexed by depth position. One store serves both kinds of attention:
+
+- sequence attention at position p reads the keys and (mixed) values of all tokens so far at p;
+- Depth-Attention at position p reads the entries of the *same* tokens at earlier positions.
+
+`ActivationStore` holds one forward pass's tensors (training, no cache). `KVCache` is the
+inference cache: preallocated (K, mixed V) per depth position, exactly the size of a vanilla
+KV cache, because the mixed value lives in the ordinary V slot and nothing else is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from looped.errors import ShapeError
+
+
+class ActivationStore:
+    """The depth buffer of a single cache-free forward pass over a whole sequence."""
+
+    offset = 0  # tokens before this chunk: none, the chunk is the whole sequence
+
+    def __init__(self):
+        self.k: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.raw_v: dict[int, torch.Tensor] = {}
+
+    def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
+                      raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        values = self.raw_v if raw else self.v
+        k_stack = torch.stack([self.k[j] for j in sources] + [k])
+        v_stack = torch.stack([values[j] for j in sources] + [v])
+        return k_stack, v_stack  # (S + 1, B, Hkv, T, D)
+
+    def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
+            raw_v: Optional[torch.Tensor] = None) -> None:
+        self.k[p], self.v[p] = k, v
+        if raw_v is not None:
+            self.raw_v[p] = raw_v
+
+    def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[p], self.v[p]
+
+
+class KVCache:
+    """Preallocated (K, mixed V) of shape (P, B, Hkv, max_len, D) for P depth positions.
+
+    A forward pass over a chunk of T new tokens calls `begin(T)`, writes each position's entries
+    for those tokens, and `commit()`s. Depth-Attention for the chunk reads the cache's own entries
+    of the chunk's tokens at earlier positions, so decoding needs no state beyond this cache.
+    """
+
+    def __init__(self, n_positions: int, batch_size: int, n_kv_heads: int, max_len: int,
+                 head_dim: int, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        shape = (n_positions, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # tokens committed
+        self.offset = 0  # first token of the chunk being written
+        self._end = 0
+        self._raw_v: dict[int, torch.Tensor] = {}  # only for mix=raw: this chunk's raw values
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+
+    @property
+    def n_positions(self) -> int:
+        return self.k.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def begin(self, n_tokens: int, n_positions: int, batch_size: int) -> None:
+        if batch_size != self.batch_size:
+            raise ShapeError(f"cache holds batch size {self.batch_size}, got {batch_size}")
+        if n_positions > self.n_positions:
+            raise ShapeError(f"cache holds {self.n_positions} depth positions, the forward pass "
+                             f"needs {n_positions}; make the cache with at least as many loops")
+        if self.length + n_tokens > self.max_len:
+            raise ShapeError(f"cache holds {self.max_len} tokens; {self.length} are used and "
+                             f"{n_tokens} more do not fit")
+        self.offset, self._end = self.length, self.length + n_tokens
+        self._raw_v = {}
+
+    def commit(self) -> None:
+        self.length = self._end
+
+    def reset(self) -> None:
+        self.length = self.offset = self._end = 0
+
+    def _chunk(self, buf: torch.Tensor) -> torch.Tensor:
+        return buf[:, :, :, self.offset:self._end]  # (P, B, Hkv, T, D), a view
+
+    def _positions(self, positions: tuple[int, ...]) -> torch.Tensor:
+        idx = self._index.get(positions)
+        if idx is None:
+            idx = torch.tensor(positions, dtype=torch.long, device=self.k.device)
+            self._index[positions] = idx
+        return idx
+
+    def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
+                      raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        # Write this position's raw entries first, so one gather reads sources and self together.
+        self.put(p, k, v)
+        idx = self._positions(sources + (p,))
+        k_stack = self._chunk(self.k).index_select(0, idx)
+        if raw:
+            v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
+        else:
+            v_stack = self._chunk(self.v).index_select(0, idx)
+        return k_stack, v_stack  # (S + 1, B, Hkv, T, D)
+
+    def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
+            raw_v: Optional[torch.Tensor] = None) -> None:
+        self.k[p, :, :, self.offset:self._end] = k
+        self.v[p, :, :, self.offset:self._end] = v
+        if raw_v is not None:
+            self._raw_v[p] = raw_v
+
+    def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[p, :, :, :self._end], self.v[p, :, :, :self._end]

@@ -1,0 +1,169 @@
+"""Depth-Attention: which earlier depth positions a position reads, and how it mixes their values.
+
+A depth position is one layer application in the unrolled order: the prelude's layers, then the
+core's layers for each iteration, then the coda's. At position p, for each token t and KV head g:
+
+    q_bar   = mean of the (QK-normed, RoPE'd) queries of the query heads in group g
+    S       = sources(p) + [p]
+    alpha_j = softmax_{j in S}( q_bar . k_j / sqrt(D) )        k_j: position j's key for token t
+    v_mix_p = sum_{j in S, j < p} alpha_j v_mix_j + alpha_p v_p
+
+RoPE rotates q_bar and every k_j by the same angle (all sit at token t), so the scores equal
+those of the unrotated vectors. With no source, alpha_p = 1 and the layer is exactly vanilla.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Layout of depth positions
+
+
+@dataclass(frozen=True)
+class DepthSlot:
+    stage: str  # "prelude" | "core" | "coda"
+    layer: int  # index of the layer within its stage
+    iteration: int  # loop iteration for core slots; 0 for prelude and coda
+
+
+@dataclass(frozen=True)
+class DepthLayout:
+    n_prelude: int
+    n_core: int
+    loops: int
+    n_coda: int
+
+    @property
+    def n_positions(self) -> int:
+        return self.n_prelude + self.n_core * self.loops + self.n_coda
+
+    @property
+    def n_distinct_layers(self) -> int:
+        return self.n_prelude + self.n_core + self.n_coda
+
+    def slot(self, p: int) -> DepthSlot:
+        if not 0 <= p < self.n_positions:
+            raise IndexError(f"depth position {p} out of range [0, {self.n_positions})")
+        if p < self.n_prelude:
+            return DepthSlot("prelude", p, 0)
+        p -= self.n_prelude
+        if p < self.n_core * self.loops:
+            return DepthSlot("core", p % self.n_core, p // self.n_core)
+        return DepthSlot("coda", p - self.n_core * self.loops, 0)
+
+    def position(self, slot: DepthSlot) -> int:
+        if slot.stage == "prelude":
+            return slot.layer
+        if slot.stage == "core":
+            return self.n_prelude + slot.iteration * self.n_core + slot.layer
+        return self.n_prelude + self.n_core * self.loops + slot.layer
+
+
+# ---------------------------------------------------------------------------------------------
+# Source policies: name -> function(p, layout, cfg) giving the earlier positions p reads.
+
+SourcePolicy = Callable[[int, DepthLayout, "DepthAttentionConfig"], tuple[int, ...]]  # noqa: F821
+SOURCE_POLICIES: dict[str, SourcePolicy] = {}
+
+
+def register_source_policy(name: str):
+    def wrap(fn: SourcePolicy) -> SourcePolicy:
+        SOURCE_POLICIES[name] = fn
+        return fn
+    return wrap
+
+
+@register_source_policy("none")
+def _none(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
+    return ()
+
+
+@register_source_policy("dense")
+def _dense(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
+    return tuple(range(p))
+
+
+def default_stride(layout: DepthLayout) -> int:
+    """The authors' released setting: s = n_layers // 2, counting distinct layers."""
+    return max(1, layout.n_distinct_layers // 2)
+
+
+@register_source_policy("strided")
+def _strided(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
+    stride = cfg.stride or default_stride(layout)
+    picked = {j for j in range(p) if j % stride == 0}
+    picked.update(range(max(0, p - cfg.window), p))
+    return tuple(sorted(picked))
+
+
+@register_source_policy("same_layer")
+def _same_layer(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
+    """Core layer l at iteration r reads layer l at iterations < r, plus every prelude position.
+    Prelude positions read the earlier prelude positions; coda positions read the prelude, the
+    last iteration of the core, and the earlier coda positions."""
+    slot = layout.slot(p)
+    prelude = tuple(range(min(p, layout.n_prelude)))
+    if slot.stage == "prelude":
+        return prelude
+    if slot.stage == "core":
+        same = tuple(layout.position(DepthSlot("core", slot.layer, r))
+                     for r in range(slot.iteration))
+        return prelude + same
+    # coda: the last iteration of the core, then the earlier coda positions
+    start = layout.position(DepthSlot("core", 0, layout.loops - 1)) if layout.n_core \
+        else layout.n_prelude
+    return prelude + tuple(range(start, p))
+
+
+def resolve_policy(cfg, looped: bool) -> str:
+    """The configured policy, or the default: `same_layer` for looped models, else `strided`."""
+    if not cfg.enabled:
+        return "none"
+    if cfg.sources is not None:
+        return cfg.sources
+    return "same_layer" if looped else "strided"
+
+
+def sources_for_layout(policy: str, layout: DepthLayout, cfg) -> list[tuple[int, ...]]:
+    fn = SOURCE_POLICIES[policy]
+    out = []
+    for p in range(layout.n_positions):
+        src = tuple(fn(p, layout, cfg))
+        if any(not 0 <= j < p for j in src) or len(set(src)) != len(src):
+            raise ValueError(f"source policy '{policy}' gave invalid sources {src} at position {p}")
+        out.append(src)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixing itself
+
+
+@dataclass
+class DepthWeights:
+    """Depth-attention weights of one position: weights[b, t, g, i] is the weight that token t,
+    KV head g puts on depth position sources[i]. The last source is the position itself."""
+
+    weights: torch.Tensor  # (B, T, Hkv, S + 1)
+    sources: tuple[int, ...]
+
+
+def depth_mix(q: torch.Tensor, k_stack: torch.Tensor, v_stack: torch.Tensor):
+    """Mix values across depth for every token.
+
+    q: (B, H, T, D) queries of this position; k_stack, v_stack: (S + 1, B, Hkv, T, D), the keys
+    and values of the sources with this position's own last. Returns the mixed value
+    (B, Hkv, T, D) and alpha (S + 1, B, Hkv, T).
+    """
+    b, h, t, d = q.shape
+    n_kv = k_stack.shape[2]
+    q_bar = q.view(b, n_kv, h // n_kv, t, d).mean(2)  # (B, Hkv, T, D)
+    scores = (k_stack * q_bar).sum(-1) * (1.0 / math.sqrt(d))  # (S + 1, B, Hkv, T)
+    alpha = scores.float().softmax(0).to(v_stack.dtype)
+    v_mix = (alpha.unsqueeze(-1) * v_stack).sum(0)
+    return v_mix, alpha
