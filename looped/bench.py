@@ -1,0 +1,131 @@
+"""Benchmarks that report ratios against a baseline timed in the same run.
+
+    python -m looped.bench                      # Depth-Attention vs vanilla, d_model 512, 8 layers
+    python -m looped.bench --steps 5 --decode-tokens 64
+
+This machine is noisy, so the two models are timed in alternation (A B A B ...) and each figure
+is the median over repeats; only the ratios are meant to be compared across machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+from looped import build_model, load_config
+from looped.errors import cli_main
+
+BENCH_MODEL = ["model=bench", "loop=1"]  # configs/model/bench.yaml: d_model 512, 8 layers
+
+
+def _models(args) -> dict[str, torch.nn.Module]:
+    base = BENCH_MODEL + [f"model.vocab_size={args.vocab}", f"model.kernel={args.kernel}",
+                          f"model.max_seq_len={max(1024, args.seq_len, args.prompt_len + args.decode_tokens)}"]
+    vanilla = build_model(load_config(base + ["model.depth_attention.enabled=false"]))
+    depth = build_model(load_config(base + [f"model.depth_attention.sources={args.sources}"]))
+    depth.load_state_dict(vanilla.state_dict())  # same weights: only the value mixing differs
+    return {"vanilla": vanilla, "depth": depth}
+
+
+def _alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_train_step(models, args) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+
+    def step(name):
+        m, opt = models[name], opts[name]
+        logits = m(x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    fns = {k: (lambda k=k: step(k)) for k in models}
+    for fn in fns.values():  # warm-up: allocator, optimizer state
+        fn()
+    return _alternate(fns, args.steps)
+
+
+@torch.no_grad()
+def bench_decode(models, args) -> dict[str, float]:
+    """Seconds per decoded token with the KV cache, after a prompt of prompt_len tokens."""
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=gen)
+    n = args.decode_tokens
+
+    def decode(name):
+        m = models[name]
+        m.generate(prompt, n, temperature=0, use_cache=True)
+
+    fns = {k: (lambda k=k: decode(k)) for k in models}
+    for fn in fns.values():
+        fn()
+    # generate() includes one prefill; time it separately and subtract
+    prefill = _alternate({k: (lambda k=k: models[k](prompt, cache=models[k].new_cache(1, args.prompt_len)))
+                          for k in models}, args.repeats)
+    total = _alternate(fns, args.repeats)
+    return {k: (total[k] - prefill[k]) / (n - 1) for k in models}
+
+
+def kv_cache_bytes(models, args) -> dict[str, int]:
+    return {k: m.new_cache(1, args.seq_len).nbytes for k, m in models.items()}
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m looped.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=256)
+    ap.add_argument("--sources", default="strided", help="Depth-Attention source policy")
+    ap.add_argument("--kernel", default="sdpa")
+    ap.add_argument("--steps", type=int, default=6, help="timed training steps per model")
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--decode-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=5, help="timed decode runs per model")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = _models(args)
+    print(f"model: d_model 512, 8 layers, 8 heads / 4 KV heads, head_dim 64, ffn 1536, "
+          f"vocab {args.vocab}; Depth-Attention sources={args.sources}; "
+          f"threads={torch.get_num_threads()}", flush=True)
+
+    train = bench_train_step(models, args)
+    print(f"train step (batch {args.batch} x {args.seq_len} tokens): vanilla "
+          f"{train['vanilla'] * 1e3:.1f} ms, depth {train['depth'] * 1e3:.1f} ms", flush=True)
+    decode = bench_decode(models, args)
+    tps = {k: 1.0 / v for k, v in decode.items()}
+    print(f"cached decode (batch 1, after {args.prompt_len} prompt tokens): vanilla "
+          f"{tps['vanilla']:.1f} tok/s, depth {tps['depth']:.1f} tok/s", flush=True)
+    kv = kv_cache_bytes(models, args)
+
+    print("\nratio                                    value   goal")
+    print(f"train-step time, depth / vanilla         {train['depth'] / train['vanilla']:.3f}"
+          "   <= 1.03")
+    print(f"cached-decode tok/s, depth / vanilla     {tps['depth'] / tps['vanilla']:.3f}"
+          "   >= 0.97")
+    print(f"KV-cache bytes, depth / vanilla          {kv['depth'] / kv['vanilla']:.3f}"
+          "   == 1.000")
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main, sys.argv[1:])
