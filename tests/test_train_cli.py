@@ -1,0 +1,36 @@
+"""The real CLI in a subprocess: a short run trains, and bad input exits 2 with one line."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_train(*args, timeout=300):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_short_run_trains_and_loss_drops():
+    proc = run_train("loop=2", "train.steps=40", "train.log_every=20", "train.batch_size=32",
+                     "threads=1")
+    assert proc.returncode == 0, proc.stderr
+    losses = [float(line.split()[3]) for line in proc.stdout.splitlines()
+              if line.startswith("step")]
+    assert len(losses) == 2 and losses[1] < losses[0]
+    assert "held-out accuracy by loop count" in proc.stdout
+
+
+@pytest.mark.parametrize("args", [
+    ["model.d_modl=3"], ["loop=0"], ["model.kernel=xformers"], ["task.name=nope"],
+    ["model.vocab_size=8"],
+])
+def test_bad_input_exits_2_with_one_line(args):
+    proc = run_train(*args, "train.steps=1")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
