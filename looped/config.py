@@ -54,6 +54,7 @@ class ModelConfig:
     injection: str = "add"  # how the prelude output e enters each iteration: add | concat | none
     init_state: str = "zeros"  # the state before the first iteration: zeros | embed | noise
     init_std: float = 0.02
+    exit_gate: bool = False  # a learned halting probe on the state (exit criterion 'gate')
     depth_attention: DepthAttentionConfig = field(default_factory=DepthAttentionConfig)
 
 

@@ -25,6 +25,9 @@ class DepthStep:
     raw_mix: bool = False  # mix=raw: sources contribute raw values, not mixed ones
     want_depth_weights: bool = False
     want_attn_weights: bool = False
+    # (B, T) tokens that exited earlier: they keep the entries of position frozen_from
+    frozen: Optional[torch.Tensor] = None
+    frozen_from: Optional[int] = None
     depth_weights: Optional[DepthWeights] = None
     attn_weights: Optional[torch.Tensor] = None  # (B, H, Tq, Tk)
 
@@ -61,6 +64,8 @@ class Attention(nn.Module):
                                                   step.sources + (step.position,))
         elif step.want_depth_weights:  # no source: all weight on itself, exactly vanilla
             step.depth_weights = DepthWeights(v.new_ones(b, t, h_kv, 1), (step.position,))
+        if step.frozen is not None:
+            k, v, raw_v = self._keep_frozen(step, k, v, raw_v)
         step.store.put(step.position, k, v, raw_v)
 
         k_all, v_all = step.store.history(step.position)  # (B, Hkv, Tk, D)
@@ -68,3 +73,13 @@ class Attention(nn.Module):
                               need_weights=step.want_attn_weights)
         step.attn_weights = weights
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
+
+    @staticmethod
+    def _keep_frozen(step: DepthStep, k, v, raw_v):
+        """Exited tokens reuse their last key and mixed value (and raw value, for mix=raw)."""
+        keep = step.frozen[:, None, :, None]  # (B, 1, T, 1)
+        k_old, v_old, raw_old = step.store.entries(step.frozen_from)
+        k, v = torch.where(keep, k_old, k), torch.where(keep, v_old, v)
+        if raw_v is not None:
+            raw_v = torch.where(keep, raw_old, raw_v)
+        return k, v, raw_v

@@ -43,6 +43,15 @@ class ActivationStore:
     def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[p], self.v[p]
 
+    def entries(self, p: int):
+        """This chunk's (k, mixed v, raw v or None) at position p."""
+        return self.k[p], self.v[p], self.raw_v.get(p)
+
+    def copy_position(self, src: int, dst: int) -> None:
+        self.k[dst], self.v[dst] = self.k[src], self.v[src]
+        if src in self.raw_v:
+            self.raw_v[dst] = self.raw_v[src]
+
 
 class KVCache:
     """Preallocated (K, mixed V) of shape (P, B, Hkv, max_len, D) for P depth positions.
@@ -129,3 +138,15 @@ class KVCache:
 
     def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[p, :, :, :self._end], self.v[p, :, :, :self._end]
+
+    def entries(self, p: int):
+        """This chunk's (k, mixed v, raw v or None) at position p."""
+        sl = slice(self.offset, self._end)
+        return self.k[p, :, :, sl], self.v[p, :, :, sl], self._raw_v.get(p)
+
+    def copy_position(self, src: int, dst: int) -> None:
+        sl = slice(self.offset, self._end)
+        self.k[dst, :, :, sl] = self.k[src, :, :, sl]
+        self.v[dst, :, :, sl] = self.v[src, :, :, sl]
+        if src in self._raw_v:
+            self._raw_v[dst] = self._raw_v[src]

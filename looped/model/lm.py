@@ -7,7 +7,7 @@ position reads the same token's keys and mixed values at earlier positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,7 +18,9 @@ from looped.errors import ShapeError
 from looped.model.attention import DepthStep
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
-from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
+from looped.model.depth import (DepthLayout, DepthSlot, DepthWeights, resolve_policy,
+                                sources_for_layout)
+from looped.model.exit import ExitCriterion, IterationView
 from looped.model.norm import RMSNorm
 from looped.model.rope import RotaryEmbedding
 
@@ -31,7 +33,12 @@ class LMOutput:
     depth_weights: Optional[dict[int, DepthWeights]] = None
     # depth position -> sequence-attention weights (B, H, Tq, Tk), if requested (eager kernel)
     attn_weights: Optional[dict[int, torch.Tensor]] = None
-    extras: dict = field(default_factory=dict)
+    # loop iterations each token used (B, T): loops, or fewer under adaptive exit
+    iterations: Optional[torch.Tensor] = None
+    # with return_states: the state after each iteration run, each (B, T, d)
+    states: Optional[list[torch.Tensor]] = None
+    # with return_states and model.exit_gate: halting logits per iteration (R, B, T)
+    gate_logits: Optional[torch.Tensor] = None
 
 
 class LoopedLM(nn.Module):
@@ -49,6 +56,8 @@ class LoopedLM(nn.Module):
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.adapter = (nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
                         if cfg.injection == "concat" else None)
+        # a linear probe on the state giving a per-iteration halting logit (exit criterion 'gate')
+        self.exit_gate = nn.Linear(cfg.d_model, 1) if cfg.exit_gate else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                                  bias=False)
@@ -118,54 +127,85 @@ class LoopedLM(nn.Module):
         return torch.zeros_like(e)
 
     def forward(self, input_ids: torch.Tensor, *, loops: Optional[int] = None,
-                cache: Optional[KVCache] = None, return_depth_weights: bool = False,
+                cache: Optional[KVCache] = None, exit: Optional[ExitCriterion] = None,
+                grad_loops: Optional[int] = None, return_states: bool = False,
+                return_depth_weights: bool = False,
                 return_attn_weights: bool = False) -> LMOutput:
+        """Logits for input_ids (B, T).
+
+        loops: iterations of the core (default: the config's `loop`); any R for a shared core.
+        cache: a KVCache to append to (prefill and decode); None runs the whole sequence.
+        exit: an adaptive-exit criterion; exited tokens freeze (see looped.model.exit).
+        grad_loops: truncated backprop, only the last k iterations carry gradient.
+        """
         if input_ids.dim() != 2:
             raise ShapeError(f"input_ids must be (batch, tokens), got shape "
                              f"{tuple(input_ids.shape)}")
         b, t = input_ids.shape
         loops = self._check_loops(loops)
         layout = self.layout(loops)
-        sources = self.depth_sources(loops)
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ShapeError(f"sequence of {start + t} tokens exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}")
         if cache is not None:
             cache.begin(t, layout.n_positions, b)
-        store = cache if cache is not None else ActivationStore()
-        raw = self.cfg.depth_attention.mix == "raw"
-        depth_w: dict[int, DepthWeights] = {}
-        attn_w: dict[int, torch.Tensor] = {}
-
-        def run(block: Block, x: torch.Tensor, p: int) -> torch.Tensor:
-            step = DepthStep(p, sources[p], store, raw, return_depth_weights, return_attn_weights)
-            x = block(x, self.rope, step)
-            if step.depth_weights is not None:
-                depth_w[p] = step.depth_weights
-            if step.attn_weights is not None:
-                attn_w[p] = step.attn_weights
-            return x
+        run = _PositionRunner(self, cache if cache is not None else ActivationStore(), loops,
+                              return_depth_weights, return_attn_weights)
 
         x = self.embed(input_ids)  # (B, T, d)
-        p = 0
         for block in self.prelude:
-            x, p = run(block, x, p), p + 1
-        e = x
-        state = self._initial_state(e)
-        for r in range(loops):
-            x = self._inject(state, e)
-            for layer in range(self.cfg.n_layers):
-                x, p = run(self.core_block(r, layer), x, p), p + 1
-            state = x
-        x = state
+            x = run(block, x)
+        x, iterations, states, gate_logits = self._run_core(run, x, loops, exit, grad_loops,
+                                                            return_states)
         for block in self.coda:
-            x, p = run(block, x, p), p + 1
+            x = run(block, x)
         if cache is not None:
             cache.commit()
-        logits = self.head(x)
-        return LMOutput(logits, layout, depth_w if return_depth_weights else None,
-                        attn_w if return_attn_weights else None)
+        return LMOutput(self.head(x), layout,
+                        run.depth_weights if return_depth_weights else None,
+                        run.attn_weights if return_attn_weights else None,
+                        iterations, states if return_states else None, gate_logits)
+
+    def _run_core(self, run: "_PositionRunner", e: torch.Tensor, loops: int,
+                  exit: Optional[ExitCriterion], grad_loops: Optional[int], return_states: bool):
+        b, t, _ = e.shape
+        state = self._initial_state(e)
+        done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
+        iterations = torch.full((b, t), loops, dtype=torch.long, device=e.device)
+        states, gates = [], []
+        no_grad_loops = 0 if grad_loops is None else max(0, loops - grad_loops)
+        if exit is not None:
+            exit.init()
+        for r in range(loops):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and r >= no_grad_loops):
+                x = self._inject(state, e)
+                for layer in range(self.cfg.n_layers):
+                    x = run(self.core_block(r, layer), x, frozen=done)
+                if done is not None:
+                    x = torch.where(done.unsqueeze(-1), state, x)
+            prev, state = state, x
+            if return_states:
+                states.append(state)
+                if self.exit_gate is not None:
+                    gates.append(self.gate_logit(state))
+            if exit is None:
+                continue
+            stop = exit.check(IterationView(r, state, prev, self.head,
+                                            self.gate_logit if self.exit_gate else None))
+            stop = stop if done is None else stop & ~done
+            iterations = torch.where(stop, r + 1, iterations)
+            done = stop if done is None else done | stop
+            if bool(done.all()) and r + 1 < loops:
+                run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
+                break
+        gate_logits = torch.stack(gates) if gates else None
+        return state, iterations, states, gate_logits
+
+    def gate_logit(self, state: torch.Tensor) -> torch.Tensor:
+        """Halting logit of the exit gate for a state (B, T, d) -> (B, T)."""
+        normed = F.rms_norm(state, (state.shape[-1],), eps=self.cfg.norm_eps)
+        return self.exit_gate(normed).squeeze(-1)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(x)
@@ -176,26 +216,71 @@ class LoopedLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, use_cache: bool = True,
-                 loops: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Append max_new_tokens sampled tokens to input_ids (B, T). temperature=0 is greedy."""
+                 loops: Optional[int] = None, exit: Optional[ExitCriterion] = None,
+                 generator: Optional[torch.Generator] = None, return_iterations: bool = False):
+        """Append max_new_tokens sampled tokens to input_ids (B, T). temperature=0 is greedy.
+
+        With return_iterations, also returns the loop iterations each new token's prediction
+        used, (B, max_new_tokens). Under adaptive exit with B > 1 the rows share iterations
+        until all of them exit, so measure exit savings at batch size 1."""
         b, t = input_ids.shape
         if t + max_new_tokens > self.cfg.max_seq_len:
             raise ShapeError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"model.max_seq_len={self.cfg.max_seq_len}")
         cache = self.new_cache(b, t + max_new_tokens, loops) if use_cache else None
-        tokens = input_ids
-        logits = self(tokens, loops=loops, cache=cache).logits[:, -1]
+        tokens, used = input_ids, []
+        out = self(tokens, loops=loops, cache=cache, exit=exit)
         for i in range(max_new_tokens):
-            nxt = sample(logits, temperature, top_k, generator)  # (B, 1)
+            used.append(out.iterations[:, -1])
+            nxt = sample(out.logits[:, -1], temperature, top_k, generator)  # (B, 1)
             tokens = torch.cat([tokens, nxt], dim=1)
             if i == max_new_tokens - 1:
                 break
             if cache is not None:
-                logits = self(nxt, loops=loops, cache=cache).logits[:, -1]
+                out = self(nxt, loops=loops, cache=cache, exit=exit)
             else:
-                logits = self(tokens, loops=loops).logits[:, -1]
+                out = self(tokens, loops=loops, exit=exit)
+        if return_iterations:
+            return tokens, torch.stack(used, dim=1)
         return tokens
+
+
+class _PositionRunner:
+    """Runs blocks at consecutive depth positions and collects what they report."""
+
+    def __init__(self, model: LoopedLM, store, loops: int, want_depth: bool, want_attn: bool):
+        self.model, self.store, self.loops = model, store, loops
+        self.layout = model.layout(loops)
+        self.sources = model.depth_sources(loops)
+        self.raw = model.cfg.depth_attention.mix == "raw"
+        self.want_depth, self.want_attn = want_depth, want_attn
+        self.depth_weights: dict[int, DepthWeights] = {}
+        self.attn_weights: dict[int, torch.Tensor] = {}
+        self.p = 0  # the next depth position
+
+    def __call__(self, block: Block, x: torch.Tensor,
+                 frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        p = self.p
+        # an exited token keeps the key and mixed value of the same layer's previous iteration
+        frozen_from = p - self.model.cfg.n_layers if frozen is not None else None
+        step = DepthStep(p, self.sources[p], self.store, self.raw, self.want_depth,
+                         self.want_attn, frozen=frozen, frozen_from=frozen_from)
+        x = block(x, self.model.rope, step)
+        if step.depth_weights is not None:
+            self.depth_weights[p] = step.depth_weights
+        if step.attn_weights is not None:
+            self.attn_weights[p] = step.attn_weights
+        self.p += 1
+        return x
+
+    def skip_core_iterations(self, last: int, loops: int) -> None:
+        """All tokens exited after iteration `last`: later iterations' positions get copies."""
+        n = self.model.cfg.n_layers
+        for r in range(last + 1, loops):
+            for layer in range(n):
+                src = self.layout.position(DepthSlot("core", layer, last))
+                self.store.copy_position(src, self.layout.position(DepthSlot("core", layer, r)))
+        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + n
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],

@@ -1,0 +1,55 @@
+"""How many loop iterations a training step runs, drawn per step.
+
+Each sampler is a function (cfg, generator) -> R. The generator is seeded from (seed, step) only,
+so a resumed run and every rank of a distributed run draw the same R at the same step.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+LoopSampler = Callable[["LoopSamplingConfig", int, torch.Generator], int]  # noqa: F821
+LOOP_SAMPLERS: dict[str, LoopSampler] = {}
+
+
+def register_loop_sampler(name: str):
+    def wrap(fn: LoopSampler) -> LoopSampler:
+        LOOP_SAMPLERS[name] = fn
+        return fn
+    return wrap
+
+
+@register_loop_sampler("fixed")
+def _fixed(cfg, loop: int, gen: torch.Generator) -> int:
+    return loop
+
+
+@register_loop_sampler("uniform")
+def _uniform(cfg, loop: int, gen: torch.Generator) -> int:
+    """R ~ Uniform{min_loops, ..., loop}."""
+    return int(torch.randint(cfg.min_loops, loop + 1, (1,), generator=gen).item())
+
+
+@register_loop_sampler("poisson_lognormal")
+def _poisson_lognormal(cfg, loop: int, gen: torch.Generator) -> int:
+    """Huginn's heavy-tailed draw: tau ~ N(log(m) - sigma^2 / 2, sigma), R = 1 + Poisson(e^tau),
+    so E[R] = 1 + m with m = `mean` (or loop - 1 when mean is 0); clipped to
+    [min_loops, max_loops] (max_loops 0: 2 * loop)."""
+    m = cfg.mean if cfg.mean > 0 else max(loop - 1, 1e-3)
+    mu = math.log(m) - cfg.sigma ** 2 / 2
+    tau = mu + cfg.sigma * torch.randn((1,), generator=gen, dtype=torch.float64)
+    r = 1 + int(torch.poisson(tau.exp(), generator=gen).item())
+    return max(cfg.min_loops, min(cfg.max_loops or 2 * loop, r))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    # A fixed odd multiplier spreads (seed, step) pairs; any injective map would do.
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+
+
+def sample_loops(cfg, loop: int, seed: int, step: int) -> int:
+    """The loop count for training step `step`; identical for identical (seed, step)."""
+    return LOOP_SAMPLERS[cfg.sampler](cfg, loop, step_generator(seed, step))

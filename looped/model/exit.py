@@ -1,0 +1,174 @@
+"""Adaptive exit: per-token criteria that stop a token's loop iterations early, at inference.
+
+A criterion is a small class: `init()` before the first iteration, then `check(it)` after every
+iteration with an `IterationView`, returning a (B, T) bool of tokens that may stop now. The model
+freezes an exited token's state, and its later depth positions reuse its last key and mixed value,
+so later tokens and Depth-Attention see a consistent cache. Criteria are chosen by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class IterationView:
+    """What a criterion may look at after iteration r (0-based) of the core."""
+
+    r: int
+    state: torch.Tensor  # (B, T, d) after iteration r
+    prev_state: torch.Tensor  # (B, T, d) before iteration r
+    head: Callable[[torch.Tensor], torch.Tensor]  # state -> logits, the model's norm + LM head
+    gate: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # state -> halting logit (B, T)
+    _cache: dict = field(default_factory=dict)
+
+    def log_probs(self) -> torch.Tensor:
+        """Next-token log-probabilities read from this iteration's state (B, T, V)."""
+        if "lp" not in self._cache:
+            self._cache["lp"] = F.log_softmax(self.head(self.state).float(), dim=-1)
+        return self._cache["lp"]
+
+
+class ExitCriterion:
+    def init(self) -> None:
+        pass
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        raise NotImplementedError
+
+
+EXIT_CRITERIA: dict[str, type[ExitCriterion]] = {}
+
+
+def register_exit(name: str):
+    def wrap(cls):
+        EXIT_CRITERIA[name] = cls
+        return cls
+    return wrap
+
+
+@register_exit("kl")
+class KLExit(ExitCriterion):
+    """Stop when KL(p_r || p_{r-1}) between successive iterations' next-token distributions
+    falls below the threshold."""
+
+    def __init__(self, threshold: float = 1e-3, **_):
+        self.threshold = threshold
+
+    def init(self) -> None:
+        self.prev: Optional[torch.Tensor] = None
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        lp = it.log_probs()
+        prev, self.prev = self.prev, lp
+        if prev is None:
+            return torch.zeros(lp.shape[:2], dtype=torch.bool, device=lp.device)
+        kl = (lp.exp() * (lp - prev)).sum(-1)
+        return kl < self.threshold
+
+
+@register_exit("entropy")
+class EntropyExit(ExitCriterion):
+    """Stop when the entropy (nats) of the next-token distribution falls below the threshold."""
+
+    def __init__(self, threshold: float = 0.1, **_):
+        self.threshold = threshold
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        lp = it.log_probs()
+        return -(lp.exp() * lp).sum(-1) < self.threshold
+
+
+@register_exit("latent")
+class LatentExit(ExitCriterion):
+    """Stop when the relative change of the state ||s_r - s_{r-1}|| / ||s_r|| falls below the
+    threshold."""
+
+    def __init__(self, threshold: float = 1e-2, **_):
+        self.threshold = threshold
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        return relative_change(it.state, it.prev_state) < self.threshold
+
+
+@register_exit("gate")
+class GateExit(ExitCriterion):
+    """A learned exit gate (model.exit_gate=true): stop once the cumulative halting probability
+    1 - prod_{j<=r} (1 - lambda_j) reaches the threshold."""
+
+    def __init__(self, threshold: float = 0.5, **_):
+        self.threshold = threshold
+
+    def init(self) -> None:
+        self.survive: Optional[torch.Tensor] = None
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        if it.gate is None:
+            raise ValueError("exit criterion 'gate' needs a model built with model.exit_gate=true")
+        lam = torch.sigmoid(it.gate(it.state).float())
+        self.survive = (1 - lam) if self.survive is None else self.survive * (1 - lam)
+        return 1 - self.survive >= self.threshold
+
+
+@register_exit("max_loops")
+class MaxLoopsExit(ExitCriterion):
+    """Stop every token after max_loops iterations."""
+
+    def __init__(self, max_loops: int = 1, **_):
+        self.max_loops = max_loops
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        done = it.r + 1 >= self.max_loops
+        return torch.full(it.state.shape[:2], done, dtype=torch.bool, device=it.state.device)
+
+
+def relative_change(state: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+    """||s_r - s_{r-1}|| / ||s_r|| per token (B, T)."""
+    return (state - prev).float().norm(dim=-1) / state.float().norm(dim=-1).clamp_min(1e-12)
+
+
+def build_exit(cfg) -> Optional[ExitCriterion]:
+    """The criterion named by an ExitConfig (criterion, threshold, max_loops); None for 'none'."""
+    from looped.errors import ConfigError
+
+    if cfg.criterion == "none":
+        return None
+    if cfg.criterion not in EXIT_CRITERIA:
+        raise ConfigError(f"unknown exit criterion '{cfg.criterion}'; choose one of: none, "
+                          f"{', '.join(EXIT_CRITERIA)}")
+    kwargs = {"max_loops": cfg.max_loops}
+    if cfg.threshold is not None:
+        kwargs["threshold"] = cfg.threshold
+    return EXIT_CRITERIA[cfg.criterion](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the gate: the entropy-regularised expected loss of Ouro / LoopLM.
+
+
+def halting_distribution(gate_logits: torch.Tensor) -> torch.Tensor:
+    """p_r = lambda_r prod_{j<r} (1 - lambda_j), the remainder on the last iteration.
+
+    gate_logits: (R, B, T) -> p: (R, B, T), summing to 1 over R."""
+    lam = torch.sigmoid(gate_logits.float())
+    lam = torch.cat([lam[:-1], torch.ones_like(lam[-1:])])  # the last iteration takes the rest
+    survive = torch.cumprod(torch.cat([torch.ones_like(lam[:1]), 1 - lam[:-1]]), dim=0)
+    return lam * survive
+
+
+def gate_loss(gate_logits: torch.Tensor, per_iter_loss: torch.Tensor, beta: float,
+              mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """sum_r p_r L_r - beta H(p), averaged over tokens (where mask is true).
+
+    gate_logits, per_iter_loss: (R, B, T); mask: (B, T) bool or None."""
+    p = halting_distribution(gate_logits)
+    expected = (p * per_iter_loss.float()).sum(0)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(0)
+    per_token = expected - beta * entropy
+    if mask is None:
+        return per_token.mean()
+    return per_token[mask].mean()
