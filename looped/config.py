@@ -46,6 +46,9 @@ class ModelConfig:
     head_dim: int = 32
     ffn_dim: int = 384
     rope_theta: float = 10000.0
+    # learned absolute position embedding added to the token embedding (not in Qwen3; pointer
+    # tasks that address tokens by absolute position need it)
+    pos_embedding: bool = False
     max_seq_len: int = 256
     norm_eps: float = 1e-6
     tie_embeddings: bool = True

@@ -15,9 +15,12 @@ from looped import build_model, load_config
 
 VOCAB = 50
 
-# The base tiny decoder: 4 layers, GQA with 2 query heads per KV head.
-BASE_MODEL = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=8,
-                  ffn_dim=64, max_seq_len=32)
+# The base tiny decoder: 4 layers, GQA with 2 query heads per KV head. Every key the tests rely
+# on is pinned here, so changes to configs/defaults.yaml do not silently change what is tested.
+BASE_MODEL = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_prelude=0, n_coda=0, n_heads=4,
+                  n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=32, rope_theta=10000.0,
+                  norm_eps=1e-6, tie_embeddings="true", kernel="sdpa", share_weights="true",
+                  injection="add", init_state="zeros", exit_gate="false")
 
 HEADS = {
     "gqa": dict(n_heads=4, n_kv_heads=2),

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from looped import build_model
+from looped import ConfigError, build_model
 from looped.model import depth as depth_mod
 from looped.model.depth import (SOURCE_POLICIES, DepthLayout, register_source_policy,
                                 sources_for_layout)
@@ -118,7 +118,7 @@ def _naive_block(blk, x, p, srcs, mix, store, cfg, alphas):
 
 def naive_forward(model, ids, sources, mix, loop=1):
     """float64 logits and {position: (alpha (B, T, Hkv, S+1), sources+own)} of a tied,
-    weight-shared model with injection=add and init_state=zeros."""
+    weight-shared model with injection add|none and init_state zeros|embed."""
     cfg = model.cfg
     store = {"k": {}, "v_mix": {}, "v_raw": {}}
     alphas = {}
@@ -129,9 +129,9 @@ def naive_forward(model, ids, sources, mix, loop=1):
         x = _naive_block(blk, x, p, sources[p], mix, store, cfg, alphas)
         p += 1
     e = x
-    state = torch.zeros_like(e)
+    state = {"zeros": torch.zeros_like(e), "embed": e}[cfg.init_state]
     for _ in range(loop):
-        x = state + e
+        x = {"add": state + e, "none": state}[cfg.injection]
         for blk in model.core:
             x = _naive_block(blk, x, p, sources[p], mix, store, cfg, alphas)
             p += 1
@@ -170,9 +170,15 @@ def test_matches_naive_reference(variant, heads, mix):
         assert max_diff(dw.weights, alpha) <= 1e-5
 
 
-@pytest.mark.parametrize("policy,mix", [("same_layer", "mixed"), ("dense", "raw")])
-def test_looped_matches_naive_reference(policy, mix):
-    model = make_model(seed=12, loop=3, policy=policy, mix=mix, **LOOPED_MODEL)
+@pytest.mark.parametrize("policy,mix,injection,init_state", [
+    ("same_layer", "mixed", "add", "zeros"),
+    ("same_layer", "raw", "none", "embed"),
+    ("dense", "raw", "add", "zeros"),
+    ("dense", "mixed", "none", "embed"),
+])
+def test_looped_matches_naive_reference(policy, mix, injection, init_state):
+    model = make_model(seed=12, loop=3, policy=policy, mix=mix, injection=injection,
+                       init_state=init_state, **LOOPED_MODEL)
     ids = rand_ids(2, 7, seed=12)
     srcs = SAME_LAYER_LOOPED if policy == "same_layer" else expected_sources("dense", 8)
     with torch.no_grad():
@@ -356,10 +362,10 @@ def test_register_source_policy(temp_policy):
         out = model(rand_ids(1, 5, seed=7), return_depth_weights=True)
     assert [tuple(out.depth_weights[p].sources) for p in range(4)] == \
         [(0,), (0, 1), (1, 2), (2, 3)]
-
-
-def test_registered_policy_cleanup_happened():
-    assert "test_previous_only" not in SOURCE_POLICIES
+    # once removed again, the config validator rejects the name
+    SOURCE_POLICIES.pop(name)
+    with pytest.raises(ConfigError, match=name):
+        tiny_cfg(policy=name)
 
 
 def test_invalid_policy_output_is_rejected(temp_policy):

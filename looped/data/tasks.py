@@ -7,7 +7,7 @@ answer positions, so the loss and the accuracy only see answers. Tasks register 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -18,6 +18,15 @@ IGNORE = -100
 class Batch:
     inputs: torch.Tensor  # (B, T)
     targets: torch.Tensor  # (B, T), IGNORE off the answer positions
+    # optional intermediate targets: hop_targets[r - 1] is the answer after r reasoning steps,
+    # (H, B, T); steps beyond H use `targets`. Used by the per-iteration loss.
+    hop_targets: Optional[torch.Tensor] = None
+
+    def target_after(self, steps: int) -> torch.Tensor:
+        """The target for a prediction made after `steps` (>= 1) loop iterations."""
+        if self.hop_targets is None or steps > self.hop_targets.shape[0]:
+            return self.targets
+        return self.hop_targets[steps - 1]
 
 
 class Task:
@@ -72,7 +81,12 @@ class RootsTask(Task):
         inputs = torch.cat([parents, sep, queries], dim=1)
         targets = torch.full_like(inputs, IGNORE)
         targets[:, n + 1:] = roots.gather(1, queries)
-        return Batch(inputs, targets)
+        hops = torch.full((length - 1, b, inputs.shape[1]), IGNORE, dtype=torch.long)
+        node = queries
+        for r in range(length - 1):  # hops[r]: the ancestor r + 1 steps up (a root stays put)
+            node = parents.gather(1, node)
+            hops[r, :, n + 1:] = node
+        return Batch(inputs, targets, hops)
 
 
 def build_task(cfg) -> Task:

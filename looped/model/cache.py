@@ -103,6 +103,7 @@ class KVCache:
 
     def commit(self) -> None:
         self.length = self._end
+        self._raw_v = {}  # raw values live only for their own forward pass
 
     def reset(self) -> None:
         self.length = self.offset = self._end = 0

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,8 +45,12 @@ class LMOutput:
 class LoopedLM(nn.Module):
     def __init__(self, cfg, loop: int = 1):
         super().__init__()
+        # plain dataclasses, not OmegaConf nodes: torch.compile traces through them
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_object(cfg)
         self.cfg, self.loop = cfg, loop
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_embedding else None
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         if cfg.share_weights:
@@ -154,6 +159,8 @@ class LoopedLM(nn.Module):
                               return_depth_weights, return_attn_weights)
 
         x = self.embed(input_ids)  # (B, T, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + t, device=input_ids.device))
         for block in self.prelude:
             x = run(block, x)
         x, iterations, states, gate_logits = self._run_core(run, x, loops, exit, grad_loops,
