@@ -10,6 +10,7 @@ is the median over repeats; only the ratios are meant to be compared across mach
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import sys
 import time
@@ -32,14 +33,21 @@ def _models(args) -> dict[str, torch.nn.Module]:
     return {"vanilla": vanilla, "depth": depth}
 
 
-def _alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, float]:
+def _alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per call of each fn, `repeats` times, in A B / B A order so drift cancels."""
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(repeats):
+        for name in names if i % 2 == 0 else names[::-1]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def paired_ratio(num: list[float], den: list[float]) -> float:
+    """Median of per-repeat ratios: robust to load that comes and goes between repeats."""
+    return statistics.median(n / d for n, d in zip(num, den))
 
 
 def bench_train_step(models, args) -> dict[str, float]:
@@ -62,24 +70,28 @@ def bench_train_step(models, args) -> dict[str, float]:
 
 
 @torch.no_grad()
-def bench_decode(models, args) -> dict[str, float]:
-    """Seconds per decoded token with the KV cache, after a prompt of prompt_len tokens."""
+def bench_decode(models, args) -> dict[str, list[float]]:
+    """Seconds per cached one-token decode step after a prompt of prompt_len tokens.
+
+    The models decode token by token in alternation (A B, then B A), each with its own cache,
+    so that both see the same load at nearly the same moment."""
     gen = torch.Generator().manual_seed(1)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=gen)
-    n = args.decode_tokens
-
-    def decode(name):
-        m = models[name]
-        m.generate(prompt, n, temperature=0, use_cache=True)
-
-    fns = {k: (lambda k=k: decode(k)) for k in models}
-    for fn in fns.values():
-        fn()
-    # generate() includes one prefill; time it separately and subtract
-    prefill = _alternate({k: (lambda k=k: models[k](prompt, cache=models[k].new_cache(1, args.prompt_len)))
-                          for k in models}, args.repeats)
-    total = _alternate(fns, args.repeats)
-    return {k: (total[k] - prefill[k]) / (n - 1) for k in models}
+    times: dict[str, list[float]] = {k: [] for k in models}
+    names = list(models)
+    for _ in range(args.repeats):
+        caches = {k: m.new_cache(1, args.prompt_len + args.decode_tokens)
+                  for k, m in models.items()}
+        nxt = {}
+        for k, m in models.items():
+            nxt[k] = m(prompt, cache=caches[k]).logits[:, -1:].argmax(-1)
+        for i in range(args.decode_tokens):
+            for k in names if i % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                logits = models[k](nxt[k], cache=caches[k]).logits
+                times[k].append(time.perf_counter() - t0)
+                nxt[k] = logits[:, -1:].argmax(-1)
+    return times
 
 
 def kv_cache_bytes(models, args) -> dict[str, int]:
@@ -94,34 +106,39 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--sources", default="strided", help="Depth-Attention source policy")
     ap.add_argument("--kernel", default="sdpa")
-    ap.add_argument("--steps", type=int, default=6, help="timed training steps per model")
-    ap.add_argument("--prompt-len", type=int, default=64)
-    ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=5, help="timed decode runs per model")
+    ap.add_argument("--steps", type=int, default=16, help="timed training steps per model")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--decode-tokens", type=int, default=128,
+                    help="new tokens; prompt + new = 256 by default")
+    ap.add_argument("--repeats", type=int, default=3, help="decode runs per model")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    gc.disable()  # a collection inside one timed call would land on one model only
     models = _models(args)
     print(f"model: d_model 512, 8 layers, 8 heads / 4 KV heads, head_dim 64, ffn 1536, "
           f"vocab {args.vocab}; Depth-Attention sources={args.sources}; "
           f"threads={torch.get_num_threads()}", flush=True)
 
+    med = statistics.median
     train = bench_train_step(models, args)
     print(f"train step (batch {args.batch} x {args.seq_len} tokens): vanilla "
-          f"{train['vanilla'] * 1e3:.1f} ms, depth {train['depth'] * 1e3:.1f} ms", flush=True)
+          f"{med(train['vanilla']) * 1e3:.1f} ms, depth {med(train['depth']) * 1e3:.1f} ms "
+          f"(medians of {args.steps})", flush=True)
     decode = bench_decode(models, args)
-    tps = {k: 1.0 / v for k, v in decode.items()}
-    print(f"cached decode (batch 1, after {args.prompt_len} prompt tokens): vanilla "
-          f"{tps['vanilla']:.1f} tok/s, depth {tps['depth']:.1f} tok/s", flush=True)
+    print(f"cached decode (batch 1, prompt {args.prompt_len} + {args.decode_tokens} tokens): "
+          f"vanilla {1 / med(decode['vanilla']):.1f} tok/s, depth "
+          f"{1 / med(decode['depth']):.1f} tok/s (medians of {len(decode['depth'])} steps)",
+          flush=True)
     kv = kv_cache_bytes(models, args)
 
     print("\nratio                                    value   goal")
-    print(f"train-step time, depth / vanilla         {train['depth'] / train['vanilla']:.3f}"
-          "   <= 1.03")
-    print(f"cached-decode tok/s, depth / vanilla     {tps['depth'] / tps['vanilla']:.3f}"
-          "   >= 0.97")
+    print(f"train-step time, depth / vanilla         "
+          f"{paired_ratio(train['depth'], train['vanilla']):.3f}   <= 1.03")
+    print(f"cached-decode tok/s, depth / vanilla     "
+          f"{med(decode['vanilla']) / med(decode['depth']):.3f}   >= 0.97")
     print(f"KV-cache bytes, depth / vanilla          {kv['depth'] / kv['vanilla']:.3f}"
           "   == 1.000")
     return 0

@@ -56,11 +56,11 @@ class Attention(nn.Module):
 
         raw_v = v if step.raw_mix else None
         if step.sources:
-            k_stack, v_stack = step.store.depth_sources(step.position, step.sources, k, v,
-                                                        raw=step.raw_mix)
-            v, alpha = depth_mix(q, k_stack, v_stack)  # v: (B, Hkv, T, D) mixed across depth
+            k_src, v_src = step.store.depth_sources(step.position, step.sources, k, v,
+                                                    raw=step.raw_mix)
+            v, alpha = depth_mix(q, k_src, v_src)  # v: (B, Hkv, T, D) mixed across depth
             if step.want_depth_weights:
-                step.depth_weights = DepthWeights(alpha.permute(1, 3, 2, 0).detach(),
+                step.depth_weights = DepthWeights(alpha.transpose(1, 2).detach(),
                                                   step.sources + (step.position,))
         elif step.want_depth_weights:  # no source: all weight on itself, exactly vanilla
             step.depth_weights = DepthWeights(v.new_ones(b, t, h_kv, 1), (step.position,))

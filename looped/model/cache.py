@@ -30,9 +30,8 @@ class ActivationStore:
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
                       raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
         values = self.raw_v if raw else self.v
-        k_stack = torch.stack([self.k[j] for j in sources] + [k])
-        v_stack = torch.stack([values[j] for j in sources] + [v])
-        return k_stack, v_stack  # (S + 1, B, Hkv, T, D)
+        # lists, not a stack: no copies of these (large) activations
+        return [self.k[j] for j in sources] + [k], [values[j] for j in sources] + [v]
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
             raw_v: Optional[torch.Tensor] = None) -> None:
@@ -64,14 +63,16 @@ class KVCache:
     def __init__(self, n_positions: int, batch_size: int, n_kv_heads: int, max_len: int,
                  head_dim: int, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu"):
-        shape = (n_positions, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # K and V share one buffer so that Depth-Attention gathers both in one indexing op
+        self.kv = torch.zeros((n_positions, 2, batch_size, n_kv_heads, max_len, head_dim),
+                              dtype=dtype, device=device)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: (P, B, Hkv, max_len, D)
         self.length = 0  # tokens committed
         self.offset = 0  # first token of the chunk being written
         self._end = 0
         self._raw_v: dict[int, torch.Tensor] = {}  # only for mix=raw: this chunk's raw values
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
+        self._k_written: Optional[torch.Tensor] = None  # skips rewriting an unchanged key
 
     @property
     def n_positions(self) -> int:
@@ -87,7 +88,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return self.kv.nbytes
 
     def begin(self, n_tokens: int, n_positions: int, batch_size: int) -> None:
         if batch_size != self.batch_size:
@@ -108,9 +109,6 @@ class KVCache:
     def reset(self) -> None:
         self.length = self.offset = self._end = 0
 
-    def _chunk(self, buf: torch.Tensor) -> torch.Tensor:
-        return buf[:, :, :, self.offset:self._end]  # (P, B, Hkv, T, D), a view
-
     def _positions(self, positions: tuple[int, ...]) -> torch.Tensor:
         idx = self._index.get(positions)
         if idx is None:
@@ -121,18 +119,20 @@ class KVCache:
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
                       raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # Write this position's raw entries first, so one gather reads sources and self together.
+        # Decoding one token is bound by per-op overhead, hence the fewest ops here.
         self.put(p, k, v)
-        idx = self._positions(sources + (p,))
-        k_stack = self._chunk(self.k).index_select(0, idx)
+        self._k_written = k
+        gathered = self.kv[:, :, :, :, self.offset:self._end][self._positions(sources + (p,))]
+        k_stack, v_stack = gathered[:, 0], gathered[:, 1]  # (S + 1, B, Hkv, T, D)
         if raw:
             v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
-        else:
-            v_stack = self._chunk(self.v).index_select(0, idx)
-        return k_stack, v_stack  # (S + 1, B, Hkv, T, D)
+        return k_stack, v_stack
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
             raw_v: Optional[torch.Tensor] = None) -> None:
-        self.k[p, :, :, self.offset:self._end] = k
+        if k is not self._k_written:
+            self.k[p, :, :, self.offset:self._end] = k
+        self._k_written = None
         self.v[p, :, :, self.offset:self._end] = v
         if raw_v is not None:
             self._raw_v[p] = raw_v

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -153,17 +153,39 @@ class DepthWeights:
     sources: tuple[int, ...]
 
 
-def depth_mix(q: torch.Tensor, k_stack: torch.Tensor, v_stack: torch.Tensor):
+def depth_mix(q: torch.Tensor, k_src: Sequence[torch.Tensor] | torch.Tensor,
+              v_src: Sequence[torch.Tensor] | torch.Tensor):
     """Mix values across depth for every token.
 
-    q: (B, H, T, D) queries of this position; k_stack, v_stack: (S + 1, B, Hkv, T, D), the keys
-    and values of the sources with this position's own last. Returns the mixed value
-    (B, Hkv, T, D) and alpha (S + 1, B, Hkv, T).
+    q: (B, H, T, D), this position's queries. k_src, v_src: the keys and values of the sources,
+    this position's own last, either as a list of S + 1 tensors (B, Hkv, T, D) or stacked into
+    one (S + 1, B, Hkv, T, D). Returns the mixed value (B, Hkv, T, D) and alpha (B, Hkv, T, S + 1).
+
+    Two equivalent paths: a list avoids copying the sources into a stack (training, where the
+    tensors are large); a stack needs the fewest kernel launches (decoding one token, where
+    launch overhead dominates and the cache hands out a stack in one gather).
     """
     b, h, t, d = q.shape
-    n_kv = k_stack.shape[2]
-    q_bar = q.view(b, n_kv, h // n_kv, t, d).mean(2)  # (B, Hkv, T, D)
-    scores = (k_stack * q_bar).sum(-1) * (1.0 / math.sqrt(d))  # (S + 1, B, Hkv, T)
-    alpha = scores.float().softmax(0).to(v_stack.dtype)
-    v_mix = (alpha.unsqueeze(-1) * v_stack).sum(0)
+    stacked = isinstance(k_src, torch.Tensor)
+    n_kv = k_src.shape[2] if stacked else k_src[0].shape[1]
+    group = h // n_kv
+    # q_bar = mean over the group, with the 1/sqrt(D) score scale folded in: one op fewer
+    q_bar = q.view(b, n_kv, group, t, d).sum(2).mul_(1.0 / (group * math.sqrt(d)))
+    if stacked:
+        scores = torch.linalg.vecdot(k_src, q_bar)  # (S + 1, B, Hkv, T)
+        alpha = _softmax(scores, 0)
+        v_mix = torch.linalg.vecdot(v_src, alpha.unsqueeze(-1), dim=0)
+        return v_mix, alpha.permute(1, 2, 3, 0)
+    scores = torch.stack([torch.linalg.vecdot(k, q_bar) for k in k_src], dim=-1)
+    alpha = _softmax(scores, -1)  # (B, Hkv, T, S + 1)
+    v_mix = v_src[0] * alpha[..., 0:1]
+    for j in range(1, len(v_src)):
+        v_mix = v_mix + v_src[j] * alpha[..., j:j + 1]
     return v_mix, alpha
+
+
+def _softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
+    """Softmax in at least fp32 (bf16 scores would round the weights), back in the input dtype."""
+    if scores.dtype in (torch.float32, torch.float64):
+        return scores.softmax(dim)
+    return scores.float().softmax(dim).to(scores.dtype)
