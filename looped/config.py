@@ -62,6 +62,17 @@ class ModelConfig:
 
 
 @dataclass
+class LoopSamplingConfig:
+    """How many iterations each training step runs (looped.loop_sampling)."""
+
+    sampler: str = "fixed"  # fixed (= loop) | uniform | poisson_lognormal
+    min_loops: int = 1  # uniform draws from [min_loops, loop]; both samplers clip below here
+    mean: float = 0.0  # poisson_lognormal: E[R] - 1; 0 means loop - 1
+    sigma: float = 0.5  # poisson_lognormal: log-normal spread
+    max_loops: int = 0  # poisson_lognormal: upper clip; 0 means 2 * loop
+
+
+@dataclass
 class TrainConfig:
     steps: int = 200
     batch_size: int = 64
@@ -70,6 +81,23 @@ class TrainConfig:
     warmup_steps: int = 20
     grad_clip: float = 1.0
     log_every: int = 10
+    loops: LoopSamplingConfig = field(default_factory=LoopSamplingConfig)
+    grad_loops: int = 0  # truncated backprop: only the last k iterations carry gradient; 0: all
+    # final: loss on the last iteration's logits; per_iteration: a loss after every iteration
+    # (against the task's intermediate targets where it has them, else the final answer)
+    loss: str = "final"
+    gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
+    eval_every: int = 100  # held-out evaluation (and a checkpoint) every N steps
+    keep_checkpoints: int = 2  # how many recent checkpoints to keep
+
+
+@dataclass
+class ExitConfig:
+    """Adaptive exit at inference (looped.model.exit)."""
+
+    criterion: str = "none"  # none | kl | entropy | latent | gate | max_loops
+    threshold: Optional[float] = None  # None: the criterion's own default
+    max_loops: int = 1  # for criterion max_loops
 
 
 @dataclass
@@ -81,13 +109,26 @@ class TaskConfig:
 
 
 @dataclass
+class EvalConfig:
+    loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # loop counts to score
+    n_samples: int = 1024  # held-out sequences per loop count
+    batch_size: int = 256
+
+
+@dataclass
 class Config:
     loop: int = 4  # R: iterations of the core block
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    out_dir: str = "runs"  # runs are written to <out_dir>/<name>
+    name: Optional[str] = None  # None: a name from the time and the loop count
+    resume: bool = False  # continue the run <out_dir>/<name> from its latest checkpoint
+    resume_from: Optional[str] = None  # or continue from this checkpoint (run dir or ckpt dir)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
+    exit: ExitConfig = field(default_factory=ExitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +204,27 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             cfg = _merge(cfg, OmegaConf.create({key: preset}), f"preset {key}={value}")
         else:
             dotlist.append(item)
+    cfg = _apply_dotlist(cfg, dotlist)
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
+def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """A saved, resolved config (a run's config.yaml) with dotlist overrides, validated."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    cfg = _merge(OmegaConf.structured(Config), _load_yaml(Path(path)), str(path))
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    cfg = _apply_dotlist(cfg, list(overrides))
+    OmegaConf.set_struct(cfg, True)
+    validate(cfg)
+    return cfg
+
+
+def _apply_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
     for item in dotlist:
         key = item.split("=", 1)[0]
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
@@ -171,8 +233,6 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:
             raise ConfigError(f"bad value in '{item}': {_first_line(e)}") from None
-    OmegaConf.set_struct(cfg, True)
-    validate(cfg)
     return cfg
 
 
@@ -189,7 +249,9 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
+    from looped.loop_sampling import LOOP_SAMPLERS
     from looped.model.depth import SOURCE_POLICIES
+    from looped.model.exit import EXIT_CRITERIA
     from looped.model.kernels import KERNELS
 
     m = cfg.model
@@ -228,3 +290,30 @@ def validate(cfg: DictConfig) -> None:
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     _require(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
+    _require(t.loss in ("final", "per_iteration"),
+             f"unknown train.loss '{t.loss}'; choose one of: final, per_iteration")
+    _require(t.grad_loops >= 0, f"train.grad_loops must be >= 0, got {t.grad_loops}")
+    ls = t.loops
+    _require(ls.sampler in LOOP_SAMPLERS,
+             f"unknown train.loops.sampler '{ls.sampler}'; choose one of: "
+             f"{', '.join(LOOP_SAMPLERS)}")
+    _require(1 <= ls.min_loops <= cfg.loop,
+             f"train.loops.min_loops must be in [1, loop={cfg.loop}], got {ls.min_loops}")
+    _require(ls.sigma >= 0 and ls.mean >= 0, "train.loops.mean and sigma must be >= 0")
+    _require(ls.sampler == "fixed" or m.share_weights,
+             "an unrolled model (model.share_weights=false) runs exactly `loop` iterations; "
+             "use train.loops.sampler=fixed")
+    _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
+    _require(t.keep_checkpoints >= 1,
+             f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(len(cfg.eval.loops) > 0 and all(r >= 1 for r in cfg.eval.loops),
+             f"eval.loops must be a non-empty list of counts >= 1, got {list(cfg.eval.loops)}")
+    _require(cfg.eval.n_samples >= 1 and cfg.eval.batch_size >= 1,
+             "eval.n_samples and eval.batch_size must be >= 1")
+    e = cfg.exit
+    _require(e.criterion == "none" or e.criterion in EXIT_CRITERIA,
+             f"unknown exit criterion '{e.criterion}'; choose one of: none, "
+             f"{', '.join(EXIT_CRITERIA)}")
+    _require(e.criterion != "gate" or m.exit_gate,
+             "exit.criterion=gate needs a model trained with model.exit_gate=true")
+    _require(e.max_loops >= 1, f"exit.max_loops must be >= 1, got {e.max_loops}")

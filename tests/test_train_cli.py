@@ -14,22 +14,27 @@ def run_train(*args, timeout=300):
                           text=True, timeout=timeout)
 
 
-def test_short_run_trains_and_loss_drops():
+def test_short_run_trains_and_loss_drops(tmp_path):
     proc = run_train("loop=2", "train.steps=40", "train.log_every=20", "train.batch_size=32",
-                     "threads=1")
+                     "threads=1", f"out_dir={tmp_path}", "name=run", "eval.n_samples=64",
+                     "eval.loops=[1,2]")
     assert proc.returncode == 0, proc.stderr
     losses = [float(line.split()[3]) for line in proc.stdout.splitlines()
               if line.startswith("step")]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert "held-out accuracy by loop count" in proc.stdout
+    run = tmp_path / "run"
+    for name in ("config.yaml", "meta.json", "accuracy_vs_loops.png", "ckpt/latest"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").iterdir()), "no TensorBoard events written"
 
 
 @pytest.mark.parametrize("args", [
     ["model.d_modl=3"], ["loop=0"], ["model.kernel=xformers"], ["task.name=nope"],
     ["model.vocab_size=8"],
 ])
-def test_bad_input_exits_2_with_one_line(args):
-    proc = run_train(*args, "train.steps=1")
+def test_bad_input_exits_2_with_one_line(args, tmp_path):
+    proc = run_train(*args, "train.steps=1", f"out_dir={tmp_path}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr

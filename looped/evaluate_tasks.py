@@ -1,0 +1,35 @@
+"""Held-out scoring of a model on a built-in task, at any loop count."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from looped.data.tasks import IGNORE, Task
+from looped.model.exit import ExitCriterion
+
+# Held-out data comes from a seed stream disjoint from training's (seed, step) draws.
+HELD_OUT_SEED_OFFSET = 1_000_003
+
+
+@torch.no_grad()
+def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int, seed: int,
+                  exit: Optional[ExitCriterion] = None) -> dict[str, float]:
+    """Exact-match accuracy on answer tokens, and mean iterations per answer token."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
+    correct = total = 0
+    iters = 0.0
+    done = 0
+    while done < n_samples:
+        batch = task.sample(min(batch_size, n_samples - done), gen)
+        out = model(batch.inputs, loops=loops, exit=exit)
+        mask = batch.targets != IGNORE
+        correct += (out.logits.argmax(-1)[mask] == batch.targets[mask]).sum().item()
+        total += mask.sum().item()
+        iters += out.iterations[mask].float().sum().item()
+        done += batch.inputs.shape[0]
+    model.train(was_training)
+    return {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1)}

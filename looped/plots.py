@@ -1,0 +1,34 @@
+"""Figures written by training and evaluation (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
+                         ylabel: str = "held-out accuracy", trained_loop: int | None = None,
+                         title: str = "") -> Path:
+    """One line per run: metric against loop count R (log2 x axis)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in curves.items():
+        xs = sorted(curve)
+        ax.plot(xs, [curve[x] for x in xs], marker="o", label=label)
+    if trained_loop is not None:
+        ax.axvline(trained_loop, color="grey", linestyle="--", linewidth=1,
+                   label=f"trained R={trained_loop}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("loop count R (iterations of the core)")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,174 @@
+"""The training loop: AdamW with warmup + cosine, loop-count sampling, per-iteration or final
+loss, periodic held-out evaluation at several loop counts, TensorBoard, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from looped import build_model
+from looped.checkpoint import (load_state, load_weights, resolve_checkpoint, save_checkpoint,
+                               save_run_config)
+from looped.data.tasks import build_task
+from looped.errors import ConfigError
+from looped.evaluate_tasks import task_accuracy
+from looped.loop_sampling import sample_loops, step_generator
+from looped.losses import compute_loss
+from looped.model.exit import build_exit, relative_change
+from looped.model.kernels import check_kernel
+
+DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    t = cfg.train
+    if step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Trainer:
+    def __init__(self, cfg, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.task = build_task(cfg.task)
+        m = cfg.model
+        if self.task.vocab_size > m.vocab_size:
+            raise ConfigError(f"task '{cfg.task.name}' needs model.vocab_size >= "
+                              f"{self.task.vocab_size}, got {m.vocab_size}")
+        if self.task.seq_len > m.max_seq_len:
+            raise ConfigError(f"task '{cfg.task.name}' makes sequences of {self.task.seq_len} "
+                              f"tokens; model.max_seq_len is {m.max_seq_len}")
+        check_kernel(m.kernel, "cpu")
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
+                                     weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
+        self.exit = build_exit(cfg.exit)
+        self.step = 0
+        self.history: list[dict] = []  # one row per optimizer step: step, loss, loops
+
+    # -- state -------------------------------------------------------------------------------
+
+    def start_run_dir(self) -> None:
+        save_run_config(self.run_dir, self.cfg)
+        meta = {"git_commit": git_commit(), "seed": self.cfg.seed}
+        (self.run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def save(self) -> Path:
+        state = {"step": self.step, "optimizer": self.opt.state_dict(),
+                 "torch_rng": torch.get_rng_state(), "history": self.history}
+        return save_checkpoint(self.run_dir, self.step, self.model, state,
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def resume(self, path: Optional[Path] = None) -> Path:
+        ckpt = resolve_checkpoint(path or self.run_dir)
+        load_weights(self.model, ckpt)
+        state = load_state(ckpt)
+        self.opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step, self.history = int(state["step"]), list(state["history"])
+        return ckpt
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def train_step(self) -> dict:
+        cfg, step = self.cfg, self.step
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = self.task.sample(cfg.train.batch_size,
+                                 step_generator(cfg.seed + DATA_STREAM, step))
+        loops = sample_loops(cfg.train.loops, cfg.loop, cfg.seed, step)
+        out = self.model(batch.inputs, loops=loops, grad_loops=cfg.train.grad_loops or None,
+                         return_states=True)
+        loss = compute_loss(self.model, batch, out, cfg.train.loss, cfg.train.gate_beta)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        clip = cfg.train.grad_clip or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        self.opt.step()
+        self.step += 1
+        row = {"step": self.step, "loss": loss.item(), "loops": loops, "lr": lr_at(step, cfg),
+               "grad_norm": grad_norm, "tokens": batch.inputs.numel()}
+        self.history.append({k: row[k] for k in ("step", "loss", "loops")})
+        return row
+
+    def evaluate(self, loops: list[int]) -> dict[int, dict[str, float]]:
+        ev = self.cfg.eval
+        runnable = loops if self.cfg.model.share_weights else [self.cfg.loop]
+        return {r: task_accuracy(self.model, self.task, r, ev.n_samples, ev.batch_size,
+                                 self.cfg.seed, exit=self.exit) for r in runnable}
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, object]:
+        """Depth-attention entropy per position and the per-iteration residual on one batch."""
+        self.model.eval()
+        batch = self.task.sample(64, torch.Generator().manual_seed(self.cfg.seed))
+        out = self.model(batch.inputs, return_states=True, return_depth_weights=True)
+        self.model.train()
+        entropy = {p: float(-(w.weights * w.weights.clamp_min(1e-12).log()).sum(-1).mean())
+                   for p, w in out.depth_weights.items() if w.weights.shape[-1] > 1}
+        residual = [float(relative_change(b, a).mean())
+                    for a, b in zip(out.states[:-1], out.states[1:])]
+        return {"depth_entropy": entropy, "residual": residual}
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def fit(self, writer: SummaryWriter, log=print) -> dict[int, dict[str, float]]:
+        cfg = self.cfg
+        bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=None)
+        t0, tokens = time.perf_counter(), 0
+        results: dict[int, dict[str, float]] = {}
+        while self.step < cfg.train.steps:
+            row = self.train_step()
+            tokens += row["tokens"]
+            tok_s = tokens / (time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", R=row["loops"], tok_s=f"{tok_s:.0f}")
+            for key in ("loss", "lr", "grad_norm", "loops"):
+                writer.add_scalar(f"train/{key}", row[key], self.step)
+            writer.add_scalar("train/tokens_per_s", tok_s, self.step)
+            if self.step % cfg.train.log_every == 0:
+                log(f"step {self.step:5d}  loss {row['loss']:.4f}  R {row['loops']:2d}  "
+                    f"lr {row['lr']:.2e}  {tok_s:.0f} tok/s")
+            if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
+                results = self.evaluate(list(cfg.eval.loops))
+                self._log_eval(writer, results, log)
+                self.save()
+        bar.close()
+        return results
+
+    def _log_eval(self, writer: SummaryWriter, results, log) -> None:
+        for r, res in results.items():
+            writer.add_scalar(f"eval/accuracy_R{r}", res["accuracy"], self.step)
+            writer.add_scalar(f"eval/iterations_R{r}", res["iterations"], self.step)
+        diag = self.diagnostics()
+        for p, h in diag["depth_entropy"].items():
+            writer.add_scalar(f"depth_entropy/pos{p:03d}", h, self.step)
+        for r, res in enumerate(diag["residual"], start=2):
+            writer.add_scalar(f"residual/iter{r:02d}", res, self.step)
+        if self.exit is not None:
+            batch = self.task.sample(256, torch.Generator().manual_seed(self.cfg.seed + 1))
+            with torch.no_grad():
+                its = self.model(batch.inputs, exit=self.exit).iterations
+            writer.add_histogram("exit/iterations", its.flatten(), self.step)
+        accs = "  ".join(f"R={r}:{res['accuracy']:.3f}" for r, res in results.items())
+        log(f"eval @ step {self.step}: {accs}")
