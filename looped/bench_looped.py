@@ -1,0 +1,136 @@
+"""Benchmarks of a trained looped checkpoint, each against a baseline from the same run.
+
+    python -m looped.bench_looped --ckpt runs/main
+
+1. Adaptive exit vs fixed R. Every held-out sequence is decoded token by token with the KV
+   cache at batch size 1, so a token that exits really skips its remaining iterations (in a
+   batch, rows share iterations until all have exited, which flatters exit). For each
+   criterion, the threshold is calibrated on one held-out set (the largest saving whose
+   accuracy stays within `--tolerance` of fixed R) and then reported on a fresh one.
+2. Cached decode vs recompute: seconds for `--new-tokens` greedy tokens with the KV cache and
+   with a full forward per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from looped import build_model
+from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+from looped.data.tasks import IGNORE, build_task
+from looped.errors import ConfigError, cli_main
+from looped.model.exit import EXIT_CRITERIA
+from looped.model.lm import LoopedLM
+
+THRESHOLDS = {  # candidate thresholds per criterion, from permissive (exits late) to eager
+    "kl": [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    "entropy": [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
+    "latent": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+}
+CALIBRATION_SEED, REPORT_SEED = 101, 202
+
+
+@torch.no_grad()
+def decode_sequences(model: LoopedLM, task, n: int, seed: int, loops: int, exit=None):
+    """Token-by-token cached decoding at batch 1. Returns accuracy on answer tokens, mean
+    iterations per answer token and per token, and seconds."""
+    gen = torch.Generator().manual_seed(seed)
+    correct = answers = 0
+    iters_answer = iters_all = n_tokens = 0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        batch = task.sample(1, gen)
+        cache = model.new_cache(1, batch.inputs.shape[1], loops)
+        for t in range(batch.inputs.shape[1]):
+            out = model(batch.inputs[:, t:t + 1], loops=loops, cache=cache, exit=exit)
+            it = int(out.iterations[0, 0])
+            iters_all += it
+            n_tokens += 1
+            target = int(batch.targets[0, t])
+            if target != IGNORE:
+                answers += 1
+                iters_answer += it
+                correct += int(out.logits[0, 0].argmax()) == target
+    return {"accuracy": correct / answers, "iters_answer": iters_answer / answers,
+            "iters_all": iters_all / n_tokens, "seconds": time.perf_counter() - t0}
+
+
+def bench_exit(model, task, loops: int, n: int, tolerance: float) -> None:
+    print(f"\n== adaptive exit vs fixed R={loops} (batch 1, cached decode, {n} sequences) ==")
+    fixed_cal = decode_sequences(model, task, n, CALIBRATION_SEED, loops)
+    fixed = decode_sequences(model, task, n, REPORT_SEED, loops)
+    print(f"fixed R={loops}: accuracy {fixed['accuracy']:.4f}, {fixed['seconds']:.1f} s")
+    print("criterion  threshold  accuracy  d_acc(pts)  iters/answer  iters/token  "
+          "iters/R(answers)  time ratio")
+    for name, candidates in THRESHOLDS.items():
+        chosen = None
+        for thr in candidates:  # calibration: keep the most eager that stays accurate
+            res = decode_sequences(model, task, n, CALIBRATION_SEED, loops,
+                                   EXIT_CRITERIA[name](threshold=thr))
+            if fixed_cal["accuracy"] - res["accuracy"] <= tolerance:
+                chosen = thr
+        if chosen is None:
+            print(f"{name:9s}  no threshold within {tolerance * 100:.1f} points")
+            continue
+        res = decode_sequences(model, task, n, REPORT_SEED, loops,
+                               EXIT_CRITERIA[name](threshold=chosen))
+        print(f"{name:9s}  {chosen:9.0e}  {res['accuracy']:.4f}  "
+              f"{(res['accuracy'] - fixed['accuracy']) * 100:+9.2f}  "
+              f"{res['iters_answer']:12.2f}  {res['iters_all']:11.2f}  "
+              f"{res['iters_answer'] / loops:16.2f}  {res['seconds'] / fixed['seconds']:10.2f}")
+
+
+@torch.no_grad()
+def bench_decode_vs_recompute(model, task, loops: int, new_tokens: int) -> None:
+    prompt = task.sample(1, torch.Generator().manual_seed(0)).inputs
+    total = prompt.shape[1] + new_tokens
+    if total > model.cfg.max_seq_len:
+        raise ConfigError(f"prompt ({prompt.shape[1]}) + --new-tokens ({new_tokens}) exceeds "
+                          f"the model's max_seq_len ({model.cfg.max_seq_len})")
+    print(f"\n== cached decode vs recompute: {new_tokens} new tokens after a "
+          f"{prompt.shape[1]}-token prompt, R={loops}, batch 1 ==")
+    times = {}
+    outs = {}
+    for use_cache in (True, False):
+        t0 = time.perf_counter()
+        outs[use_cache] = model.generate(prompt, new_tokens, temperature=0, loops=loops,
+                                         use_cache=use_cache)
+        times[use_cache] = time.perf_counter() - t0
+    same = torch.equal(outs[True], outs[False])
+    print(f"cached {times[True]:.2f} s, recompute {times[False]:.2f} s, "
+          f"speed-up {times[False] / times[True]:.1f}x (goal >= 10x); same tokens: {same}")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m looped.bench_looped", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt", required=True, help="a run dir or checkpoint dir")
+    ap.add_argument("--sequences", type=int, default=200, help="held-out sequences per setting")
+    ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy drop allowed")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ckpt = resolve_checkpoint(Path(args.ckpt))
+    cfg = load_run_config(run_dir_of(ckpt))
+    model = build_model(cfg)
+    load_weights(model, ckpt)
+    model.eval()
+    task = build_task(cfg.task)
+    gc.disable()
+    print(f"checkpoint {ckpt}: task {cfg.task.name}, trained R={cfg.loop}, "
+          f"threads={torch.get_num_threads()}")
+    bench_exit(model, task, cfg.loop, args.sequences, args.tolerance)
+    bench_decode_vs_recompute(model, task, cfg.loop, args.new_tokens)
+    return 0
+
+
+if __name__ == "__main__":
+    cli_main(main, sys.argv[1:])
