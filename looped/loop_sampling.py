@@ -6,6 +6,7 @@ so a resumed run and every rank of a distributed run draw the same R at the same
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Callable
 
@@ -46,8 +47,10 @@ def _poisson_lognormal(cfg, loop: int, gen: torch.Generator) -> int:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    # A fixed odd multiplier spreads (seed, step) pairs; any injective map would do.
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    """A generator for (seed, step). The pair is hashed because torch's CPU generator keeps only
+    32 bits of its seed, so packing seed and step side by side would drop the seed."""
+    digest = hashlib.blake2b(f"{seed}:{step}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def sample_loops(cfg, loop: int, seed: int, step: int) -> int:

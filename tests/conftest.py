@@ -20,7 +20,7 @@ VOCAB = 50
 BASE_MODEL = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_prelude=0, n_coda=0, n_heads=4,
                   n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=32, rope_theta=10000.0,
                   norm_eps=1e-6, tie_embeddings="true", kernel="sdpa", share_weights="true",
-                  injection="add", init_state="zeros", exit_gate="false")
+                  injection="add", init_state="zeros", exit_gate="false", pos_embedding="false")
 
 HEADS = {
     "gqa": dict(n_heads=4, n_kv_heads=2),
@@ -46,7 +46,8 @@ def overrides(*, loop: int = 1, enabled: bool = True, policy: str | None = None,
     """The dotlist for a tiny config; `model` keys override BASE_MODEL."""
     m = dict(BASE_MODEL)
     m.update(model)
-    out = [f"loop={loop}"] + [f"model.{k}={v}" for k, v in m.items()]
+    # a fixed loop count keeps every model buildable (unrolled ones accept no sampler)
+    out = [f"loop={loop}", "train.loops.sampler=fixed"] + [f"model.{k}={v}" for k, v in m.items()]
     da = "model.depth_attention"
     out.append(f"{da}.enabled={'true' if enabled else 'false'}")
     if policy is not None:
@@ -110,3 +111,285 @@ def decode_logits(model, ids: torch.Tensor, chunks: tuple[int, ...], *, loops=No
 def _fixed_seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# ---------------------------------------------------------------------------------------------
+# Looped models: an independent float64 reference (prelude / core x R / coda, injection, untied
+# cores, adaptive exit with frozen tokens, truncated backprop), source lists written from the
+# policy descriptions, decoding with exit, and unrolled copies of a shared core.
+
+
+def policy_sources(policy: str, n_prelude: int, n_core: int, loops: int, n_coda: int):
+    """Per depth position, the earlier positions Depth-Attention reads, from the descriptions:
+    same_layer: prelude reads the earlier prelude; core (l, r) reads the prelude and (l, r')
+    for r' < r; coda reads the prelude, the last iteration's core and the earlier coda."""
+    n = n_prelude + n_core * loops + n_coda
+    if policy == "none":
+        return [()] * n
+    if policy == "dense":
+        return [tuple(range(p)) for p in range(n)]
+    assert policy == "same_layer", policy
+    pre = tuple(range(n_prelude))
+    out = [tuple(range(p)) for p in range(n_prelude)]
+    for r in range(loops):
+        for layer in range(n_core):
+            out.append(pre + tuple(n_prelude + rr * n_core + layer for rr in range(r)))
+    last = n_prelude + (loops - 1) * n_core
+    for c in range(n_coda):
+        out.append(pre + tuple(range(last, last + n_core + c)))
+    assert len(out) == n
+    return out
+
+
+def _ref_rms(x, w, eps):
+    y = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if w is None else y * w
+
+
+def _ref_rope(x, pos: int, theta: float):
+    """Rotate-half RoPE of x (..., D) sitting at sequence position pos."""
+    d = x.shape[-1]
+    half = d // 2
+    inv_freq = theta ** (-(torch.arange(half, dtype=torch.float64) * 2.0 / d))
+    ang = pos * inv_freq
+    cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+    return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+
+def _ref_softmax(s, dim):
+    e = torch.exp(s - s.max(dim, keepdim=True).values)
+    return e / e.sum(dim, keepdim=True)
+
+
+def _ref_block(blk, x, p, srcs, mix, store, cfg, W, alphas, frozen=None, frozen_from=None):
+    """One layer application at depth position p, token by token."""
+    import math
+
+    b_sz, t_sz, _ = x.shape
+    h_n, kv_n, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    grp, eps = h_n // kv_n, cfg.norm_eps
+    a = blk.attn
+    h = _ref_rms(x, W(blk.attn_norm.weight), eps)
+    q = _ref_rms((h @ W(a.q_proj.weight).T).view(b_sz, t_sz, h_n, d), W(a.q_norm.weight), eps)
+    k = _ref_rms((h @ W(a.k_proj.weight).T).view(b_sz, t_sz, kv_n, d), W(a.k_norm.weight), eps)
+    v = (h @ W(a.v_proj.weight).T).view(b_sz, t_sz, kv_n, d)
+
+    # Depth-Attention, one token at a time (unrotated q and k: same angle at one token)
+    own = tuple(srcs) + (p,)
+    src_vals = store["v_mix"] if mix == "mixed" else store["v_raw"]
+    mixed, weights = [], []
+    for bi in range(b_sz):
+        for ti in range(t_sz):
+            q_bar = q[bi, ti].reshape(kv_n, grp, d).mean(1)  # (Hkv, D)
+            keys = torch.stack([store["k"][j][bi, ti] for j in srcs] + [k[bi, ti]])
+            vals = torch.stack([src_vals[j][bi, ti] for j in srcs] + [v[bi, ti]])
+            wts = _ref_softmax((keys * q_bar).sum(-1) / math.sqrt(d), 0)  # (S + 1, Hkv)
+            mixed.append((wts.unsqueeze(-1) * vals).sum(0))
+            weights.append(wts.T)
+    v_mix = torch.stack(mixed).view(b_sz, t_sz, kv_n, d)
+    alphas[p] = (torch.stack(weights).view(b_sz, t_sz, kv_n, len(own)), own)
+    v_raw = v
+    if frozen is not None:  # exited tokens keep the entries of the same layer, last iteration
+        m = frozen[:, :, None, None]
+        k = torch.where(m, store["k"][frozen_from], k)
+        v_mix = torch.where(m, store["v_mix"][frozen_from], v_mix)
+        v_raw = torch.where(m, store["v_raw"][frozen_from], v_raw)
+    store["k"][p], store["v_mix"][p], store["v_raw"][p] = k, v_mix, v_raw
+
+    # causal sequence attention with RoPE, one query token at a time (all heads together)
+    theta = cfg.rope_theta
+    outs = []
+    for bi in range(b_sz):
+        k_rot = [_ref_rope(k[bi, s], s, theta) for s in range(t_sz)]  # each (Hkv, D)
+        for ti in range(t_sz):
+            qr = _ref_rope(q[bi, ti], ti, theta)  # (H, D)
+            ks = torch.stack(k_rot[:ti + 1]).repeat_interleave(grp, dim=1)  # (ti+1, H, D)
+            vs = v_mix[bi, :ti + 1].repeat_interleave(grp, dim=1)
+            wts = _ref_softmax((ks * qr).sum(-1) / math.sqrt(d), 0)  # (ti+1, H)
+            outs.append((wts.unsqueeze(-1) * vs).sum(0))
+    out = torch.stack(outs).view(b_sz, t_sz, h_n * d)
+    x = x + out @ W(a.o_proj.weight).T
+    hm = _ref_rms(x, W(blk.mlp_norm.weight), eps)
+    gate, up = hm @ W(blk.mlp.gate.weight).T, hm @ W(blk.mlp.up.weight).T
+    return x + (gate * torch.sigmoid(gate) * up) @ W(blk.mlp.down.weight).T
+
+
+class RefExit:
+    """The exit criteria re-implemented from their descriptions, in float64."""
+
+    def __init__(self, name: str, threshold: float):
+        self.name, self.threshold = name, threshold
+
+    def reset(self):
+        self.prev_lp, self.survive = None, None
+
+    def check(self, r, state, prev, head, gate):
+        b_t = state.shape[:2]
+        if self.name == "max_loops":
+            return torch.full(b_t, r + 1 >= self.threshold, dtype=torch.bool)
+        if self.name == "latent":
+            return ((state - prev).norm(dim=-1) / state.norm(dim=-1)) < self.threshold
+        if self.name == "gate":
+            lam = torch.sigmoid(gate(state))
+            self.survive = (1 - lam) if self.survive is None else self.survive * (1 - lam)
+            return 1 - self.survive >= self.threshold
+        lp = torch.log_softmax(head(state), dim=-1)
+        if self.name == "entropy":
+            return -(lp.exp() * lp).sum(-1) < self.threshold
+        assert self.name == "kl", self.name
+        prev_lp, self.prev_lp = self.prev_lp, lp
+        if prev_lp is None:
+            return torch.zeros(b_t, dtype=torch.bool)
+        return (lp.exp() * (lp - prev_lp)).sum(-1) < self.threshold
+
+
+def naive_looped(model, ids, *, sources, loops=None, exit: "RefExit | None" = None,
+                 no_grad_loops: int = 0, grad: bool = False):
+    """float64 reference forward of any LoopedLM built with init_state zeros|embed.
+
+    Returns a dict: logits, iterations (B, T), states (per iteration), gate_logits (R, B, T) or
+    None, alphas {p: (weights (B, T, Hkv, S + 1), sources + own)}. grad=True keeps the graph to
+    the model's parameters; the first no_grad_loops iterations run under torch.no_grad."""
+    import contextlib
+
+    cfg = model.cfg
+    loops = model.loop if loops is None else loops
+    W = (lambda t: t.double()) if grad else (lambda t: t.detach().double())
+    mix, eps = cfg.depth_attention.mix, cfg.norm_eps
+    store = {"k": {}, "v_mix": {}, "v_raw": {}}
+    alphas = {}
+    b_sz, t_sz = ids.shape
+    emb = W(model.embed.weight)
+    out_w = emb if model.lm_head is None else W(model.lm_head.weight)
+
+    def head(s):
+        return _ref_rms(s, W(model.norm.weight), eps) @ out_w.T
+
+    gate = None
+    if model.exit_gate is not None:
+        def gate(s):
+            return (_ref_rms(s, None, eps) @ W(model.exit_gate.weight).T
+                    + W(model.exit_gate.bias)).squeeze(-1)
+
+    x = emb[ids]
+    if model.pos_embed is not None:
+        x = x + W(model.pos_embed.weight)[:t_sz]
+    p = 0
+    for blk in model.prelude:
+        x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas)
+        p += 1
+    e = x
+    state = {"zeros": torch.zeros_like(e), "embed": e}[cfg.init_state]
+    iterations = torch.full((b_sz, t_sz), loops, dtype=torch.long)
+    done = torch.zeros(b_sz, t_sz, dtype=torch.bool)
+    states, gates = [], []
+    if exit is not None:
+        exit.reset()
+    for r in range(loops):
+        ctx = torch.no_grad() if r < no_grad_loops else contextlib.nullcontext()
+        with ctx:
+            if cfg.injection == "add":
+                x = state + e
+            elif cfg.injection == "concat":
+                x = torch.cat([state, e], dim=-1) @ W(model.adapter.weight).T
+            else:
+                x = state
+            for layer in range(cfg.n_layers):
+                blk = model.core[layer] if cfg.share_weights else model.core[r][layer]
+                x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas,
+                               frozen=done if bool(done.any()) else None,
+                               frozen_from=p - cfg.n_layers)
+                p += 1
+            x = torch.where(done[..., None], state, x)
+        prev, state = state, x
+        states.append(state)
+        if gate is not None:
+            gates.append(gate(state))
+        if exit is not None:
+            stop = exit.check(r, state, prev, head, gate) & ~done
+            iterations[stop] = r + 1
+            done = done | stop
+    x = state
+    for blk in model.coda:
+        x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas)
+        p += 1
+    assert p == len(sources)
+    return dict(logits=head(x), iterations=iterations, states=states,
+                gate_logits=torch.stack(gates) if gates else None, alphas=alphas)
+
+
+def model_sources(model, loops=None):
+    """policy_sources for a model's layout and configured policy (none|dense|same_layer)."""
+    c = model.cfg
+    da = c.depth_attention
+    policy = "none" if not da.enabled else (da.sources or "same_layer")
+    return policy_sources(policy, c.n_prelude, c.n_layers, model.loop if loops is None else loops,
+                          c.n_coda)
+
+
+def decode_run(model, ids: torch.Tensor, chunks: tuple[int, ...], *, loops=None, exit=None,
+               cache_len: int | None = None):
+    """Like decode_logits, also under an exit criterion: (logits, iterations, cache)."""
+    b, t = ids.shape
+    cache = model.new_cache(b, cache_len or t, loops)
+    logits, iters, pos = [], [], 0
+    steps = list(chunks) + [1] * (t - sum(chunks))
+    for n in steps:
+        out = model(ids[:, pos:pos + n], loops=loops, cache=cache, exit=exit)
+        logits.append(out.logits)
+        iters.append(out.iterations)
+        pos += n
+    assert cache.length == t
+    return torch.cat(logits, dim=1), torch.cat(iters, dim=1), cache
+
+
+# An unrolled model (share_weights=false) only validates with the fixed loop sampler, whatever
+# configs/defaults.yaml picks for training.
+FIXED_LOOPS = ("train.loops.sampler=fixed",)
+
+
+def unrolled_copy(model, **kw):
+    """An unrolled model (share_weights=false) whose `loop` core copies hold the shared core's
+    weights; kw: the tiny config `model` was built with."""
+    kw["extra"] = tuple(kw.get("extra", ())) + FIXED_LOOPS
+    unrolled = build_model(tiny_cfg(share_weights="false", **kw)).eval()
+    sd = {}
+    for key, val in model.state_dict().items():
+        if key.startswith("core."):
+            _, layer, rest = key.split(".", 2)
+            for r in range(model.loop):
+                sd[f"core.{r}.{layer}.{rest}"] = val.clone()
+        else:
+            sd[key] = val
+    unrolled.load_state_dict(sd)
+    return unrolled
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test: these tiny models are dominated by per-op overhead, and
+    a second thread only contends with whatever else uses the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def to_float64(model):
+    """The model in float64, RoPE tables included (the model keeps them in fp32, whose rounding
+    alone would dominate a float64 comparison), so comparisons can be ~1e-9 tight. Looped
+    models with concat injection amplify fp32 rounding over the iterations (to ~1e-5 at R=4
+    with random O(1) weights), so their equivalence tests run here."""
+    model = model.double()
+    rope = model.rope
+    t, d = rope.cos.shape
+    inv_freq = model.cfg.rope_theta ** (-(torch.arange(0, d, 2, dtype=torch.float64) / d))
+    ang = torch.outer(torch.arange(t, dtype=torch.float64), inv_freq)
+    ang = torch.cat([ang, ang], dim=-1)
+    rope.cos, rope.sin = ang.cos(), ang.sin()
+    return model
+
+
+def tol_for(dtype) -> float:
+    """Tolerance of an equivalence check at this precision."""
+    return 1e-9 if dtype == torch.float64 else 1e-5

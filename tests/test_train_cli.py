@@ -17,6 +17,7 @@ def run_train(*args, timeout=300):
 def test_short_run_trains_and_loss_drops(tmp_path):
     proc = run_train("loop=2", "train.steps=40", "train.log_every=20", "train.batch_size=32",
                      "threads=1", f"out_dir={tmp_path}", "name=run", "eval.n_samples=64",
+                     "train.loops.sampler=fixed",
                      "eval.loops=[1,2]")
     assert proc.returncode == 0, proc.stderr
     losses = [float(line.split()[3]) for line in proc.stdout.splitlines()

@@ -93,9 +93,11 @@ class KVCache:
     def begin(self, n_tokens: int, n_positions: int, batch_size: int) -> None:
         if batch_size != self.batch_size:
             raise ShapeError(f"cache holds batch size {self.batch_size}, got {batch_size}")
-        if n_positions > self.n_positions:
+        if n_positions != self.n_positions:
+            # another loop count would put the coda at other positions than earlier tokens
             raise ShapeError(f"cache holds {self.n_positions} depth positions, the forward pass "
-                             f"needs {n_positions}; make the cache with at least as many loops")
+                             f"has {n_positions}; make the cache with the same loops "
+                             f"(model.new_cache(..., loops=R))")
         if self.length + n_tokens > self.max_len:
             raise ShapeError(f"cache holds {self.max_len} tokens; {self.length} are used and "
                              f"{n_tokens} more do not fit")

@@ -36,7 +36,8 @@ class LMOutput:
     attn_weights: Optional[dict[int, torch.Tensor]] = None
     # loop iterations each token used (B, T): loops, or fewer under adaptive exit
     iterations: Optional[torch.Tensor] = None
-    # with return_states: the state after each iteration run, each (B, T, d)
+    # with return_states: the state after each iteration run, each (B, T, d); fewer than R
+    # when every token exited early (the remaining iterations are not run)
     states: Optional[list[torch.Tensor]] = None
     # with return_states and model.exit_gate: halting logits per iteration (R, B, T)
     gate_logits: Optional[torch.Tensor] = None
@@ -148,6 +149,8 @@ class LoopedLM(nn.Module):
                              f"{tuple(input_ids.shape)}")
         b, t = input_ids.shape
         loops = self._check_loops(loops)
+        if grad_loops is not None and grad_loops < 1:
+            raise ShapeError(f"grad_loops must be >= 1 (None: every iteration), got {grad_loops}")
         layout = self.layout(loops)
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
