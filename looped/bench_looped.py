@@ -29,9 +29,9 @@ from looped.model.exit import EXIT_CRITERIA
 from looped.model.lm import LoopedLM
 
 THRESHOLDS = {  # candidate thresholds per criterion, from permissive (exits late) to eager
-    "kl": [1e-4, 1e-3, 1e-2, 3e-2, 1e-1, 3e-1],
-    "entropy": [1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0],
-    "latent": [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1],
+    "kl": [1e-3, 1e-2, 1e-1, 3e-1, 1.0],
+    "entropy": [1e-3, 1e-2, 1e-1, 3e-1, 1.0],
+    "latent": [1e-2, 1e-1, 3e-1, 5e-1, 1.0],
 }
 CALIBRATION_SEED, REPORT_SEED = 101, 202
 
@@ -111,7 +111,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m looped.bench_looped", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", required=True, help="a run dir or checkpoint dir")
-    ap.add_argument("--sequences", type=int, default=200, help="held-out sequences per setting")
+    ap.add_argument("--sequences", type=int, default=100, help="held-out sequences per setting")
     ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy drop allowed")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 
 def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
@@ -22,6 +23,10 @@ def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
         ax.axvline(trained_loop, color="grey", linestyle="--", linewidth=1,
                    label=f"trained R={trained_loop}")
     ax.set_xscale("log", base=2)
+    ticks = sorted({x for curve in curves.values() for x in curve})
+    ax.set_xticks(ticks)
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
     ax.set_xlabel("loop count R (iterations of the core)")
     ax.set_ylabel(ylabel)
     if title:
