@@ -101,11 +101,39 @@ class ExitConfig:
 
 
 @dataclass
+class TaskDifficulty:
+    """Difficulty knobs of the held-out split; None keeps the training value, so evaluation can
+    go beyond the trained difficulty (e.g. task.eval.hops=8 after training with task.hops=4)."""
+
+    chain_len: Optional[int] = None
+    hops: Optional[int] = None
+    digits: Optional[int] = None
+    length: Optional[int] = None
+
+
+@dataclass
 class TaskConfig:
-    name: str = "roots"
-    n_chains: int = 4  # roots: trees in the forest
-    chain_len: int = 6  # roots: nodes per chain (depth of the deepest node + 1)
-    n_queries: int = 8  # roots: questions per sequence
+    name: str = "roots"  # a name in looped.data.tasks.TASKS
+    # roots: root finding in a forest of parent pointers
+    n_chains: int = 4  # trees in the forest
+    chain_len: int = 6  # nodes per chain (the deepest query is chain_len - 1 hops)
+    n_queries: int = 8  # questions per sequence
+    # chain: variable chasing (a = b; b = c; ...) with distractor chains
+    hops: int = 4
+    n_distractors: int = 2
+    # phop: p-hop induction (Saunshi et al. 2025); `hops` is p
+    length: int = 32  # sequence length before the query
+    alphabet: int = 8
+    # addition: multi-digit, digits reversed
+    digits: int = 5
+    # text: language modelling through `datasets` (looped.data.text)
+    corpus: str = "shakespeare"  # shakespeare (built in) | a local file or dir | a hub dataset
+    text_field: str = "text"
+    seq_len: int = 256
+    tokenizer: str = "byte"  # byte | bpe
+    bpe_vocab: int = 1024
+    held_out: float = 0.05  # fraction of documents held out
+    eval: TaskDifficulty = field(default_factory=TaskDifficulty)
 
 
 @dataclass

@@ -89,9 +89,13 @@ class RootsTask(Task):
         return Batch(inputs, targets, hops)
 
 
-def build_task(cfg) -> Task:
+def build_task(cfg, split: str = "train") -> Task:
+    """The task named by a TaskConfig; split="eval" applies the held-out difficulty knobs."""
     from looped.errors import ConfigError
 
     if cfg.name not in TASKS:
         raise ConfigError(f"unknown task '{cfg.name}'; choose one of: {', '.join(TASKS)}")
-    return TASKS[cfg.name](**{k: v for k, v in cfg.items() if k != "name"})
+    knobs = {k: v for k, v in cfg.items() if k not in ("name", "eval")}
+    if split == "eval":
+        knobs.update({k: v for k, v in cfg.eval.items() if v is not None})
+    return TASKS[cfg.name](**knobs)
