@@ -123,7 +123,7 @@ def main(argv: list[str]) -> int:
     model = build_model(cfg)
     load_weights(model, ckpt)
     model.eval()
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, split="eval")
     gc.disable()
     print(f"checkpoint {ckpt}: task {cfg.task.name}, trained R={cfg.loop}, "
           f"threads={torch.get_num_threads()}")

@@ -76,7 +76,7 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     cfg = load_run_config(run_dir, overrides)
     model = build_model(cfg)
     load_weights(model, ckpt)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, split="eval")
     exit = build_exit(cfg.exit)
     loops = args.loops if cfg.model.share_weights else [cfg.loop]
     results = {}

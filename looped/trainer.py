@@ -49,13 +49,15 @@ class Trainer:
     def __init__(self, cfg, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.task = build_task(cfg.task)
+        self.eval_task = build_task(cfg.task, split="eval")  # may be harder than training
         m = cfg.model
-        if self.task.vocab_size > m.vocab_size:
-            raise ConfigError(f"task '{cfg.task.name}' needs model.vocab_size >= "
-                              f"{self.task.vocab_size}, got {m.vocab_size}")
-        if self.task.seq_len > m.max_seq_len:
-            raise ConfigError(f"task '{cfg.task.name}' makes sequences of {self.task.seq_len} "
-                              f"tokens; model.max_seq_len is {m.max_seq_len}")
+        for task in (self.task, self.eval_task):
+            if task.vocab_size > m.vocab_size:
+                raise ConfigError(f"task '{cfg.task.name}' needs model.vocab_size >= "
+                                  f"{task.vocab_size}, got {m.vocab_size}")
+            if task.seq_len > m.max_seq_len:
+                raise ConfigError(f"task '{cfg.task.name}' makes sequences of {task.seq_len} "
+                                  f"tokens; model.max_seq_len is {m.max_seq_len}")
         check_kernel(m.kernel, "cpu")
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg)
@@ -113,14 +115,14 @@ class Trainer:
     def evaluate(self, loops: list[int]) -> dict[int, dict[str, float]]:
         ev = self.cfg.eval
         runnable = loops if self.cfg.model.share_weights else [self.cfg.loop]
-        return {r: task_accuracy(self.model, self.task, r, ev.n_samples, ev.batch_size,
+        return {r: task_accuracy(self.model, self.eval_task, r, ev.n_samples, ev.batch_size,
                                  self.cfg.seed, exit=self.exit) for r in runnable}
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, object]:
         """Depth-attention entropy per position and the per-iteration residual on one batch."""
         self.model.eval()
-        batch = self.task.sample(64, torch.Generator().manual_seed(self.cfg.seed))
+        batch = self.eval_task.sample(64, torch.Generator().manual_seed(self.cfg.seed))
         out = self.model(batch.inputs, return_states=True, return_depth_weights=True)
         self.model.train()
         entropy = {p: float(-(w.weights * w.weights.clamp_min(1e-12).log()).sum(-1).mean())
@@ -166,7 +168,7 @@ class Trainer:
         for r, res in enumerate(diag["residual"], start=2):
             writer.add_scalar(f"residual/iter{r:02d}", res, self.step)
         if self.exit is not None:
-            batch = self.task.sample(256, torch.Generator().manual_seed(self.cfg.seed + 1))
+            batch = self.eval_task.sample(256, torch.Generator().manual_seed(self.cfg.seed + 1))
             with torch.no_grad():
                 its = self.model(batch.inputs, exit=self.exit).iterations
             writer.add_histogram("exit/iterations", its.flatten(), self.step)
