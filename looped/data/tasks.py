@@ -89,8 +89,167 @@ class RootsTask(Task):
         return Batch(inputs, targets, hops)
 
 
+def _knob_error(task: str, message: str):
+    from looped.errors import ConfigError
+
+    return ConfigError(f"task '{task}': {message}")
+
+
+@register_task("chain")
+class ChainTask(Task):
+    """Variable chasing: follow `hops` assignments from a query variable to a constant.
+
+    Tokens: 0 '=', 1 ';', 2 '?', constants c0..c4 (3..7), variables x0.. (8..). Each sequence
+    holds 1 + n_distractors chains of `hops` distinct variables, v_0 = v_1 ; v_1 = v_2 ; ... ;
+    v_{hops-1} = c, every chain as long as the queried one and ending in a random constant.
+    The (1 + n_distractors) * hops assignments `lhs = rhs ;` appear in random order, then
+    `? v_0` with v_0 the head of the first chain. The answer, at the last position, is the
+    constant reached after `hops` dereferences; hop_targets[r - 1] (r = 1..hops) holds the value
+    after r dereferences (v_r, and the constant for r = hops).
+
+    seq_len = 4 (1 + n_distractors) hops + 2. Variable names come from a pool of 24 (vocab 32)
+    while the chains fit in it (e.g. hops 8 with 2 distractors); longer chains enlarge the pool
+    by exactly the names they need, keeping every existing token id.
+    """
+
+    EQ, SEMI, QUERY = 0, 1, 2
+    N_CONSTS = 5
+    MIN_POOL = 24
+
+    def __init__(self, hops: int = 4, n_distractors: int = 2, **_):
+        if hops < 1:
+            raise _knob_error("chain", f"hops must be >= 1, got {hops}")
+        if n_distractors < 0:
+            raise _knob_error("chain", f"n_distractors must be >= 0, got {n_distractors}")
+        self.hops, self.n_chains = hops, n_distractors + 1
+        self.n_assign = self.n_chains * hops
+        self.const0 = 3
+        self.var0 = self.const0 + self.N_CONSTS
+        self.n_vars = max(self.MIN_POOL, self.n_assign)
+        self.vocab_size = self.var0 + self.n_vars
+        self.seq_len = 4 * self.n_assign + 2
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        b, c, h, n = batch_size, self.n_chains, self.hops, self.n_assign
+        names = torch.argsort(torch.rand(b, self.n_vars, generator=generator), dim=1)[:, :n]
+        chains = (names + self.var0).view(b, c, h)  # chains[:, k, j] = v_j of chain k
+        consts = torch.randint(0, self.N_CONSTS, (b, c, 1), generator=generator) + self.const0
+        values = torch.cat([chains[:, :, 1:], consts], dim=2)  # what each variable is set to
+        order = torch.argsort(torch.rand(b, n, generator=generator), dim=1)
+        lhs = chains.reshape(b, n).gather(1, order)
+        rhs = values.reshape(b, n).gather(1, order)
+        stmts = torch.stack([lhs, torch.full_like(lhs, self.EQ), rhs,
+                             torch.full_like(lhs, self.SEMI)], dim=2).reshape(b, 4 * n)
+        query = torch.stack([torch.full((b,), self.QUERY, dtype=torch.long), chains[:, 0, 0]], 1)
+        inputs = torch.cat([stmts, query], dim=1)
+        targets = torch.full_like(inputs, IGNORE)
+        targets[:, -1] = consts[:, 0, 0]
+        hop_targets = torch.full((h, b, inputs.shape[1]), IGNORE, dtype=torch.long)
+        hop_targets[:, :, -1] = values[:, 0, :].T  # r dereferences: v_r, then the constant
+        return Batch(inputs, targets, hop_targets)
+
+
+@register_task("phop")
+class PHopTask(Task):
+    """p-hop induction (Sanford et al. 2024; Saunshi et al. 2025), p = `hops`.
+
+    The input is x_0 .. x_{N-1} (N = `length`) over tokens 0..alphabet-1. With
+    find(i) = 1 + max{j < i : x_j = x_i} (the position right after the previous occurrence of
+    x_i, one induction-head step), the answer is x at find^p(N - 1), predicted at the last
+    position; hop_targets[r - 1] (r = 1..p) is x at find^r(N - 1) (the answer for r = p).
+
+    "No previous occurrence" never happens, by construction:
+      * no two adjacent tokens are equal, so find(i) < i (no hop stands still);
+      * the sequence is drawn right to left, uniformly among the tokens that differ from the
+        right neighbour. While hop r (r = 0..p-1) searches for its token leftwards, a position
+        q = p - r - 1 (the last that leaves one position per remaining hop) is set to the searched
+        token instead of drawn. Only rows that would otherwise run out of room are changed; they
+        are rare when length is well above p times the mean hop distance (~alphabet).
+    Needs length >= hops + 2. seq_len = length, vocab_size = alphabet.
+    """
+
+    def __init__(self, hops: int = 4, length: int = 32, alphabet: int = 8, **_):
+        if hops < 1:
+            raise _knob_error("phop", f"hops must be >= 1, got {hops}")
+        if alphabet < 2:
+            raise _knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
+        if length < hops + 2:
+            raise _knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
+        self.hops, self.length, self.alphabet = hops, length, alphabet
+        self.vocab_size = alphabet
+        self.seq_len = length
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        b, n, k, p = batch_size, self.length, self.alphabet, self.hops
+        first = torch.randint(0, k, (b,), generator=generator)
+        draws = torch.randint(0, k - 1, (b, n), generator=generator)  # one per position
+        x = torch.empty(b, n, dtype=torch.long)
+        x[:, -1] = first
+        target = first.clone()  # the token the current hop looks for
+        left = torch.full((b,), p)  # hops still to do, the current one included
+        hop_pos = torch.empty(p, b, dtype=torch.long)  # hop_pos[r - 1] = find^r(N - 1)
+        rows = torch.arange(b)
+        for q in range(n - 2, -1, -1):
+            prev = x[:, q + 1]
+            tok = draws[:, q] + (draws[:, q] >= prev).long()  # uniform over tokens != prev
+            searching = left > 0
+            tok = torch.where(searching & (left - 1 == q), target, tok)
+            x[:, q] = tok
+            found = searching & (tok == target)
+            if found.any():
+                r = (p - left)[found]  # this hop's index: find^(r + 1)(N - 1) = q + 1
+                hop_pos[r, rows[found]] = q + 1
+                target = torch.where(found, prev, target)  # the next hop looks for x_{q+1}
+                left = left - found.long()
+        assert bool((left == 0).all())
+        hop_tok = x.gather(1, hop_pos.T).T  # (p, B)
+        targets = torch.full_like(x, IGNORE)
+        targets[:, -1] = hop_tok[-1]
+        hop_targets = torch.full((p, b, n), IGNORE, dtype=torch.long)
+        hop_targets[:, :, -1] = hop_tok
+        return Batch(x, targets, hop_targets)
+
+
+@register_task("addition")
+class AdditionTask(Task):
+    """Multi-digit addition, digits reversed (least significant first).
+
+    Tokens: digits 0..9, 10 '+', 11 '='. The input is `a_0..a_{d-1} + b_0..b_{d-1} =
+    c_0..c_d` (d = `digits`, operand digits uniform, leading zeros allowed; c = a + b written
+    with d + 1 digits). Answers are the d + 1 result digits, read as next-token predictions:
+    the target at '=' is c_0 and the target at c_k is c_{k+1}, so the input at an answer
+    position holds only earlier result digits. seq_len = 3 d + 3, vocab_size = 12.
+    """
+
+    PLUS, EQ = 10, 11
+
+    def __init__(self, digits: int = 5, **_):
+        if digits < 1:
+            raise _knob_error("addition", f"digits must be >= 1, got {digits}")
+        self.digits = digits
+        self.vocab_size = 12
+        self.seq_len = 3 * digits + 3
+
+    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        b, d = batch_size, self.digits
+        ab = torch.randint(0, 10, (b, 2, d), generator=generator)
+        total = ab[:, 0] + ab[:, 1]  # digit-wise sums, then propagate carries
+        c = torch.empty(b, d + 1, dtype=torch.long)
+        carry = torch.zeros(b, dtype=torch.long)
+        for i in range(d):
+            s = total[:, i] + carry
+            c[:, i], carry = s % 10, s // 10
+        c[:, d] = carry
+        col = torch.full((b, 1), 0, dtype=torch.long)
+        inputs = torch.cat([ab[:, 0], col + self.PLUS, ab[:, 1], col + self.EQ, c], dim=1)
+        targets = torch.full_like(inputs, IGNORE)
+        targets[:, 2 * d + 1:3 * d + 2] = c
+        return Batch(inputs, targets)
+
+
 def build_task(cfg, split: str = "train") -> Task:
     """The task named by a TaskConfig; split="eval" applies the held-out difficulty knobs."""
+    import looped.data.text  # noqa: F401  registers the task "text"
     from looped.errors import ConfigError
 
     if cfg.name not in TASKS:
@@ -98,4 +257,4 @@ def build_task(cfg, split: str = "train") -> Task:
     knobs = {k: v for k, v in cfg.items() if k not in ("name", "eval")}
     if split == "eval":
         knobs.update({k: v for k, v in cfg.eval.items() if v is not None})
-    return TASKS[cfg.name](**knobs)
+    return TASKS[cfg.name](**knobs, split=split)
