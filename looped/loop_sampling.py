@@ -12,15 +12,11 @@ from typing import Callable
 
 import torch
 
+from looped.registry import Registry
+
 LoopSampler = Callable[["LoopSamplingConfig", int, torch.Generator], int]  # noqa: F821
-LOOP_SAMPLERS: dict[str, LoopSampler] = {}
-
-
-def register_loop_sampler(name: str):
-    def wrap(fn: LoopSampler) -> LoopSampler:
-        LOOP_SAMPLERS[name] = fn
-        return fn
-    return wrap
+LOOP_SAMPLERS = Registry("loop sampler")  # name -> LoopSampler
+register_loop_sampler = LOOP_SAMPLERS.register
 
 
 @register_loop_sampler("fixed")

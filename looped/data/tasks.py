@@ -7,9 +7,11 @@ answer positions, so the loss and the accuracy only see answers. Tasks register 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
+
+from looped.registry import Registry
 
 IGNORE = -100
 
@@ -37,14 +39,8 @@ class Task:
         raise NotImplementedError
 
 
-TASKS: dict[str, Callable[..., Task]] = {}
-
-
-def register_task(name: str):
-    def wrap(cls):
-        TASKS[name] = cls
-        return cls
-    return wrap
+TASKS = Registry("task")
+register_task = TASKS.register
 
 
 @register_task("roots")
@@ -250,11 +246,9 @@ class AdditionTask(Task):
 def build_task(cfg, split: str = "train") -> Task:
     """The task named by a TaskConfig; split="eval" applies the held-out difficulty knobs."""
     import looped.data.text  # noqa: F401  registers the task "text"
-    from looped.errors import ConfigError
 
-    if cfg.name not in TASKS:
-        raise ConfigError(f"unknown task '{cfg.name}'; choose one of: {', '.join(TASKS)}")
+    task_cls = TASKS.lookup(cfg.name)
     knobs = {k: v for k, v in cfg.items() if k not in ("name", "eval")}
     if split == "eval":
         knobs.update({k: v for k, v in cfg.eval.items() if v is not None})
-    return TASKS[cfg.name](**knobs, split=split)
+    return task_cls(**knobs, split=split)

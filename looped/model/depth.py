@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from looped.registry import Registry
+
 # ---------------------------------------------------------------------------------------------
 # Layout of depth positions
 
@@ -68,14 +70,8 @@ class DepthLayout:
 # Source policies: name -> function(p, layout, cfg) giving the earlier positions p reads.
 
 SourcePolicy = Callable[[int, DepthLayout, "DepthAttentionConfig"], tuple[int, ...]]  # noqa: F821
-SOURCE_POLICIES: dict[str, SourcePolicy] = {}
-
-
-def register_source_policy(name: str):
-    def wrap(fn: SourcePolicy) -> SourcePolicy:
-        SOURCE_POLICIES[name] = fn
-        return fn
-    return wrap
+SOURCE_POLICIES = Registry("depth source policy")  # name -> SourcePolicy
+register_source_policy = SOURCE_POLICIES.register
 
 
 @register_source_policy("none")

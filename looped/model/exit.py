@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from looped.registry import Registry
+
 
 @dataclass
 class IterationView:
@@ -41,14 +43,8 @@ class ExitCriterion:
         raise NotImplementedError
 
 
-EXIT_CRITERIA: dict[str, type[ExitCriterion]] = {}
-
-
-def register_exit(name: str):
-    def wrap(cls):
-        EXIT_CRITERIA[name] = cls
-        return cls
-    return wrap
+EXIT_CRITERIA = Registry("exit criterion")
+register_exit = EXIT_CRITERIA.register
 
 
 @register_exit("kl")
@@ -133,17 +129,13 @@ def relative_change(state: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 def build_exit(cfg) -> Optional[ExitCriterion]:
     """The criterion named by an ExitConfig (criterion, threshold, max_loops); None for 'none'."""
-    from looped.errors import ConfigError
-
     if cfg.criterion == "none":
         return None
-    if cfg.criterion not in EXIT_CRITERIA:
-        raise ConfigError(f"unknown exit criterion '{cfg.criterion}'; choose one of: none, "
-                          f"{', '.join(EXIT_CRITERIA)}")
+    criterion_cls = EXIT_CRITERIA.lookup(cfg.criterion)
     kwargs = {"max_loops": cfg.max_loops}
     if cfg.threshold is not None:
         kwargs["threshold"] = cfg.threshold
-    return EXIT_CRITERIA[cfg.criterion](**kwargs)
+    return criterion_cls(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
