@@ -89,6 +89,8 @@ class TrainConfig:
     gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
     eval_every: int = 100  # held-out evaluation (and a checkpoint) every N steps
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    # data parallelism under torchrun (world size > 1): ddp | fsdp (FSDP2); batch_size is global
+    parallel: str = "ddp"
 
 
 @dataclass
@@ -122,8 +124,8 @@ class TaskConfig:
     hops: int = 4
     n_distractors: int = 2
     # phop: p-hop induction (Saunshi et al. 2025); `hops` is p
-    length: int = 32  # sequence length before the query
-    alphabet: int = 8
+    length: int = 64  # sequence length (long enough that p hops rarely run out of room)
+    alphabet: int = 4
     # addition: multi-digit, digits reversed
     digits: int = 5
     # text: language modelling through `datasets` (looped.data.text)

@@ -1,4 +1,7 @@
-"""`python train.py loop=8 ...`: train a looped Depth-Attention model on a built-in task."""
+"""`python train.py loop=8 ...`: train a looped Depth-Attention model on a built-in task.
+
+Under `torchrun --nproc_per_node=N train.py ...` it trains data-parallel (DDP, or FSDP2 with
+train.parallel=fsdp) on N processes; rank 0 alone writes and prints. See looped.distributed."""
 
 from __future__ import annotations
 
@@ -10,33 +13,79 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from looped.config import load_config
-from looped.errors import ConfigError, cli_main
+from looped.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
+from looped.errors import ConfigError, LoopedError, cli_main
 from looped.plots import plot_metric_vs_loops
 from looped.trainer import Trainer
 
 
+class _NoWriter:
+    """The TensorBoard writer of ranks other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def add_scalar(self, *args, **kwargs):
+        pass
+
+    def add_histogram(self, *args, **kwargs):
+        pass
+
+
 def main(argv: list[str]) -> int:
+    env = DistEnv.from_environ()
+    if not env.enabled:
+        return run(argv, env)
+    # Distributed: every rank ends here, through barrier -> destroy_process_group -> os._exit.
+    try:
+        code = run(argv, env)
+    except LoopedError as e:
+        # A user error (config, paths) is the same on every rank and should print once: rank 0
+        # prints it and exits 2, and torchrun then stops the other ranks, which wait a little
+        # first. An error of one rank alone still gets printed, after that wait.
+        if not env.is_main:
+            time.sleep(ERROR_GRACE_S)
+        print(f"error: {e}", file=sys.stderr)
+        finish(2, wait=False)
+    finish(code or 0)
+
+
+def run(argv: list[str], env: DistEnv) -> int:
     cfg = load_config(argv)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.resume and not cfg.name:
         raise ConfigError("resume=true continues the run named by name=<run>; give its name")
+    per_rank = local_batch_size(cfg.train.batch_size, env)  # before any process group
+    # (other ranks may name an unnamed run a second apart; only rank 0 writes to it)
     name = cfg.name or time.strftime("%Y%m%d-%H%M%S") + f"-loop{cfg.loop}"
     run_dir = Path(cfg.out_dir) / name
-    trainer = Trainer(cfg, run_dir)
+    main_rank = env.is_main
+    say = print if main_rank else (lambda *a, **k: None)
+    trainer = Trainer(cfg, run_dir, env)
     if cfg.resume or cfg.resume_from:
         ckpt = trainer.resume(Path(cfg.resume_from) if cfg.resume_from else None)
-        print(f"resumed from {ckpt} at step {trainer.step}", flush=True)
+        say(f"resumed from {ckpt} at step {trainer.step}", flush=True)
     trainer.start_run_dir()
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    print(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, loop={cfg.loop}, "
-          f"depth sources={trainer.model.policy}, task={cfg.task.name}, "
-          f"loss={cfg.train.loss}, loop sampler={cfg.train.loops.sampler}", flush=True)
+    say(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, loop={cfg.loop}, "
+        f"depth sources={trainer.model.policy}, task={cfg.task.name}, "
+        f"loss={cfg.train.loss}, loop sampler={cfg.train.loops.sampler}", flush=True)
+    if env.enabled:
+        say(f"data parallel: {cfg.train.parallel} on {env.world_size} processes, "
+            f"{per_rank} of the {cfg.train.batch_size} rows of each batch per process",
+            flush=True)
     t0 = time.perf_counter()
-    with SummaryWriter(str(run_dir / "tb")) as writer:
-        results = trainer.fit(writer, log=lambda s: print(s, flush=True))
+    writer = SummaryWriter(str(run_dir / "tb")) if main_rank else _NoWriter()
+    with writer:
+        results = trainer.fit(writer, log=lambda s: say(s, flush=True))
     if not results:  # resumed at the end: nothing trained, still report
         results = trainer.evaluate(list(cfg.eval.loops))
+    if not main_rank:
+        return 0
     plot = plot_metric_vs_loops({name: {r: v["accuracy"] for r, v in results.items()}},
                                 run_dir / "accuracy_vs_loops.png", trained_loop=cfg.loop,
                                 title=f"{cfg.task.name}: held-out accuracy")

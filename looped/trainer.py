@@ -1,5 +1,7 @@
 """The training loop: AdamW with warmup + cosine, loop-count sampling, per-iteration or final
-loss, periodic held-out evaluation at several loop counts, TensorBoard, atomic checkpoints."""
+loss, periodic held-out evaluation at several loop counts, TensorBoard, atomic checkpoints.
+Data-parallel over torchrun processes (DDP or FSDP2) when given a DistEnv with world size > 1;
+see looped.distributed for what keeps that identical to a 1-rank run."""
 
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ from tqdm import tqdm
 from looped import build_model
 from looped.checkpoint import (load_state, load_weights, resolve_checkpoint, save_checkpoint,
                                save_run_config)
-from looped.data.tasks import build_task
+from looped.data.tasks import IGNORE, build_task
+from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier, check_parallel,
+                                full_model_state, full_optimizer_state, is_fsdp,
+                                load_optimizer_state, local_batch_size, loss_weight, setup,
+                                shard_batch, to_float, wrap_model)
 from looped.errors import ConfigError
 from looped.evaluate_tasks import task_accuracy
 from looped.loop_sampling import sample_loops, step_generator
@@ -46,8 +52,12 @@ def git_commit() -> str:
 
 
 class Trainer:
-    def __init__(self, cfg, run_dir: Path):
+    def __init__(self, cfg, run_dir: Path, env: Optional[DistEnv] = None):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.env = env or DistEnv()
+        # every user error is raised here before any process group exists, on every rank
+        check_parallel(cfg.train.parallel)
+        local_batch_size(cfg.train.batch_size, self.env)
         self.task = build_task(cfg.task)
         self.eval_task = build_task(cfg.task, split="eval")  # may be harder than training
         m = cfg.model
@@ -59,8 +69,15 @@ class Trainer:
                 raise ConfigError(f"task '{cfg.task.name}' makes sequences of {task.seq_len} "
                                   f"tokens; model.max_seq_len is {m.max_seq_len}")
         check_kernel(m.kernel, "cpu")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg)
+        # what training forwards run through: the model, DDP around it, or it sharded by FSDP
+        self.train_model = self.model
+        if self.env.enabled:
+            device = torch.device("cpu")  # the trainer trains on CPU: gloo
+            setup(self.env, device)
+            self.train_model = wrap_model(self.model, self.env, cfg.train.parallel, device)
+        self.fsdp = is_fsdp(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
         self.exit = build_exit(cfg.exit)
@@ -69,22 +86,39 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
 
+    @property
+    def evaluates(self) -> bool:
+        """Whether this rank runs evaluation: rank 0, or every rank under FSDP (whose forwards
+        are collectives)."""
+        return self.env.is_main or self.fsdp
+
     def start_run_dir(self) -> None:
+        if not self.env.is_main:
+            return
         save_run_config(self.run_dir, self.cfg)
         meta = {"git_commit": git_commit(), "seed": self.cfg.seed}
         (self.run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
-    def save(self) -> Path:
-        state = {"step": self.step, "optimizer": self.opt.state_dict(),
+    def save(self) -> Optional[Path]:
+        """Write a checkpoint from rank 0 (None elsewhere). Under FSDP every rank must call
+        this: the full weights and optimizer state are gathered onto rank 0."""
+        model = self.model
+        if self.fsdp:
+            model = FullStateView(self.model, full_model_state(self.model))
+        optimizer = full_optimizer_state(self.model, self.opt)
+        if not self.env.is_main:
+            return None
+        state = {"step": self.step, "optimizer": optimizer,
                  "torch_rng": torch.get_rng_state(), "history": self.history}
-        return save_checkpoint(self.run_dir, self.step, self.model, state,
+        return save_checkpoint(self.run_dir, self.step, model, state,
                                keep=self.cfg.train.keep_checkpoints)
 
     def resume(self, path: Optional[Path] = None) -> Path:
+        """Load a checkpoint (every rank reads it; any parallelism may have written it)."""
         ckpt = resolve_checkpoint(path or self.run_dir)
-        load_weights(self.model, ckpt)
+        load_weights(FullStateView(self.model) if self.fsdp else self.model, ckpt)
         state = load_state(ckpt)
-        self.opt.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.model, self.opt, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
         return ckpt
@@ -95,24 +129,38 @@ class Trainer:
         cfg, step = self.cfg, self.step
         for group in self.opt.param_groups:
             group["lr"] = lr_at(step, cfg)
+        # every rank draws the whole global batch and keeps its own rows
         batch = self.task.sample(cfg.train.batch_size,
                                  step_generator(cfg.seed + DATA_STREAM, step))
+        local = shard_batch(batch, self.env)
         loops = sample_loops(cfg.train.loops, cfg.loop, cfg.seed, step)
-        out = self.model(batch.inputs, loops=loops, grad_loops=cfg.train.grad_loops or None,
-                         return_states=True)
-        loss = compute_loss(self.model, batch, out, cfg.train.loss, cfg.train.gate_beta)
+        out = self.train_model(local.inputs, loops=loops,
+                               grad_loops=cfg.train.grad_loops or None, return_states=True)
+        loss = compute_loss(self.model, local, out, cfg.train.loss, cfg.train.gate_beta)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if self.env.enabled:  # local mean -> this rank's share of the global mean
+            n_global = int((batch.targets != IGNORE).sum())
+            n_local = int((local.targets != IGNORE).sum())
+            weight = loss_weight(n_local, n_global, self.env)
+            (loss * weight).backward()  # DDP / FSDP average the gradients over ranks
+            value = all_reduce_sum(loss.detach() * (weight / self.env.world_size)).item()
+        else:
+            loss.backward()
+            value = loss.item()
         clip = cfg.train.grad_clip or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip).item()
+        grad_norm = to_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.opt.step()
         self.step += 1
-        row = {"step": self.step, "loss": loss.item(), "loops": loops, "lr": lr_at(step, cfg),
+        row = {"step": self.step, "loss": value, "loops": loops, "lr": lr_at(step, cfg),
                "grad_norm": grad_norm, "tokens": batch.inputs.numel()}
         self.history.append({k: row[k] for k in ("step", "loss", "loops")})
         return row
 
     def evaluate(self, loops: list[int]) -> dict[int, dict[str, float]]:
+        """Held-out accuracy per loop count; {} on ranks that do not evaluate (see
+        `evaluates`)."""
+        if not self.evaluates:
+            return {}
         ev = self.cfg.eval
         runnable = loops if self.cfg.model.share_weights else [self.cfg.loop]
         return {r: task_accuracy(self.model, self.eval_task, r, ev.n_samples, ev.batch_size,
@@ -136,7 +184,7 @@ class Trainer:
     def fit(self, writer: SummaryWriter, log=print) -> dict[int, dict[str, float]]:
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=None)
+                   disable=None if self.env.is_main else True)
         t0, tokens = time.perf_counter(), 0
         results: dict[int, dict[str, float]] = {}
         while self.step < cfg.train.steps:
@@ -149,12 +197,14 @@ class Trainer:
                 writer.add_scalar(f"train/{key}", row[key], self.step)
             writer.add_scalar("train/tokens_per_s", tok_s, self.step)
             if self.step % cfg.train.log_every == 0:
-                log(f"step {self.step:5d}  loss {row['loss']:.4f}  R {row['loops']:2d}  "
+                log(f"step {self.step:5d}  loss {row['loss']:.6f}  R {row['loops']:2d}  "
                     f"lr {row['lr']:.2e}  {tok_s:.0f} tok/s")
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                 results = self.evaluate(list(cfg.eval.loops))
-                self._log_eval(writer, results, log)
+                if self.evaluates:
+                    self._log_eval(writer, results, log)
                 self.save()
+                barrier()  # under DDP the other ranks wait here for rank 0
         bar.close()
         return results
 

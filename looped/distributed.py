@@ -1,0 +1,268 @@
+"""Data-parallel training over the processes that `torchrun` starts: DDP or FSDP2.
+
+`torchrun --nproc_per_node=N train.py ...` sets WORLD_SIZE, RANK and LOCAL_RANK; `DistEnv` reads
+them (world size 1 without torchrun: plain single-process training, nothing here is used).
+
+The contract that makes an N-rank run the same training as a 1-rank run:
+  * `train.batch_size` is the global batch. Every rank draws the full global batch from the
+    per-step generator and keeps its own `batch_size / world_size` rows (`shard_batch`), and the
+    loop count R comes from (seed, step), so all ranks run the same R on a partition of the data.
+  * The losses (looped.losses) are means over the answer tokens of the local rows. Each rank
+    scales its loss by world_size * n_local / n_global before backward (`loss_weight`); DDP and
+    FSDP average gradients over ranks, so the reduced gradient is the gradient of the mean over
+    the global batch's answer tokens, as in a 1-rank run. The logged loss is the all-reduced
+    global mean. (Not covered: model.init_state=noise draws noise of the local batch's shape,
+    so its noise differs from a 1-rank run's.)
+
+Only rank 0 writes (run dir, TensorBoard, checkpoints, stdout). Under DDP, evaluation runs on rank
+0 alone while the others wait at a barrier; under FSDP every forward needs every rank (the
+parameters are sharded), so all ranks evaluate and rank 0 reports.
+
+FSDP2 (`train.parallel=fsdp`) shards each prelude and coda block, the shared core as one unit (its
+blocks are reused every iteration, so they all-gather once per forward and stay gathered across
+the R iterations), and the root (embeddings, norm, head). Checkpoints gather a full state dict,
+so `model.safetensors` and `state.pt` have the same format as a 1-rank run's and a run can be
+resumed under any of 1-rank, DDP or FSDP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Mapping, NoReturn
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from looped.errors import ConfigError
+
+PARALLEL_MODES = ("ddp", "fsdp")
+# Under DDP the other ranks wait at a barrier while rank 0 evaluates and checkpoints; the
+# barrier is bound by the process group's timeout.
+TIMEOUT = timedelta(hours=2)
+# On a user error, ranks other than 0 wait this long before printing it and exiting 2: torchrun
+# stops them as soon as rank 0 exits 2 with the same error, so it is printed once.
+ERROR_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] = os.environ) -> "DistEnv":
+        """The torchrun environment; world size 1 when not started by torchrun."""
+        try:
+            world = int(environ.get("WORLD_SIZE", "1"))
+            rank = int(environ.get("RANK", "0"))
+            local = int(environ.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise ConfigError("WORLD_SIZE, RANK and LOCAL_RANK must be integers (they are set "
+                              "by torchrun)") from None
+        if world < 1 or not 0 <= rank < world:
+            raise ConfigError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
+        return cls(world, rank, local)
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def check_parallel(parallel: str) -> None:
+    if parallel not in PARALLEL_MODES:
+        raise ConfigError(f"unknown train.parallel '{parallel}'; choose one of: "
+                          f"{', '.join(PARALLEL_MODES)}")
+
+
+def local_batch_size(global_batch: int, env: DistEnv) -> int:
+    """Rows per rank; the global batch must split evenly (checked before any process group)."""
+    if global_batch % env.world_size:
+        raise ConfigError(f"train.batch_size={global_batch} is the global batch and must be "
+                          f"divisible by the world size {env.world_size} (torchrun "
+                          f"--nproc_per_node); use a multiple of {env.world_size}")
+    return global_batch // env.world_size
+
+
+def setup(env: DistEnv, device: torch.device) -> None:
+    """Join the process group (idempotent): nccl for a CUDA device, gloo on CPU."""
+    if not env.enabled or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=TIMEOUT)
+
+
+def shard_batch(batch, env: DistEnv):
+    """This rank's rows of a global Batch (a dataclass of tensors with the batch on dim 0;
+    hop_targets is (H, B, T), batch on dim 1)."""
+    if not env.enabled:
+        return batch
+    b = batch.inputs.shape[0]
+    n = local_batch_size(b, env)
+    lo, hi = env.rank * n, (env.rank + 1) * n
+    parts = {}
+    for f in dataclasses.fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, torch.Tensor):
+            dim = 1 if f.name == "hop_targets" else 0
+            if value.dim() > dim and value.shape[dim] == b:
+                value = value.narrow(dim, lo, hi - lo)
+        parts[f.name] = value
+    return dataclasses.replace(batch, **parts)
+
+
+def loss_weight(n_local: int, n_global: int, env: DistEnv) -> float:
+    """What a rank's local-mean loss is multiplied by before backward so that the gradients DDP
+    and FSDP average over ranks equal the gradient of the global mean: world * n_local / N."""
+    return env.world_size * n_local / max(n_global, 1)
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def wrap_model(model: nn.Module, env: DistEnv, parallel: str, device: torch.device) -> nn.Module:
+    """The module to run training forwards through: DistributedDataParallel around `model`
+    (which stays the plain module), or `model` itself sharded in place by FSDP2."""
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        # every parameter gets a gradient every step; the rotary tables are constant buffers
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    from torch.distributed.fsdp import fully_shard
+
+    for block in model.prelude:
+        fully_shard(block)
+    if model.cfg.share_weights:  # one unit: the same blocks run in each of the R iterations
+        fully_shard(list(model.core), reshard_after_forward=False)
+    else:  # the unrolled baseline: one unit per untied copy
+        for copy in model.core:
+            fully_shard(list(copy))
+    for block in model.coda:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def to_float(value) -> float:
+    """A scalar tensor (or DTensor, e.g. the grad norm under FSDP) as a Python float."""
+    if hasattr(value, "full_tensor"):
+        value = value.full_tensor()
+    return float(value)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+# A checkpoint always holds the full, unsharded model and the optimizer state in the format of
+# `torch.optim.Optimizer.state_dict()` (parameters numbered in model.parameters() order), so
+# runs resume under any parallelism. Under FSDP these are gathered on rank 0 (a collective: all
+# ranks call it) and the other ranks get empty dicts.
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    if not is_fsdp(model):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options(cpu_offload=True))
+
+
+def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    if not is_fsdp(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
+    if not by_name:  # ranks other than 0
+        return {}
+    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    return {"state": {index[k]: v for k, v in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[k] for k in g["params"]]}
+                             for g in by_name["param_groups"]]}
+
+
+def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer,
+                         state: dict[str, Any]) -> None:
+    """Load a full optimizer state (Optimizer.state_dict() format) on every rank."""
+    if not is_fsdp(model):
+        opt.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = [name for name, _ in model.named_parameters()]
+    by_name = {"state": {names[i]: v for i, v in state["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                                for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, opt, by_name, options=_options())
+
+
+class FullStateView:
+    """What checkpoint.save_checkpoint / load_weights see of a model: its full state dict, and
+    loading a full state dict into it (sharding it under FSDP)."""
+
+    def __init__(self, model: nn.Module, state: dict[str, torch.Tensor] | None = None):
+        self.model, self._state = model, state
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # under FSDP, the sharded parameters are DTensors whose shapes are the full shapes
+        return self._state if self._state is not None else self.model.state_dict()
+
+    def load_state_dict(self, weights: dict[str, torch.Tensor]) -> None:
+        if not is_fsdp(self.model):
+            self.model.load_state_dict(weights)
+            return
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(self.model, weights, options=_options())
+
+
+# -- the end -------------------------------------------------------------------------------------
+
+
+def finish(code: int, wait: bool = True) -> NoReturn:
+    """End a distributed process: barrier (unless a failure makes the ranks' paths differ),
+    destroy the process group, flush, and os._exit. Exiting through the interpreter's normal
+    teardown aborts now and then under gloo ("terminate called without an active exception")."""
+    try:
+        if dist.is_initialized():
+            if wait:
+                dist.barrier()
+            dist.destroy_process_group()
+    except Exception as e:  # a peer died: say so, and do not exit 0
+        print(f"error: distributed shutdown failed: {str(e).splitlines()[0] if str(e) else e!r}",
+              file=sys.stderr)
+        code = code or 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
