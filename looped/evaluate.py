@@ -83,8 +83,10 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     for r in loops:
         results[r] = task_accuracy(model, task, r, args.n_samples, args.batch_size, cfg.seed,
                                    exit=exit)
+        extra = (f"  loss {results[r]['loss']:.4f}  bits/byte {results[r]['bits_per_byte']:.4f}"
+                 if "loss" in results[r] else "")
         print(f"  {run_dir.name}  R={r:3d}  accuracy {results[r]['accuracy']:.4f}  "
-              f"mean iterations {results[r]['iterations']:.2f}", flush=True)
+              f"mean iterations {results[r]['iterations']:.2f}{extra}", flush=True)
     return run_dir.name, results, cfg.loop
 
 
@@ -97,10 +99,13 @@ def main(argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "loop_sweep.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "trained_loop", "loops", "accuracy", "mean_iterations"])
+        w.writerow(["run", "trained_loop", "loops", "accuracy", "mean_iterations", "loss",
+                    "bits_per_byte"])
         for name, res, trained in runs:
             for r, v in res.items():
-                w.writerow([name, trained, r, f"{v['accuracy']:.6f}", f"{v['iterations']:.4f}"])
+                w.writerow([name, trained, r, f"{v['accuracy']:.6f}", f"{v['iterations']:.4f}",
+                            f"{v['loss']:.6f}" if "loss" in v else "",
+                            f"{v['bits_per_byte']:.6f}" if "bits_per_byte" in v else ""])
     (out / "loop_sweep.json").write_text(json.dumps(
         {name: {"trained_loop": trained, "results": {str(r): v for r, v in res.items()}}
          for name, res, trained in runs}, indent=2) + "\n")

@@ -16,7 +16,8 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 @torch.no_grad()
 def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int, seed: int,
                   exit: Optional[ExitCriterion] = None) -> dict[str, float]:
-    """Exact-match accuracy on answer tokens, and mean iterations per answer token."""
+    """Exact-match accuracy on answer tokens (next-token accuracy for text), mean iterations per
+    answer token, and for text also loss, bits per byte and perplexity."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
@@ -32,4 +33,11 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
         iters += out.iterations[mask].float().sum().item()
         done += batch.inputs.shape[0]
     model.train(was_training)
-    return {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1)}
+    result = {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1)}
+    from looped.data.text import TextTask, lm_metrics
+
+    if isinstance(task, TextTask):  # language modelling: also loss, bits per byte, perplexity
+        lm = lm_metrics(model, task, loops, max_batches=max(1, n_samples // batch_size),
+                        batch_size=batch_size)
+        result.update({k: lm[k] for k in ("loss", "bits_per_byte", "perplexity")})
+    return result

@@ -210,8 +210,8 @@ class Trainer:
 
     def _log_eval(self, writer: SummaryWriter, results, log) -> None:
         for r, res in results.items():
-            writer.add_scalar(f"eval/accuracy_R{r}", res["accuracy"], self.step)
-            writer.add_scalar(f"eval/iterations_R{r}", res["iterations"], self.step)
+            for key, value in res.items():  # accuracy, iterations (+ loss, bits_per_byte, ...)
+                writer.add_scalar(f"eval/{key}_R{r}", value, self.step)
         diag = self.diagnostics()
         for p, h in diag["depth_entropy"].items():
             writer.add_scalar(f"depth_entropy/pos{p:03d}", h, self.step)
@@ -222,5 +222,7 @@ class Trainer:
             with torch.no_grad():
                 its = self.model(batch.inputs, exit=self.exit).iterations
             writer.add_histogram("exit/iterations", its.flatten(), self.step)
-        accs = "  ".join(f"R={r}:{res['accuracy']:.3f}" for r, res in results.items())
+        accs = "  ".join(f"R={r}:{res['accuracy']:.3f}" + (f" ({res['bits_per_byte']:.3f} bpb)"
+                                                           if "bits_per_byte" in res else "")
+                         for r, res in results.items())
         log(f"eval @ step {self.step}: {accs}")
