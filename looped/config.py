@@ -87,6 +87,7 @@ class TrainConfig:
     # (against the task's intermediate targets where it has them, else the final answer)
     loss: str = "final"
     gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
+    compile: bool = False  # torch.compile the training forward (first steps pay the compile)
     eval_every: int = 100  # held-out evaluation (and a checkpoint) every N steps
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     # data parallelism under torchrun (world size > 1): ddp | fsdp (FSDP2); batch_size is global
@@ -150,6 +151,7 @@ class Config:
     loop: int = 4  # R: iterations of the core block
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda
     out_dir: str = "runs"  # runs are written to <out_dir>/<name>
     name: Optional[str] = None  # None: a name from the time and the loop count
     resume: bool = False  # continue the run <out_dir>/<name> from its latest checkpoint
@@ -320,6 +322,8 @@ def validate(cfg: DictConfig) -> None:
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     _require(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
+    _require(cfg.device in ("auto", "cpu", "cuda"),
+             f"unknown device '{cfg.device}'; choose one of: auto, cpu, cuda")
     _require(t.loss in ("final", "per_iteration"),
              f"unknown train.loss '{t.loss}'; choose one of: final, per_iteration")
     _require(t.grad_loops >= 0, f"train.grad_loops must be >= 0, got {t.grad_loops}")

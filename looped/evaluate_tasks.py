@@ -21,11 +21,12 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
+    device = next(model.parameters()).device
     correct = total = 0
     iters = 0.0
     done = 0
     while done < n_samples:
-        batch = task.sample(min(batch_size, n_samples - done), gen)
+        batch = task.sample(min(batch_size, n_samples - done), gen).to(device)
         out = model(batch.inputs, loops=loops, exit=exit)
         mask = batch.targets != IGNORE
         correct += (out.logits.argmax(-1)[mask] == batch.targets[mask]).sum().item()

@@ -5,6 +5,7 @@ see looped.distributed for what keeps that identical to a 1-rank run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import subprocess
@@ -43,6 +44,15 @@ def lr_at(step: int, cfg) -> float:
     return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def pick_device(name: str, env: DistEnv) -> torch.device:
+    """auto: CUDA when available (one GPU per local rank), else CPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", env.local_rank if env.enabled else 0)
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -68,15 +78,20 @@ class Trainer:
             if task.seq_len > m.max_seq_len:
                 raise ConfigError(f"task '{cfg.task.name}' makes sequences of {task.seq_len} "
                                   f"tokens; model.max_seq_len is {m.max_seq_len}")
-        check_kernel(m.kernel, "cpu")
+        self.device = pick_device(cfg.device, self.env)
+        check_kernel(m.kernel, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg)
+        self.model = build_model(cfg).to(self.device)
         # what training forwards run through: the model, DDP around it, or it sharded by FSDP
         self.train_model = self.model
         if self.env.enabled:
-            device = torch.device("cpu")  # the trainer trains on CPU: gloo
-            setup(self.env, device)
-            self.train_model = wrap_model(self.model, self.env, cfg.train.parallel, device)
+            setup(self.env, self.device)
+            self.train_model = wrap_model(self.model, self.env, cfg.train.parallel, self.device)
+        if cfg.train.compile:
+            self.train_model = torch.compile(self.train_model)
+        # bf16 autocast on GPU; CPU trains in fp32
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                         if self.device.type == "cuda" else contextlib.nullcontext())
         self.fsdp = is_fsdp(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
                                      weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
@@ -132,11 +147,12 @@ class Trainer:
         # every rank draws the whole global batch and keeps its own rows
         batch = self.task.sample(cfg.train.batch_size,
                                  step_generator(cfg.seed + DATA_STREAM, step))
-        local = shard_batch(batch, self.env)
+        local = shard_batch(batch, self.env).to(self.device)
         loops = sample_loops(cfg.train.loops, cfg.loop, cfg.seed, step)
-        out = self.train_model(local.inputs, loops=loops,
-                               grad_loops=cfg.train.grad_loops or None, return_states=True)
-        loss = compute_loss(self.model, local, out, cfg.train.loss, cfg.train.gate_beta)
+        with self.autocast:
+            out = self.train_model(local.inputs, loops=loops,
+                                   grad_loops=cfg.train.grad_loops or None, return_states=True)
+            loss = compute_loss(self.model, local, out, cfg.train.loss, cfg.train.gate_beta)
         self.opt.zero_grad(set_to_none=True)
         if self.env.enabled:  # local mean -> this rank's share of the global mean
             n_global = int((batch.targets != IGNORE).sum())
@@ -171,7 +187,8 @@ class Trainer:
         """Depth-attention entropy per position and the per-iteration residual on one batch."""
         self.model.eval()
         batch = self.eval_task.sample(64, torch.Generator().manual_seed(self.cfg.seed))
-        out = self.model(batch.inputs, return_states=True, return_depth_weights=True)
+        out = self.model(batch.inputs.to(self.device), return_states=True,
+                         return_depth_weights=True)
         self.model.train()
         entropy = {p: float(-(w.weights * w.weights.clamp_min(1e-12).log()).sum(-1).mean())
                    for p, w in out.depth_weights.items() if w.weights.shape[-1] > 1}
@@ -220,7 +237,7 @@ class Trainer:
         if self.exit is not None:
             batch = self.eval_task.sample(256, torch.Generator().manual_seed(self.cfg.seed + 1))
             with torch.no_grad():
-                its = self.model(batch.inputs, exit=self.exit).iterations
+                its = self.model(batch.inputs.to(self.device), exit=self.exit).iterations
             writer.add_histogram("exit/iterations", its.flatten(), self.step)
         accs = "  ".join(f"R={r}:{res['accuracy']:.3f}" + (f" ({res['bits_per_byte']:.3f} bpb)"
                                                            if "bits_per_byte" in res else "")

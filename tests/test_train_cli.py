@@ -40,3 +40,19 @@ def test_bad_input_exits_2_with_one_line(args, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tmp_path):
+    """train.compile=true runs and gives the eager run's losses (fp32 on CPU)."""
+    common = ["loop=2", "train.steps=3", "train.log_every=1", "train.loops.sampler=fixed",
+              "train.batch_size=16", "threads=1", f"out_dir={tmp_path}", "eval.n_samples=16",
+              "eval.loops=[2]"]
+    losses = {}
+    for flag in ("false", "true"):
+        proc = run_train(*common, f"name=c{flag}", f"train.compile={flag}")
+        assert proc.returncode == 0, proc.stderr
+        losses[flag] = [float(line.split()[3]) for line in proc.stdout.splitlines()
+                        if line.startswith("step")]
+    assert len(losses["true"]) == 3
+    assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)

@@ -30,6 +30,10 @@ class Batch:
             return self.targets
         return self.hop_targets[steps - 1]
 
+    def to(self, device: torch.device | str) -> "Batch":
+        hop = None if self.hop_targets is None else self.hop_targets.to(device)
+        return Batch(self.inputs.to(device), self.targets.to(device), hop)
+
 
 class Task:
     vocab_size: int
