@@ -88,6 +88,8 @@ class TrainConfig:
     loss: str = "final"
     gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile)
+    # a NaN/Inf loss or gradient stops the run (exit code 3); true skips the step and counts it
+    skip_nonfinite: bool = False
     eval_every: int = 100  # held-out evaluation (and a checkpoint) every N steps
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     # data parallelism under torchrun (world size > 1): ddp | fsdp (FSDP2); batch_size is global

@@ -26,6 +26,12 @@ class ShapeError(LoopedError, ValueError):
     pass
 
 
+class NonFiniteError(LoopedError):
+    """Training produced a NaN or Inf; the run stops, keeping its last good checkpoint."""
+
+    exit_code = 3
+
+
 EXIT_BAD_INPUT = 2
 
 
@@ -35,7 +41,7 @@ def cli_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
         code = main(argv)
     except LoopedError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
+        sys.exit(getattr(e, "exit_code", EXIT_BAD_INPUT))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from looped.config import load_config
 from looped.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
-from looped.errors import ConfigError, LoopedError, cli_main
+from looped.errors import EXIT_BAD_INPUT, ConfigError, LoopedError, cli_main
 from looped.plots import plot_metric_vs_loops
 from looped.trainer import Trainer
 
@@ -49,7 +49,7 @@ def main(argv: list[str]) -> int:
         if not env.is_main:
             time.sleep(ERROR_GRACE_S)
         print(f"error: {e}", file=sys.stderr)
-        finish(2, wait=False)
+        finish(getattr(e, "exit_code", EXIT_BAD_INPUT), wait=False)
     finish(code or 0)
 
 

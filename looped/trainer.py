@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -25,14 +26,15 @@ from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier,
                                 full_model_state, full_optimizer_state, is_fsdp,
                                 load_optimizer_state, local_batch_size, loss_weight, setup,
                                 shard_batch, to_float, wrap_model)
-from looped.errors import ConfigError
+from looped.errors import ConfigError, NonFiniteError
 from looped.evaluate_tasks import task_accuracy
 from looped.loop_sampling import sample_loops, step_generator
 from looped.losses import compute_loss
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
 
-DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
+DATA_STREAM = 7919
+NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # tests set it to poison one step's loss  # keeps the data's per-step seeds apart from the loop sampler's
 
 
 def lr_at(step: int, cfg) -> float:
@@ -97,6 +99,8 @@ class Trainer:
                                      weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
         self.exit = build_exit(cfg.exit)
         self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.last_checkpoint: Optional[Path] = None
         self.history: list[dict] = []  # one row per optimizer step: step, loss, loops
 
     # -- state -------------------------------------------------------------------------------
@@ -153,6 +157,8 @@ class Trainer:
             out = self.train_model(local.inputs, loops=loops,
                                    grad_loops=cfg.train.grad_loops or None, return_states=True)
             loss = compute_loss(self.model, local, out, cfg.train.loss, cfg.train.gate_beta)
+        if os.environ.get(NAN_HOOK) == str(step + 1):  # test hook: poison this step's loss
+            loss = loss * float("nan")
         self.opt.zero_grad(set_to_none=True)
         if self.env.enabled:  # local mean -> this rank's share of the global mean
             n_global = int((batch.targets != IGNORE).sum())
@@ -165,10 +171,21 @@ class Trainer:
             value = loss.item()
         clip = cfg.train.grad_clip or float("inf")
         grad_norm = to_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
-        self.opt.step()
+        # the same on every rank: the loss is all-reduced and the gradients are synchronised
+        if not (math.isfinite(value) and math.isfinite(grad_norm)):
+            self.opt.zero_grad(set_to_none=True)
+            if not cfg.train.skip_nonfinite:
+                raise NonFiniteError(
+                    f"non-finite loss ({value}) or gradient norm ({grad_norm}) at step "
+                    f"{step + 1}; stopped before updating the weights; last good checkpoint: "
+                    f"{self.last_checkpoint or 'none yet'} (train.skip_nonfinite=true skips such "
+                    f"steps)")
+            self.skipped += 1
+        else:
+            self.opt.step()
         self.step += 1
         row = {"step": self.step, "loss": value, "loops": loops, "lr": lr_at(step, cfg),
-               "grad_norm": grad_norm, "tokens": batch.inputs.numel()}
+               "grad_norm": grad_norm, "tokens": batch.inputs.numel(), "skipped": self.skipped}
         self.history.append({k: row[k] for k in ("step", "loss", "loops")})
         return row
 
@@ -210,17 +227,18 @@ class Trainer:
             tok_s = tokens / (time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", R=row["loops"], tok_s=f"{tok_s:.0f}")
-            for key in ("loss", "lr", "grad_norm", "loops"):
+            for key in ("loss", "lr", "grad_norm", "loops", "skipped"):
                 writer.add_scalar(f"train/{key}", row[key], self.step)
             writer.add_scalar("train/tokens_per_s", tok_s, self.step)
             if self.step % cfg.train.log_every == 0:
                 log(f"step {self.step:5d}  loss {row['loss']:.6f}  R {row['loops']:2d}  "
-                    f"lr {row['lr']:.2e}  {tok_s:.0f} tok/s")
+                    f"lr {row['lr']:.2e}  {tok_s:.0f} tok/s"
+                    + (f"  skipped {self.skipped}" if self.skipped else ""))
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                 results = self.evaluate(list(cfg.eval.loops))
                 if self.evaluates:
                     self._log_eval(writer, results, log)
-                self.save()
+                self.last_checkpoint = self.save() or self.last_checkpoint
                 barrier()  # under DDP the other ranks wait here for rank 0
         bar.close()
         return results
