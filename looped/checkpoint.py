@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from looped.errors import LoopedError
 
 CKPT_DIR = "ckpt"
+PAUSE_HOOK = "LOOPED_TEST_PAUSE_IN_SAVE"  # tests set it to a step to kill -9 a write in flight
 LATEST = "latest"
 
 
@@ -52,6 +54,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    if os.environ.get(PAUSE_HOOK) == str(step):  # test hook: hold still mid-write to be killed
+        (tmp / "PAUSED").touch()
+        time.sleep(600)
     final = root / name
     if final.exists():
         shutil.rmtree(final)

@@ -1,0 +1,87 @@
+"""kill -9 at any moment, also in the middle of a checkpoint write, never corrupts the last good
+checkpoint, and resuming continues bit-identically."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from looped.checkpoint import PAUSE_HOOK
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
+        "model.ffn_dim=64", "train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
+        "loop=2", "threads=1", "train.steps=8", "train.eval_every=2", "train.log_every=1",
+        "train.loops.sampler=uniform"]
+
+
+def losses(stdout: str) -> dict[int, float]:
+    return {int(line.split()[1]): float(line.split()[3]) for line in stdout.splitlines()
+            if line.startswith("step ")}
+
+
+def train(*args, env=None):
+    proc = subprocess.run([sys.executable, "train.py", *ARGS, *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stderr
+    return losses(proc.stdout)
+
+
+def start(*args, env=None):
+    return subprocess.Popen([sys.executable, "train.py", *ARGS, *args], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for(predicate, timeout=120.0):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise TimeoutError("condition not reached")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return train(f"out_dir={tmp_path_factory.mktemp('ref')}", "name=ref")
+
+
+@pytest.mark.slow
+def test_kill_during_checkpoint_write_keeps_last_good_and_resumes_exactly(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = start(f"out_dir={tmp_path}", "name=run", env={PAUSE_HOOK: "6"})
+    try:
+        wait_for(lambda: any((run_dir / "ckpt").glob(".step_00000006.*/PAUSED")))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (run_dir / "ckpt" / "latest").read_text() == "step_00000004"  # the last good one
+    resumed = train(f"out_dir={tmp_path}", "name=run", "resume=true")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step, loss in resumed.items():
+        assert loss == reference[step], (step, loss, reference[step])
+
+
+@pytest.mark.slow
+def test_kill_during_training_resumes_exactly(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    proc = start(f"out_dir={tmp_path}", "name=run")
+    try:  # kill as soon as the first checkpoint exists, while training goes on
+        wait_for(lambda: (run_dir / "ckpt" / "latest").is_file())
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    latest = (run_dir / "ckpt" / "latest").read_text()
+    done = int(latest.split("_")[1])
+    assert done in (2, 4, 6)  # whichever was last complete when the kill landed
+    resumed = train(f"out_dir={tmp_path}", "name=run", "resume=true")
+    assert sorted(resumed) == list(range(done + 1, 9))
+    for step, loss in resumed.items():
+        assert loss == reference[step], (step, loss, reference[step])
