@@ -16,5 +16,17 @@ def build_model(cfg) -> LoopedLM:
     return LoopedLM(cfg.model, loop=cfg.loop)
 
 
-__all__ = ["load_config", "build_model", "LoopedLM", "LMOutput", "KVCache", "LoopedError",
+def load_run(path, overrides: list[str] | None = None):
+    """(cfg, model) of a trained run: a run directory or one of its checkpoint directories.
+    The model is in eval mode, with the weights of the latest (or the given) checkpoint."""
+    from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+
+    ckpt = resolve_checkpoint(path)
+    cfg = load_run_config(run_dir_of(ckpt), overrides)
+    model = build_model(cfg)
+    load_weights(model, ckpt)
+    return cfg, model.eval()
+
+
+__all__ = ["load_config", "build_model", "load_run", "LoopedLM", "LMOutput", "KVCache", "LoopedError",
            "ConfigError"]
