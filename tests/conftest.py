@@ -393,3 +393,8 @@ def to_float64(model):
 def tol_for(dtype) -> float:
     """Tolerance of an equivalence check at this precision."""
     return 1e-9 if dtype == torch.float64 else 1e-5
+
+
+# A tiny model for tests that run the real CLI in a subprocess (train.py dotlist arguments).
+CLI_TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+                  "model.head_dim=16", "model.ffn_dim=64", "loop=2", "threads=1"]

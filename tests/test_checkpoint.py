@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CLI_TINY_MODEL
 import torch
 
 from looped import build_model, load_config
@@ -13,9 +14,7 @@ from looped.checkpoint import (CheckpointError, load_state, load_weights, resolv
                                save_checkpoint)
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
-        "model.ffn_dim=64", "train.batch_size=16", "eval.n_samples=32", "eval.loops=[1,2]",
-        "loop=2", "threads=1"]
+TINY = CLI_TINY_MODEL + ["train.batch_size=16", "eval.n_samples=32", "eval.loops=[1,2]"]
 
 
 def tiny_model(*extra):

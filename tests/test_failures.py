@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CLI_TINY_MODEL
 
 from looped.trainer import NAN_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
-        "model.ffn_dim=64", "train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
-        "loop=2", "threads=1", "train.steps=2"]
+TINY = CLI_TINY_MODEL + ["train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
+                         "train.steps=2"]
 
 
 def run(*args, env=None, module=None, timeout=300):

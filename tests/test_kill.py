@@ -9,14 +9,14 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import CLI_TINY_MODEL
 
 from looped.checkpoint import PAUSE_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
-        "model.ffn_dim=64", "train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
-        "loop=2", "threads=1", "train.steps=8", "train.eval_every=2", "train.log_every=1",
-        "train.loops.sampler=uniform"]
+ARGS = CLI_TINY_MODEL + ["train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
+                         "train.steps=8", "train.eval_every=2", "train.log_every=1",
+                         "train.loops.sampler=uniform"]
 
 
 def losses(stdout: str) -> dict[int, float]:
