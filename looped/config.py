@@ -35,6 +35,21 @@ class DepthAttentionConfig:
 
 
 @dataclass
+class CrossLayerConfig:
+    """A cross-layer baseline (looped.model.cross_layer); `none` is the plain residual stream."""
+
+    method: str = "none"  # none | denseformer | value_residual | attn_res | mhc | hyper_connections
+    # methods with parameters per depth position hold them for this many iterations; 0: loop
+    max_loops: int = 0
+    dilation: int = 1  # denseformer: average every dilation-th earlier output
+    period: int = 1  # denseformer: an average after every period-th block
+    learnable: bool = False  # value_residual: learnable lambdas (init 0.5 / 0.5), else fixed
+    block_size: int = 0  # attn_res: 0 = full; k > 0 = block variant, blocks of k positions
+    streams: int = 4  # mhc, hyper_connections: residual streams
+    sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations
+
+
+@dataclass
 class ModelConfig:
     vocab_size: int = 256
     d_model: int = 128
@@ -59,6 +74,7 @@ class ModelConfig:
     init_std: float = 0.02
     exit_gate: bool = False  # a learned halting probe on the state (exit criterion 'gate')
     depth_attention: DepthAttentionConfig = field(default_factory=DepthAttentionConfig)
+    cross_layer: CrossLayerConfig = field(default_factory=CrossLayerConfig)
 
 
 @dataclass
@@ -283,7 +299,8 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    from looped.loop_sampling import LOOP_SAMPLERS
+    from looped.loop_sampling import LOOP_SAMPLERS, max_sampled_loops
+    from looped.model.cross_layer import CROSS_LAYER_METHODS
     from looped.model.depth import SOURCE_POLICIES
     from looped.model.exit import EXIT_CRITERIA
     from looped.model.kernels import KERNELS
@@ -317,7 +334,28 @@ def validate(cfg: DictConfig) -> None:
     _require(d.window >= 0, f"model.depth_attention.window must be >= 0, got {d.window}")
     _require(d.mix in ("mixed", "raw"),
              f"unknown model.depth_attention.mix '{d.mix}'; choose one of: mixed, raw")
+    c = m.cross_layer
+    _require(c.method in CROSS_LAYER_METHODS,
+             f"unknown cross-layer method '{c.method}'; choose one of: "
+             f"{', '.join(CROSS_LAYER_METHODS)}")
+    _require(c.max_loops == 0 or c.max_loops >= cfg.loop,
+             f"model.cross_layer.max_loops must be 0 (= loop) or >= loop={cfg.loop}, "
+             f"got {c.max_loops}")
+    for name in ("dilation", "period", "sinkhorn_iters"):
+        _require(c[name] >= 1, f"model.cross_layer.{name} must be >= 1, got {c[name]}")
+    _require(c.block_size >= 0, f"model.cross_layer.block_size must be >= 0, got {c.block_size}")
+    # mhc's initial read weights give every other stream 0.01 and must leave a positive rest
+    _require(2 <= c.streams <= 64, f"model.cross_layer.streams must be in [2, 64], got {c.streams}")
+    _require(c.method == "none" or cfg.exit.criterion == "none",
+             f"adaptive exit freezes the plain residual state; cross_layer.method={c.method} "
+             f"keeps other state, so use exit.criterion=none")
     t = cfg.train
+    if CROSS_LAYER_METHODS[c.method].has_position_params(c):
+        top = max_sampled_loops(t.loops, cfg.loop)
+        _require(top <= (c.max_loops or cfg.loop),
+                 f"train.loops.sampler={t.loops.sampler} draws up to {top} iterations, but "
+                 f"cross_layer.method={c.method} has parameters for "
+                 f"{c.max_loops or cfg.loop}; set model.cross_layer.max_loops={top}")
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")

@@ -1,4 +1,4 @@
-"""Loop-count sweeps of trained runs: held-out accuracy at each R, written as CSV, JSON and PNG.
+"""Loop-count sweeps of trained runs: held-out accuracy and loss at each R, as CSV, JSON and PNG.
 
     python -m looped.evaluate ckpt=runs/my-run loops=[1,2,4,8,16,32]
     python -m looped.evaluate ckpt=[runs/looped,runs/unrolled,runs/vanilla] out=runs/compare
@@ -78,13 +78,20 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     load_weights(model, ckpt)
     task = build_task(cfg.task, split="eval")
     exit = build_exit(cfg.exit)
-    loops = args.loops if cfg.model.share_weights else [cfg.loop]
+    loops = [r for r in args.loops if model.supports_loops(r)]
+    if cfg.model.share_weights and len(loops) < len(args.loops):
+        print(f"  {run_dir.name}: cross_layer.method={cfg.model.cross_layer.method} runs at most "
+              f"{model.max_loops} iterations; skipping loops "
+              f"{[r for r in args.loops if r not in loops]}", flush=True)
+    if not cfg.model.share_weights:
+        loops = [cfg.loop]
     results = {}
     for r in loops:
         results[r] = task_accuracy(model, task, r, args.n_samples, args.batch_size, cfg.seed,
                                    exit=exit)
-        extra = (f"  loss {results[r]['loss']:.4f}  bits/byte {results[r]['bits_per_byte']:.4f}"
-                 if "loss" in results[r] else "")
+        extra = f"  loss {results[r]['loss']:.4f}"
+        if "bits_per_byte" in results[r]:
+            extra += f"  bits/byte {results[r]['bits_per_byte']:.4f}"
         print(f"  {run_dir.name}  R={r:3d}  accuracy {results[r]['accuracy']:.4f}  "
               f"mean iterations {results[r]['iterations']:.2f}{extra}", flush=True)
     return run_dir.name, results, cfg.loop
@@ -104,7 +111,7 @@ def main(argv: list[str]) -> int:
         for name, res, trained in runs:
             for r, v in res.items():
                 w.writerow([name, trained, r, f"{v['accuracy']:.6f}", f"{v['iterations']:.4f}",
-                            f"{v['loss']:.6f}" if "loss" in v else "",
+                            f"{v['loss']:.6f}",
                             f"{v['bits_per_byte']:.6f}" if "bits_per_byte" in v else ""])
     (out / "loop_sweep.json").write_text(json.dumps(
         {name: {"trained_loop": trained, "results": {str(r): v for r, v in res.items()}}

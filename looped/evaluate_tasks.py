@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from looped.data.tasks import IGNORE, Task
 from looped.model.exit import ExitCriterion
@@ -16,14 +17,14 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 @torch.no_grad()
 def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int, seed: int,
                   exit: Optional[ExitCriterion] = None) -> dict[str, float]:
-    """Exact-match accuracy on answer tokens (next-token accuracy for text), mean iterations per
-    answer token, and for text also loss, bits per byte and perplexity."""
+    """Exact-match accuracy and cross-entropy on answer tokens (next-token accuracy for text), mean
+    iterations per answer token, and for text also bits per byte and perplexity."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
     device = next(model.parameters()).device
     correct = total = 0
-    iters = 0.0
+    iters = nll = 0.0
     done = 0
     while done < n_samples:
         batch = task.sample(min(batch_size, n_samples - done), gen).to(device)
@@ -32,12 +33,14 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
         correct += (out.logits.argmax(-1)[mask] == batch.targets[mask]).sum().item()
         total += mask.sum().item()
         iters += out.iterations[mask].float().sum().item()
+        nll += F.cross_entropy(out.logits[mask].float(), batch.targets[mask], reduction="sum").item()
         done += batch.inputs.shape[0]
     model.train(was_training)
-    result = {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1)}
+    result = {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1),
+              "loss": nll / max(total, 1)}
     from looped.data.text import TextTask, lm_metrics
 
-    if isinstance(task, TextTask):  # language modelling: also loss, bits per byte, perplexity
+    if isinstance(task, TextTask):  # language modelling: loss over whole windows, bits per byte
         lm = lm_metrics(model, task, loops, max_batches=max(1, n_samples // batch_size),
                         batch_size=batch_size)
         result.update({k: lm[k] for k in ("loss", "bits_per_byte", "perplexity")})

@@ -42,6 +42,11 @@ def _poisson_lognormal(cfg, loop: int, gen: torch.Generator) -> int:
     return max(cfg.min_loops, min(cfg.max_loops or 2 * loop, r))
 
 
+def max_sampled_loops(cfg, loop: int) -> int:
+    """The largest loop count the sampler can draw."""
+    return (cfg.max_loops or 2 * loop) if cfg.sampler == "poisson_lognormal" else loop
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """A generator for (seed, step). The pair is hashed because torch's CPU generator keeps only
     32 bits of its seed, so packing seed and step side by side would drop the seed."""

@@ -195,7 +195,9 @@ class Trainer:
         if not self.evaluates:
             return {}
         ev = self.cfg.eval
-        runnable = loops if self.cfg.model.share_weights else [self.cfg.loop]
+        # per-position cross-layer parameters limit the loop counts a model can run
+        runnable = ([r for r in loops if self.model.supports_loops(r)]
+                    if self.cfg.model.share_weights else [self.cfg.loop])
         return {r: task_accuracy(self.model, self.eval_task, r, ev.n_samples, ev.batch_size,
                                  self.cfg.seed, exit=self.exit) for r in runnable}
 

@@ -118,5 +118,6 @@ def test_evaluate_writes_csv_json_and_png(tmp_path):
     rows = list(csv.DictReader(open(out / "loop_sweep.csv")))
     assert [int(r["loops"]) for r in rows] == [1, 3]
     assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
+    assert all(float(r["loss"]) > 0.0 for r in rows)
     assert (out / "loop_sweep.json").is_file()
     assert (out / "loop_sweep.png").read_bytes()[:4] == b"\x89PNG"

@@ -231,3 +231,26 @@ def test_presets_fit_the_default_model(preset):
 def test_bad_knobs_raise_config_error(overrides):
     with pytest.raises(ConfigError):
         build_task(load_config(overrides).task)
+
+
+def test_held_out_scoring_matches_a_recompute_by_hand():
+    """task_accuracy's accuracy and loss equal argmax/cross-entropy over the answer tokens of the
+    same held-out batch, recomputed here from the model's logits."""
+    from looped import build_model
+    from looped.evaluate_tasks import HELD_OUT_SEED_OFFSET, task_accuracy
+
+    cfg = load_config(["loop=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+                       "model.head_dim=16", "model.ffn_dim=64"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    task = build_task(cfg.task, split="eval")
+    got = task_accuracy(model, task, loops=2, n_samples=24, batch_size=24, seed=cfg.seed)
+    batch = task.sample(24, torch.Generator().manual_seed(cfg.seed + HELD_OUT_SEED_OFFSET))
+    with torch.no_grad():
+        logits = model(batch.inputs, loops=2).logits
+    mask = batch.targets != IGNORE
+    want_acc = (logits.argmax(-1)[mask] == batch.targets[mask]).float().mean().item()
+    want_loss = torch.nn.functional.cross_entropy(logits[mask], batch.targets[mask]).item()
+    assert got["accuracy"] == pytest.approx(want_acc, abs=1e-12)
+    assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert got["iterations"] == 2.0

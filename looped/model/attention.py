@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -28,6 +28,8 @@ class DepthStep:
     # (B, T) tokens that exited earlier: they keep the entries of position frozen_from
     frozen: Optional[torch.Tensor] = None
     frozen_from: Optional[int] = None
+    # a cross-layer method's change to the value (B, Hkv, T, D), e.g. value residual learning
+    value_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     depth_weights: Optional[DepthWeights] = None
     attn_weights: Optional[torch.Tensor] = None  # (B, H, Tq, Tk)
 
@@ -50,6 +52,8 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x).view(b, t, h, d))
         k = self.k_norm(self.k_proj(x).view(b, t, h_kv, d))
         v = self.v_proj(x).view(b, t, h_kv, d).transpose(1, 2)  # (B, Hkv, T, D)
+        if step.value_hook is not None:
+            v = step.value_hook(v)
         offset = step.store.offset
         q = rope(q.transpose(1, 2), offset)  # (B, H, T, D)
         k = rope(k.transpose(1, 2), offset)  # (B, Hkv, T, D)

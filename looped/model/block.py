@@ -32,3 +32,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, rope, step: DepthStep) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), rope, step)
         return x + self.mlp(self.mlp_norm(x))
+
+    def branch(self, x: torch.Tensor, rope, step: DepthStep) -> torch.Tensor:
+        """forward(x) - x without the rounding of a subtraction: for cross-layer methods that
+        accumulate layer outputs themselves."""
+        a = self.attn(self.attn_norm(x), rope, step)
+        return a + self.mlp(self.mlp_norm(x + a))

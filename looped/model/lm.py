@@ -15,10 +15,11 @@ from omegaconf import DictConfig, OmegaConf
 import torch.nn.functional as F
 from torch import nn
 
-from looped.errors import ShapeError
+from looped.errors import ConfigError, ShapeError
 from looped.model.attention import DepthStep
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
+from looped.model.cross_layer import CrossLayer, LayerCall, build_cross_layer
 from looped.model.depth import (DepthLayout, DepthSlot, DepthWeights, resolve_policy,
                                 sources_for_layout)
 from looped.model.exit import ExitCriterion, IterationView
@@ -70,6 +71,11 @@ class LoopedLM(nn.Module):
         # unrolled baselines (share_weights=false) get the looped default too, for a fair match
         self.policy = resolve_policy(cfg.depth_attention, looped=loop > 1)
         self._sources: dict[int, list[tuple[int, ...]]] = {}
+        # how hidden states travel between depth positions (a plain residual stream by default)
+        self.max_loops = cfg.cross_layer.max_loops or loop
+        self.cross_layer: CrossLayer = build_cross_layer(
+            cfg.cross_layer, cfg.d_model, self.layout(self.max_loops).n_positions,
+            cfg.n_kv_heads * cfg.head_dim)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -77,7 +83,7 @@ class LoopedLM(nn.Module):
         # residual-branch outputs shrink with the number of layer applications (GPT-2 style)
         out_std = std / (2 * self.layout().n_positions) ** 0.5
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or name.startswith("cross_layer."):  # methods init their own
                 continue
             is_out = name.endswith("o_proj.weight") or name.endswith("down.weight")
             nn.init.normal_(p, 0.0, out_std if is_out else std)
@@ -96,10 +102,28 @@ class LoopedLM(nn.Module):
                                                       self.cfg.depth_attention)
         return self._sources[loops]
 
+    def position_slots(self, loops: int) -> list[int]:
+        """Per depth position of a run with `loops` iterations, the slot of the cross-layer
+        method's parameters: the same index, except that the coda keeps the slots it has at
+        max_loops iterations."""
+        n = self.layout(loops).n_positions
+        coda_start = n - self.cfg.n_coda
+        shift = (self.max_loops - loops) * self.cfg.n_layers
+        return [p if p < coda_start else p + shift for p in range(n)]
+
+    def supports_loops(self, loops: int) -> bool:
+        if not self.cfg.share_weights:
+            return loops == self.loop
+        return loops >= 1 and (not self.cross_layer.per_position or loops <= self.max_loops)
+
     def _check_loops(self, loops: Optional[int]) -> int:
         loops = self.loop if loops is None else loops
         if loops < 1:
             raise ShapeError(f"loops must be >= 1, got {loops}")
+        if self.cross_layer.per_position and loops > self.max_loops:
+            raise ShapeError(f"cross_layer.method={self.cfg.cross_layer.method} has parameters "
+                             f"per depth position for up to {self.max_loops} iterations; cannot "
+                             f"run loops={loops} (train with model.cross_layer.max_loops)")
         if not self.cfg.share_weights and loops != self.loop:
             raise ShapeError(f"an unrolled model (share_weights=false) has exactly {self.loop} "
                              f"copies of its core; cannot run loops={loops}")
@@ -156,6 +180,9 @@ class LoopedLM(nn.Module):
         if start + t > self.cfg.max_seq_len:
             raise ShapeError(f"sequence of {start + t} tokens exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}")
+        if exit is not None and type(self.cross_layer) is not CrossLayer:
+            raise ConfigError(f"adaptive exit freezes the plain residual state; "
+                              f"cross_layer.method={self.cfg.cross_layer.method} keeps other state")
         if cache is not None:
             cache.begin(t, layout.n_positions, b)
         run = _PositionRunner(self, cache if cache is not None else ActivationStore(), loops,
@@ -164,21 +191,29 @@ class LoopedLM(nn.Module):
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(start, start + t, device=input_ids.device))
+        stream = run.stream = self.cross_layer.start(x)
         for block in self.prelude:
-            x = run(block, x)
-        x, iterations, states, gate_logits = self._run_core(run, x, loops, exit, grad_loops,
-                                                            return_states)
+            run(block)
+        iterations, states, gate_logits = self._run_core(run, loops, exit, grad_loops,
+                                                         return_states)
         for block in self.coda:
-            x = run(block, x)
+            run(block)
         if cache is not None:
             cache.commit()
-        return LMOutput(self.head(x), layout,
+        return LMOutput(self.head(self.cross_layer.read(stream)), layout,
                         run.depth_weights if return_depth_weights else None,
                         run.attn_weights if return_attn_weights else None,
                         iterations, states if return_states else None, gate_logits)
 
-    def _run_core(self, run: "_PositionRunner", e: torch.Tensor, loops: int,
-                  exit: Optional[ExitCriterion], grad_loops: Optional[int], return_states: bool):
+    def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        if r == 0 and self.cfg.init_state == "zeros" and self.cfg.injection == "add":
+            return e  # zeros + e, exactly; the same tensor tells methods nothing changed
+        return self._inject(state, e)
+
+    def _run_core(self, run: "_PositionRunner", loops: int, exit: Optional[ExitCriterion],
+                  grad_loops: Optional[int], return_states: bool):
+        method, stream = self.cross_layer, run.stream
+        e = method.read(stream)  # the prelude's output, injected into every iteration
         b, t, _ = e.shape
         state = self._initial_state(e)
         done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
@@ -189,12 +224,12 @@ class LoopedLM(nn.Module):
             exit.init()
         for r in range(loops):
             with torch.set_grad_enabled(torch.is_grad_enabled() and r >= no_grad_loops):
-                x = self._inject(state, e)
+                method.set_input(stream, self._core_input(r, state, e))
                 for layer in range(self.cfg.n_layers):
-                    x = run(self.core_block(r, layer), x, frozen=done)
-                if done is not None:
-                    x = torch.where(done.unsqueeze(-1), state, x)
-            prev, state = state, x
+                    run(self.core_block(r, layer), frozen=done)
+                if done is not None:  # exit runs only on the plain residual stream
+                    stream.x = torch.where(done.unsqueeze(-1), state, stream.x)
+            prev, state = state, method.read(stream)
             if return_states:
                 states.append(state)
                 if self.exit_gate is not None:
@@ -210,7 +245,7 @@ class LoopedLM(nn.Module):
                 run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
                 break
         gate_logits = torch.stack(gates) if gates else None
-        return state, iterations, states, gate_logits
+        return iterations, states, gate_logits
 
     def gate_logit(self, state: torch.Tensor) -> torch.Tensor:
         """Halting logit of the exit gate for a state (B, T, d) -> (B, T)."""
@@ -262,26 +297,28 @@ class _PositionRunner:
         self.model, self.store, self.loops = model, store, loops
         self.layout = model.layout(loops)
         self.sources = model.depth_sources(loops)
+        self.slots = model.position_slots(loops)
+        self.method = model.cross_layer
+        self.stream = None  # the cross-layer method's state of this forward pass
         self.raw = model.cfg.depth_attention.mix == "raw"
         self.want_depth, self.want_attn = want_depth, want_attn
         self.depth_weights: dict[int, DepthWeights] = {}
         self.attn_weights: dict[int, torch.Tensor] = {}
         self.p = 0  # the next depth position
 
-    def __call__(self, block: Block, x: torch.Tensor,
-                 frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
-        p = self.p
+    def __call__(self, block: Block, frozen: Optional[torch.Tensor] = None) -> None:
+        p, slot = self.p, self.slots[self.p]
         # an exited token keeps the key and mixed value of the same layer's previous iteration
         frozen_from = p - self.model.cfg.n_layers if frozen is not None else None
         step = DepthStep(p, self.sources[p], self.store, self.raw, self.want_depth,
-                         self.want_attn, frozen=frozen, frozen_from=frozen_from)
-        x = block(x, self.model.rope, step)
+                         self.want_attn, frozen=frozen, frozen_from=frozen_from,
+                         value_hook=self.method.value_hook(self.stream, slot))
+        self.method.apply(self.stream, slot, LayerCall(block, self.model.rope, step))
         if step.depth_weights is not None:
             self.depth_weights[p] = step.depth_weights
         if step.attn_weights is not None:
             self.attn_weights[p] = step.attn_weights
         self.p += 1
-        return x
 
     def skip_core_iterations(self, last: int, loops: int) -> None:
         """All tokens exited after iteration `last`: later iterations' positions get copies."""

@@ -1,0 +1,95 @@
+"""The interface every cross-layer method implements, and the plain residual stream it replaces.
+
+A cross-layer method decides how hidden states travel between depth positions (layer
+applications in the unrolled order: prelude, core x R, coda). The model hands it each layer as a
+`LayerCall` and never touches the hidden state itself:
+
+    stream = method.start(x0)               # x0: the embedding output (B, T, d)
+    method.apply(stream, slot, layer)       # once per depth position, in order
+    method.set_input(stream, x)             # the loop's input injection: "the current input is x"
+    h = method.read(stream)                 # the current hidden state (B, T, d)
+
+Parameters that belong to a depth position are indexed by its *slot*: the position in the layout
+of the model's own `loop` (or `cross_layer.max_loops`). A run with fewer iterations uses the
+slots of the iterations it runs, and the coda keeps its own slots.
+
+Every method works per token, so cached decoding needs nothing but the KV cache; what a method
+holds per token while a forward pass runs is its `extra_state_vectors` (see looped.flops).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+
+class LayerCall:
+    """One layer application: the whole block (x + attention + MLP) or only its residual branch
+    (attention + MLP, for methods that do their own accumulation)."""
+
+    def __init__(self, block, rope, step):
+        self.block, self.rope, self.step = block, rope, step
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x, self.rope, self.step)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.branch(x, self.rope, self.step)
+
+
+class CrossLayer(nn.Module):
+    """Base class. Subclasses override the hooks they change; the defaults are a plain residual
+    stream, so `CrossLayer` itself is the vanilla model (method `none`)."""
+
+    # True when parameters exist per depth position: runs are limited to max_loops iterations
+    per_position = False
+
+    def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):
+        super().__init__()
+        self.cfg, self.d_model, self.n_slots, self.kv_dim = cfg, d_model, n_slots, kv_dim
+
+    @classmethod
+    def has_position_params(cls, cfg) -> bool:
+        """Whether the method built from cfg has parameters per depth position."""
+        return cls.per_position
+
+    def reset_parameters(self) -> None:
+        """The method's own initialisation (the model's std-0.02 init skips these parameters)."""
+
+    # -- the forward pass --------------------------------------------------------------------
+
+    def start(self, x0: torch.Tensor):
+        return _Residual(x0)
+
+    def apply(self, stream, slot: int, layer: LayerCall) -> None:
+        stream.x = layer(stream.x)
+
+    def read(self, stream) -> torch.Tensor:
+        return stream.x
+
+    def set_input(self, stream, x: torch.Tensor) -> None:
+        stream.x = x
+
+    def value_hook(self, stream, slot: int) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """A function applied to the layer's value (B, Hkv, T, D) before Depth-Attention."""
+        return None
+
+    # -- accounting (looped.flops) -----------------------------------------------------------
+
+    def extra_flops_per_token(self) -> float:
+        """Arithmetic FLOPs per token the method adds to a vanilla forward pass."""
+        return 0.0
+
+    def extra_state_per_token(self) -> float:
+        """Elements per token held during decoding beyond a vanilla model (its one residual
+        vector) and the KV cache: what the method must keep while a token goes through depth."""
+        return 0.0
+
+
+class _Residual:
+    __slots__ = ("x",)
+
+    def __init__(self, x: torch.Tensor):
+        self.x = x
