@@ -180,6 +180,21 @@ def depth_mix(q: torch.Tensor, k_src: Sequence[torch.Tensor] | torch.Tensor,
     return v_mix, alpha
 
 
+SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the usual estimate)
+
+
+def depth_mix_flops(n_sources: int, n_heads: int, n_kv_heads: int, head_dim: int) -> int:
+    """Arithmetic FLOPs per token of `depth_mix` at a position with n_sources earlier sources
+    (0 when it has none: the layer is then exactly vanilla and runs no depth mixing)."""
+    if n_sources == 0:
+        return 0
+    n = n_sources + 1
+    return (n_heads * head_dim  # q_bar: the group sum (the scale rides on it)
+            + 2 * n * n_kv_heads * head_dim  # scores
+            + SOFTMAX_FLOPS * n * n_kv_heads
+            + 2 * n * n_kv_heads * head_dim)  # the weighted sum of values
+
+
 def _softmax(scores: torch.Tensor, dim: int) -> torch.Tensor:
     """Softmax in at least fp32 (bf16 scores would round the weights), back in the input dtype."""
     if scores.dtype in (torch.float32, torch.float64):

@@ -1,0 +1,101 @@
+"""Paper-scale presets (built on the meta device) and the accounting of `python -m looped.flops`:
+parameter counts from a closed formula, forward FLOPs equal to torch's FlopCounterMode on real
+tiny models, the methods' extra parameters equal to the built models', and the paper's claim
+that Depth-Attention adds under 0.01% FLOPs at 1.5B and 3B."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from looped import build_model, load_config
+from looped.flops import account
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# preset -> (nominal size, n_layers, d_model, n_heads, n_kv_heads, ffn_dim)
+PRESETS = {
+    "360m": (360e6, 32, 960, 15, 5, 2560),
+    "1.5b": (1.5e9, 48, 1536, 24, 6, 5184),
+    "3b": (3.0e9, 48, 2048, 32, 8, 6912),
+}
+VOCAB, HEAD_DIM = 50304, 64
+
+
+def paper_cfg(preset: str, *extra: str):
+    return load_config([f"model={preset}", "loop=1", "train.loops.sampler=fixed", *extra])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_presets_build_on_meta_with_their_parameter_count(preset):
+    nominal, layers, d, h, h_kv, ffn = PRESETS[preset]
+    with torch.device("meta"):
+        model = build_model(paper_cfg(preset))
+    per_layer = (d * h * HEAD_DIM * 2 + d * h_kv * HEAD_DIM * 2  # q, o; k, v
+                 + 3 * d * ffn  # SwiGLU
+                 + 2 * HEAD_DIM + 2 * d)  # QK-norms, the two block norms
+    expected = VOCAB * d + layers * per_layer + d  # tied embedding, final norm
+    got = sum(p.numel() for p in model.parameters())
+    assert got == expected
+    assert abs(got / nominal - 1) < 0.15  # 2.65B for "3B" (tied), 363M, 1.51B
+    assert model.cfg.depth_attention.stride == layers // 2
+
+
+@pytest.mark.parametrize("extra", [
+    ["loop=1", "model.n_layers=3"],
+    ["loop=3", "model.n_layers=2", "model.n_prelude=1", "model.n_coda=1",
+     "model.injection=concat", "model.init_state=embed"],
+])
+def test_forward_flops_equal_the_flop_counter(extra):
+    """Eager attention is matmuls the counter sees, so the counts must agree exactly."""
+    cfg = load_config(extra + ["train.loops.sampler=fixed", "model.kernel=eager",
+                               "model.depth_attention.enabled=false"])
+    model = build_model(cfg).eval()
+    t = 48
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.randint(0, cfg.model.vocab_size, (1, t)))
+    assert account(cfg, context=t, bytes_per=2).forward_flops * t == counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset", ["1.5b", "3b"])
+def test_depth_attention_adds_under_a_hundredth_of_a_percent(preset):
+    a = account(paper_cfg(preset), context=2048, bytes_per=2)
+    assert 0 < a.depth_attention.flops < 1e-4 * a.forward_flops
+    assert a.depth_attention.params == 0 and a.depth_attention.state_bytes == 0
+
+
+def test_method_rows_match_built_models():
+    """Extra parameters in the table equal those of the model built with the method; the
+    state rows follow the documented sizes."""
+    cfg = paper_cfg("360m")
+    a = account(cfg, context=2048, bytes_per=2)
+    with torch.device("meta"):
+        vanilla = sum(p.numel() for p in build_model(cfg).parameters())
+    rows = {m.name: m for m in a.methods}
+    d, s = 960, 32
+    for name in ("denseformer", "attn_res", "mhc", "hyper_connections"):
+        with torch.device("meta"):
+            model = build_model(paper_cfg("360m", f"model.cross_layer.method={name}"))
+        assert sum(p.numel() for p in model.parameters()) - vanilla == rows[name].params, name
+    assert rows["mhc"].state_bytes == 3 * d * 2  # 4 streams: 3 more vectors of d, bf16
+    assert rows["denseformer"].state_bytes == (s + 1) * d * 2  # embedding + every output
+    assert rows["value_residual"].state_bytes == 0  # V_1 is the cache's position-0 value
+    assert a.kv_bytes == 2 * s * 5 * HEAD_DIM * 2
+
+
+def test_cli_prints_the_table():
+    proc = subprocess.run([sys.executable, "-m", "looped.flops", "model=3b"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    for row in ("depth_attention", "denseformer", "value_residual", "attn_res", "mhc",
+                "hyper_connections", "KV cache"):
+        assert row in proc.stdout
+    bad = subprocess.run([sys.executable, "-m", "looped.flops", "context=many"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
+    assert "context must be an integer" in bad.stderr
