@@ -341,6 +341,9 @@ def validate(cfg: DictConfig) -> None:
     _require(c.max_loops == 0 or c.max_loops >= cfg.loop,
              f"model.cross_layer.max_loops must be 0 (= loop) or >= loop={cfg.loop}, "
              f"got {c.max_loops}")
+    _require(m.share_weights or c.max_loops in (0, cfg.loop),
+             f"an unrolled model (share_weights=false) runs exactly loop={cfg.loop} iterations; "
+             f"model.cross_layer.max_loops must be 0 or {cfg.loop}")
     for name in ("dilation", "period", "sinkhorn_iters"):
         _require(c[name] >= 1, f"model.cross_layer.{name} must be >= 1, got {c[name]}")
     _require(c.block_size >= 0, f"model.cross_layer.block_size must be >= 0, got {c.block_size}")

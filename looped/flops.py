@@ -87,6 +87,7 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
         mcfg = CrossLayerConfig(method=name, **extra)
         with torch.device("meta"):
             m = CROSS_LAYER_METHODS[name](mcfg, c.d_model, n_slots, kv_dim)
+        m.injected_before = model.injection_slots()
         label = name + "".join(f" {k}={v}" for k, v in extra.items())
         methods.append(MethodCost(label, sum(p.numel() for p in m.parameters()),
                                   m.extra_flops_per_token(),

@@ -171,7 +171,8 @@ def test_attn_res_matches_its_formula(name):
                 sources = [x0] + [sum(outs[1 + i:1 + i + block]) for i in range(0, done, block)]
                 if done < len(outs) - 1:
                     sources.append(sum(outs[1 + done:]))
-            outs.append(call(attend(sources, w[l]), branch=True))
+            h = attend(sources, w[l - 1]) if l > 0 else x0  # position 0 reads only v_0
+            outs.append(call(h, branch=True))
         if not block:
             final = outs
         else:
@@ -269,11 +270,16 @@ def test_cached_decode_equals_full_forward(name, shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("name", METHODS)
 def test_gradient_reaches_every_parameter(name, shape):
+    """Checked per depth position's slice. Away from init: at init hyper-connections' scales
+    get no gradient until phi moves (phi starts at 0), as in the papers."""
     model = method_model(name, shape, seed=8)
     ids, targets = rand_ids(2, 8, seed=8), rand_ids(2, 8, seed=9)
     F.cross_entropy(model(ids).logits.reshape(-1, VOCAB), targets.reshape(-1)).backward()
     for pname, p in model.named_parameters():
-        assert p.grad is not None and p.grad.abs().max() > 0, pname
+        assert p.grad is not None, pname
+        rows = p.grad.reshape(p.shape[0], -1) if pname.startswith("cross_layer.") and \
+            p.dim() > 1 else p.grad.reshape(1, -1)
+        assert (rows.abs().amax(dim=1) > 0).all(), pname  # every slot's slice is used
 
 
 def expected_extra_params(name: str, s: int, d: int, n_streams: int = 4) -> int:
@@ -287,7 +293,7 @@ def expected_extra_params(name: str, s: int, d: int, n_streams: int = 4) -> int:
     if name == "value_residual_learned":
         return 2 * (s - 1)
     if name.startswith("attn_res"):
-        return d * (s + 1)
+        return d * s
     maps = 2 * n_streams + n_streams ** 2
     return s * (n_streams * d * maps + maps + 3)
 
@@ -310,6 +316,22 @@ def test_position_slots_keep_the_coda_slots():
     model = method_model("attn_res", "looped")  # prelude 1, core 2 x 3, coda 1
     assert model.position_slots(3) == list(range(8))
     assert model.position_slots(2) == [0, 1, 2, 3, 4, 7]
+
+
+def test_fewer_loops_use_the_slots_of_the_iterations_they_run():
+    """At loops=2 of 3 the positions use slots 0-4 and the coda's slot 7: changing the unused
+    slots 5-6 leaves the output alone, changing slot 7 or 4 does not."""
+    model = method_model("denseformer", "looped", seed=10)
+    cl = model.cross_layer
+    ids = rand_ids(2, 8, seed=10)
+    with torch.no_grad():
+        base = model(ids, loops=2).logits
+        for slot, used in ((5, False), (6, False), (7, True), (4, True)):
+            alpha = cl.alpha[cl.alpha_index[slot]]
+            alpha.add_(0.5)
+            changed = max_diff(model(ids, loops=2).logits, base) > 1e-4
+            alpha.sub_(0.5)
+            assert changed == used, slot
 
 
 def test_per_position_methods_run_up_to_max_loops():
@@ -339,6 +361,8 @@ def test_exit_with_a_cross_layer_method_is_refused():
     ([f"{CL}.method=attn_res", "train.loops.sampler=poisson_lognormal"],
      "set model.cross_layer.max_loops=16"),
     ([f"{CL}.max_loops=3"], "max_loops must be 0 (= loop) or >= loop=8"),
+    ([f"{CL}.max_loops=9", "model.share_weights=false", "train.loops.sampler=fixed"],
+     "max_loops must be 0 or 8"),
 ])
 def test_bad_cross_layer_configs(overrides, fragment):
     with pytest.raises(ConfigError) as e:

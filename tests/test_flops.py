@@ -83,7 +83,8 @@ def test_method_rows_match_built_models():
             model = build_model(paper_cfg("360m", f"model.cross_layer.method={name}"))
         assert sum(p.numel() for p in model.parameters()) - vanilla == rows[name].params, name
     assert rows["mhc"].state_bytes == 3 * d * 2  # 4 streams: 3 more vectors of d, bf16
-    assert rows["denseformer"].state_bytes == (s + 1) * d * 2  # embedding + every output
+    assert rows["denseformer"].state_bytes == s * d * 2  # embedding + every output, less one
+    assert rows["attn_res"].state_bytes == s * d * 2
     assert rows["value_residual"].state_bytes == 0  # V_1 is the cache's position-0 value
     assert a.kv_bytes == 2 * s * 5 * HEAD_DIM * 2
 

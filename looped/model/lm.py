@@ -76,6 +76,7 @@ class LoopedLM(nn.Module):
         self.cross_layer: CrossLayer = build_cross_layer(
             cfg.cross_layer, cfg.d_model, self.layout(self.max_loops).n_positions,
             cfg.n_kv_heads * cfg.head_dim)
+        self.cross_layer.injected_before = self.injection_slots()
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -110,6 +111,19 @@ class LoopedLM(nn.Module):
         coda_start = n - self.cfg.n_coda
         shift = (self.max_loops - loops) * self.cfg.n_layers
         return [p if p < coda_start else p + shift for p in range(n)]
+
+    def injection_slots(self) -> frozenset[int]:
+        """Slots (at max_loops iterations) before which the loop's input injection changes the
+        input: every iteration after the first unless injection=none, and the first unless its
+        input is the prelude output itself."""
+        c, first = self.cfg, self.cfg.n_prelude
+        out = set()
+        if not ((c.init_state == "zeros" and c.injection == "add") or
+                (c.init_state == "embed" and c.injection == "none")):
+            out.add(first)
+        if c.injection != "none":
+            out.update(first + r * c.n_layers for r in range(1, self.max_loops))
+        return frozenset(out)
 
     def supports_loops(self, loops: int) -> bool:
         if not self.cfg.share_weights:

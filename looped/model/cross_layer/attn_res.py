@@ -5,22 +5,21 @@ over the outputs of all earlier layers of the same token, instead of their plain
 
 v_0 = the embedding output, v_i = layer i's residual branch (attention + MLP) output. w_l is a
 zero-initialised pseudo-query per depth position (so every h_l starts as the mean of the v_i),
-plus one for the output read by the head. The RMSNorm of the keys has no gain of its own: a gain
-would be redundant with w_l.
+plus one for the output read by the head. The first position has only v_0 to read and no query.
+The RMSNorm of the keys has no gain of its own: a gain would be redundant with w_l.
 
-Block variant (`block_size` k > 0): layers are grouped in blocks of k depth positions; inside a
-block outputs are summed as in a plain residual stream, and the attention runs over the finished
-blocks' sums plus the current block's partial sum (O(S/k) vectors per token instead of O(S)).
+Block variant (`block_size` k > 0): position s belongs to block s // k; inside a block outputs
+are summed as in a plain residual stream, and the attention runs over v_0, the finished blocks'
+sums and the current block's partial sum (O(S/k) vectors per token instead of O(S)).
 
 The loop's input injection adds its increment as one more value (to the partial sum in the block
 variant). There is no identity initialisation: at init the model averages instead of summing.
 
-Extra parameters: d (S + 1).
+Extra parameters: d S.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -28,18 +27,19 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.model.cross_layer.base import CrossLayer, LayerCall
+from looped.model.depth import SOFTMAX_FLOPS
 
-SOFTMAX_FLOPS = 5.0  # exp, max, sum, divide, subtract per score (the usual estimate)
+NORM_FLOPS = 4  # per element of an RMSNorm: square, sum, scale, multiply
 
 
 class _Values:
-    __slots__ = ("values", "keys", "partial", "in_block", "cached")
+    __slots__ = ("values", "keys", "partial", "block", "cached")
 
     def __init__(self, x0: torch.Tensor, eps: float):
         self.values = [x0]  # full: v_0..v_i; block: v_0 and finished block sums
         self.keys = [_norm(x0, eps)]
         self.partial: Optional[torch.Tensor] = None  # block variant: sum of the open block
-        self.in_block = 0
+        self.block: Optional[int] = None  # the open block's index (None: joins the next one)
         self.cached: Optional[torch.Tensor] = None  # the last read(), until the stream changes
 
 
@@ -53,7 +53,8 @@ class AttnRes(CrossLayer):
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int, eps: float = 1e-6):
         super().__init__(cfg, d_model, n_slots, kv_dim)
         self.block_size, self.eps = cfg.block_size, eps
-        self.queries = nn.Parameter(torch.zeros(n_slots + 1, d_model))  # the last: the output
+        # row s - 1: the query of position s >= 1; the last row: the output's
+        self.queries = nn.Parameter(torch.zeros(n_slots, d_model))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,18 +63,25 @@ class AttnRes(CrossLayer):
     def start(self, x0: torch.Tensor) -> _Values:
         return _Values(x0, self.eps)
 
-    def _aggregate(self, s: _Values, query: torch.Tensor) -> torch.Tensor:
+    def _aggregate(self, s: _Values, query: Optional[torch.Tensor]) -> torch.Tensor:
         values, keys = s.values, s.keys
         if s.partial is not None:
             values, keys = values + [s.partial], keys + [_norm(s.partial, self.eps)]
         if len(values) == 1:
             return values[0]  # softmax over one source is 1: no arithmetic
+        if query is None:  # position 0 behind an injection: the mean, as a zero query gives
+            return sum(values) / len(values)
         logits = torch.stack([k @ query for k in keys], dim=-1)  # (B, T, n)
         alpha = logits.float().softmax(-1).to(values[0].dtype)
         h = values[0] * alpha[..., 0:1]
         for i in range(1, len(values)):
             h = h + values[i] * alpha[..., i:i + 1]
         return h
+
+    def _close_block(self, s: _Values) -> None:
+        s.values.append(s.partial)
+        s.keys.append(_norm(s.partial, self.eps))
+        s.partial, s.block = None, None
 
     def _add_value(self, s: _Values, v: torch.Tensor) -> None:
         s.cached = None
@@ -84,14 +92,14 @@ class AttnRes(CrossLayer):
         s.partial = v if s.partial is None else s.partial + v
 
     def apply(self, stream: _Values, slot: int, layer: LayerCall) -> None:
-        h = self._aggregate(stream, self.queries[slot])
+        if self.block_size:
+            block = slot // self.block_size
+            if stream.partial is not None and stream.block not in (None, block):
+                self._close_block(stream)  # the previous block is complete (or skipped into)
+        h = self._aggregate(stream, self.queries[slot - 1] if slot > 0 else None)
         self._add_value(stream, layer.branch(h))
         if self.block_size:
-            stream.in_block += 1
-            if stream.in_block == self.block_size:  # close the block
-                stream.values.append(stream.partial)
-                stream.keys.append(_norm(stream.partial, self.eps))
-                stream.partial, stream.in_block = None, 0
+            stream.block = block
 
     def read(self, stream: _Values) -> torch.Tensor:
         if stream.cached is None:
@@ -104,25 +112,37 @@ class AttnRes(CrossLayer):
 
     # -- accounting --------------------------------------------------------------------------
 
-    def _sources_seen(self) -> list[int]:
-        """How many vectors each of the S + 1 aggregations attends over (no injections)."""
-        if self.block_size == 0:
-            return list(range(1, self.n_slots + 2))
-        k = self.block_size
-        return [1 + i // k + (1 if i % k else 0) for i in range(self.n_slots + 1)]
+    def _aggregation_sizes(self) -> list[int]:
+        """Vectors each of the S + 1 aggregations attends over, at max_loops iterations, with
+        the injections the model makes (`injected_before`)."""
+        sizes, n_values, partial, block = [], 1, False, None
+        for s in range(self.n_slots + 1):
+            if s in self.injected_before:
+                if self.block_size == 0:
+                    n_values += 1
+                else:
+                    partial = True
+            if s == self.n_slots:
+                sizes.append(n_values + partial)
+                break
+            if self.block_size and partial and block not in (None, s // self.block_size):
+                n_values, partial = n_values + 1, False
+            sizes.append(n_values + partial)
+            if self.block_size:
+                partial, block = True, s // self.block_size
+            else:
+                n_values += 1
+        return sizes
 
     def extra_flops_per_token(self) -> float:
         d = self.d_model
-        flops = 0.0
-        for n in self._sources_seen():
-            if n > 1:
-                flops += 4.0 * n * d + SOFTMAX_FLOPS * n  # scores, mix, softmax
-        # one RMSNorm (about 4 FLOPs per element) per stored value; the block variant also
-        # normalises its partial sum at every aggregation inside a block
-        n_keys = self.n_slots + 1 if self.block_size == 0 else (
-            math.ceil(self.n_slots / self.block_size) + self.n_slots)
-        return flops + 4.0 * d * n_keys
+        sizes = self._aggregation_sizes()
+        flops = sum(4.0 * n * d + SOFTMAX_FLOPS * n for n in sizes if n > 1)  # scores, mix
+        # an RMSNorm per stored value; the block variant normalises its partial sum each time
+        n_norms = (len(sizes) + len(self.injected_before) if self.block_size == 0
+                   else sum(1 for n in sizes if n > 1) + max(sizes))
+        return flops + NORM_FLOPS * d * n_norms
 
     def extra_state_per_token(self) -> float:
-        # every value stays until the output aggregation (keys can be recomputed from them)
-        return float(max(self._sources_seen()) * self.d_model)
+        # every value stays until the output's aggregation; a vanilla model holds one vector
+        return float((max(self._aggregation_sizes()) - 1) * self.d_model)

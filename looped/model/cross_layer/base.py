@@ -49,6 +49,9 @@ class CrossLayer(nn.Module):
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):
         super().__init__()
         self.cfg, self.d_model, self.n_slots, self.kv_dim = cfg, d_model, n_slots, kv_dim
+        # slots before which the loop injects an input that changes the stream (set by the
+        # model; only the accounting reads it)
+        self.injected_before: frozenset[int] = frozenset()
 
     @classmethod
     def has_position_params(cls, cfg) -> bool:

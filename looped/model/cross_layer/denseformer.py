@@ -9,6 +9,8 @@ period p the average exists only after blocks with n % p == 0 (elsewhere Y_n = X
 starts as the identity (alpha_{n,n} = 1, the rest 0), where the model is exactly vanilla.
 
 Extra parameters: sum over averaged blocks n of |J(n)|; S(S+3)/2 for dilation = period = 1.
+Extra state: X_j is kept until the last average that reads it, S vectors more than vanilla at
+dilation = period = 1.
 """
 
 from __future__ import annotations
@@ -88,4 +90,5 @@ class DenseFormer(CrossLayer):
                 last_use[j] = s
         live = max((sum(1 for j, last in last_use.items() if j <= s + 1 and last >= s)
                     for s in range(self.n_slots)), default=0)
+        live = max(live - 1, 0)  # a vanilla model holds one vector too
         return float(live * self.d_model)

@@ -1,5 +1,8 @@
-"""Hyper-connections (Zhu et al. 2024): n residual streams X (B, T, n, d) instead of one. At each
-depth position, with x~ = RMSNorm(flatten(X)) and dyn = x~ phi (phi: n d -> n + n + n^2):
+"""Hyper-connections (Zhu et al. 2024): n residual streams X (B, T, n, d) instead of one. The maps
+are parameterised as in mHC (flattened streams, one projection phi) without its constraints, so
+the two differ only in the constraint; Zhu et al.'s own dynamic maps read each stream separately
+(about d (n + 1) parameters per position instead of n d (2n + n^2)). At each depth position, with
+x~ = RMSNorm(flatten(X)) and dyn = x~ phi (phi: n d -> n + n + n^2):
 
     read   h  = sum_m H_pre[m] X_m                      (the layer's input)
     write  X' = H_res X + H_post (x) branch(h)          (branch: attention + MLP of the block)

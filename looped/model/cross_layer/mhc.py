@@ -6,7 +6,8 @@ Sinkhorn-Knopp iterations, so mixing streams can neither amplify nor shrink the 
     H_post = 2 sigmoid(b_post + a_post dyn_post)        (n, in (0, 2))
     H_res  = Sinkhorn(exp(b_res + a_res dyn_res))       (n x n, rows and columns sum to 1)
 
-Initialisation keeps the model exactly vanilla, like hyper-connections: position l reads stream
+Initialisation keeps the model vanilla (up to the rounding of sigmoid(logit(.)), ~1e-7), like
+hyper-connections: position l reads stream
 l mod n with weight 1 - (n - 1) eps and the others with eps (sum 1), writes with weight 1
 (b_post = 0) and mixes with a near-identity doubly stochastic H_res.
 

@@ -62,4 +62,5 @@ class ValueResidual(CrossLayer):
         return lambda v: lam[0] * v + lam[1] * stream.v_first
 
     def extra_flops_per_token(self) -> float:
-        return 3.0 * self.kv_dim * (self.n_slots - 1)
+        per_element = 3.0 if self.lambdas is not None else 2.0  # l1 v + l2 v1, or (v + v1) / 2
+        return per_element * self.kv_dim * (self.n_slots - 1)
