@@ -384,3 +384,12 @@ def test_trains_through_the_cli_with_one_key(method, tmp_path):
          "name=run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "ckpt" / "latest").exists()
+    if method == "denseformer":  # sweeps skip the R its per-position parameters cannot run
+        sweep = subprocess.run(
+            [sys.executable, "-m", "looped.evaluate", f"ckpt={tmp_path / 'run'}", "loops=[1,2,4]",
+             "n_samples=8", f"out={tmp_path / 'sweep'}", "threads=1"], cwd=ROOT,
+            capture_output=True, text=True, timeout=300)
+        assert sweep.returncode == 0, sweep.stderr[-2000:]
+        assert "skipping loops [4]" in sweep.stdout
+        rows = (tmp_path / "sweep" / "loop_sweep.csv").read_text().splitlines()[1:]
+        assert [int(r.split(",")[2]) for r in rows] == [1, 2]
