@@ -19,9 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from looped.config import parse_tool_args
 from looped.errors import ConfigError, cli_main
 from looped.evaluate import EvaluateArgs, evaluate_run
 from looped.model.cross_layer import CROSS_LAYER_METHODS
@@ -59,22 +57,16 @@ def variants() -> dict[str, list[str]]:
 
 
 def parse_args(argv: list[str]) -> CompareArgs:
-    base = OmegaConf.structured(CompareArgs)
-    OmegaConf.set_struct(base, True)
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(argv))
-    except OmegaConfBaseException as e:
-        known = ", ".join(CompareArgs.__dataclass_fields__)
-        raise ConfigError(f"{str(e).splitlines()[0]} (arguments: {known})") from None
-    args: CompareArgs = OmegaConf.to_object(cfg)
+    args: CompareArgs = parse_tool_args(CompareArgs, argv)
     if args.shape not in SHAPES:
         raise ConfigError(f"unknown shape '{args.shape}'; choose one of: {', '.join(SHAPES)}")
     if args.steps < 1 or not args.seeds:
         raise ConfigError("steps must be >= 1 and seeds non-empty")
-    unknown = [m for m in args.methods if m not in variants()]
+    known = variants()
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
         raise ConfigError(f"unknown method(s) {', '.join(unknown)}; choose from: "
-                          f"{', '.join(variants())}")
+                          f"{', '.join(known)}")
     return args
 
 

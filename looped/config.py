@@ -274,6 +274,22 @@ def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return cfg
 
 
+def parse_tool_args(cls: type, items: list[str]):
+    """A command-line tool's `key=value` arguments into an instance of its dataclass `cls`;
+    unknown keys and bad values raise a one-line ConfigError that lists the valid keys."""
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"argument '{item}' is not of the form key=value")
+    base = OmegaConf.structured(cls)
+    OmegaConf.set_struct(base, True)
+    try:
+        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(items)))
+    except OmegaConfBaseException as e:
+        known = ", ".join(cls.__dataclass_fields__)
+        raise ConfigError(f"{_first_line(e)} (arguments: {known})") from None
+    return OmegaConf.to_object(cfg)
+
+
 def _apply_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
     for item in dotlist:
         key = item.split("=", 1)[0]

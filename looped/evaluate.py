@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from looped import build_model
 from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+from looped.config import parse_tool_args
 from looped.data.tasks import build_task
 from looped.errors import ConfigError, cli_main
 from looped.evaluate_tasks import task_accuracy
@@ -42,22 +41,13 @@ class EvaluateArgs:
 
 
 def parse_args(argv: list[str]) -> EvaluateArgs:
-    base = OmegaConf.structured(EvaluateArgs)
-    OmegaConf.set_struct(base, True)
     items = []
     for item in argv:
-        if "=" not in item:
-            raise ConfigError(f"argument '{item}' is not of the form key=value")
-        key, value = item.split("=", 1)
-        if key == "ckpt" and not value.startswith("["):
-            value = f"[{value}]"
-        items.append(f"{key}={value}")
-    try:
-        cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(items))
-    except OmegaConfBaseException as e:
-        known = ", ".join(EvaluateArgs.__dataclass_fields__)
-        raise ConfigError(f"{str(e).splitlines()[0]} (arguments: {known})") from None
-    args: EvaluateArgs = OmegaConf.to_object(cfg)
+        key, eq, value = item.partition("=")
+        if key == "ckpt" and eq and not value.startswith("["):  # one run without brackets
+            item = f"ckpt=[{value}]"
+        items.append(item)
+    args: EvaluateArgs = parse_tool_args(EvaluateArgs, items)
     if not args.ckpt:
         raise ConfigError("give at least one run: ckpt=<run dir>")
     if not args.loops or min(args.loops) < 1:
@@ -78,13 +68,11 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     load_weights(model, ckpt)
     task = build_task(cfg.task, split="eval")
     exit = build_exit(cfg.exit)
-    loops = [r for r in args.loops if model.supports_loops(r)]
+    loops = model.runnable_loops(args.loops)
     if cfg.model.share_weights and len(loops) < len(args.loops):
         print(f"  {run_dir.name}: cross_layer.method={cfg.model.cross_layer.method} runs at most "
               f"{model.max_loops} iterations; skipping loops "
               f"{[r for r in args.loops if r not in loops]}", flush=True)
-    if not cfg.model.share_weights:
-        loops = [cfg.loop]
     results = {}
     for r in loops:
         results[r] = task_accuracy(model, task, r, args.n_samples, args.batch_size, cfg.seed,

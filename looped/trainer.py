@@ -195,11 +195,9 @@ class Trainer:
         if not self.evaluates:
             return {}
         ev = self.cfg.eval
-        # per-position cross-layer parameters limit the loop counts a model can run
-        runnable = ([r for r in loops if self.model.supports_loops(r)]
-                    if self.cfg.model.share_weights else [self.cfg.loop])
         return {r: task_accuracy(self.model, self.eval_task, r, ev.n_samples, ev.batch_size,
-                                 self.cfg.seed, exit=self.exit) for r in runnable}
+                                 self.cfg.seed, exit=self.exit)
+                for r in self.model.runnable_loops(loops)}
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, object]:

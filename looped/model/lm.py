@@ -130,6 +130,13 @@ class LoopedLM(nn.Module):
             return loops == self.loop
         return loops >= 1 and (not self.cross_layer.per_position or loops <= self.max_loops)
 
+    def runnable_loops(self, loops: list[int]) -> list[int]:
+        """The loop counts of `loops` this model can be scored at: an unrolled model only at
+        its own R (whatever the list), per-position cross-layer parameters up to max_loops."""
+        if not self.cfg.share_weights:
+            return [self.loop]
+        return [r for r in loops if self.supports_loops(r)]
+
     def _check_loops(self, loops: Optional[int]) -> int:
         loops = self.loop if loops is None else loops
         if loops < 1:

@@ -43,8 +43,9 @@ class CrossLayer(nn.Module):
     """Base class. Subclasses override the hooks they change; the defaults are a plain residual
     stream, so `CrossLayer` itself is the vanilla model (method `none`)."""
 
-    # True when parameters exist per depth position: runs are limited to max_loops iterations
-    per_position = False
+    # True when the method has parameters per depth position: runs are limited to max_loops
+    # iterations (a method whose answer depends on its config overrides has_position_params)
+    position_params = False
 
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):
         super().__init__()
@@ -56,7 +57,11 @@ class CrossLayer(nn.Module):
     @classmethod
     def has_position_params(cls, cfg) -> bool:
         """Whether the method built from cfg has parameters per depth position."""
-        return cls.per_position
+        return cls.position_params
+
+    @property
+    def per_position(self) -> bool:
+        return self.has_position_params(self.cfg)
 
     def reset_parameters(self) -> None:
         """The method's own initialisation (the model's std-0.02 init skips these parameters)."""

@@ -30,7 +30,7 @@ class _History:
 
 
 class DenseFormer(CrossLayer):
-    per_position = True
+    position_params = True
 
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):
         super().__init__(cfg, d_model, n_slots, kv_dim)

@@ -42,7 +42,7 @@ class _Streams:
 
 
 class HyperConnections(CrossLayer):
-    per_position = True
+    position_params = True
 
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int, eps: float = 1e-6):
         super().__init__(cfg, d_model, n_slots, kv_dim)

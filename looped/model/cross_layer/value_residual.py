@@ -33,7 +33,6 @@ class _ValueStream(_Residual):
 class ValueResidual(CrossLayer):
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):
         super().__init__(cfg, d_model, n_slots, kv_dim)
-        self.per_position = cfg.learnable
         # row s - 1 holds (lambda_1, lambda_2) of depth position s >= 1
         self.lambdas = (nn.Parameter(torch.empty(max(n_slots - 1, 0), 2)) if cfg.learnable
                         else None)
