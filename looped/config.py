@@ -95,6 +95,7 @@ class TrainConfig:
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 20
+    warmup_fraction: Optional[float] = None  # warmup as a fraction of steps; set, it wins
     grad_clip: float = 1.0
     log_every: int = 10
     loops: LoopSamplingConfig = field(default_factory=LoopSamplingConfig)
@@ -159,7 +160,8 @@ class TaskConfig:
 
 @dataclass
 class EvalConfig:
-    loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16])  # loop counts to score
+    # loop counts to score during training; empty: follow `loop` (see default_eval_loops)
+    loops: list[int] = field(default_factory=list)
     n_samples: int = 1024  # held-out sequences per loop count
     batch_size: int = 256
 
@@ -179,6 +181,22 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     exit: ExitConfig = field(default_factory=ExitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def default_eval_loops(loop: int) -> list[int]:
+    """What training scores when eval.loops is empty: a plain decoder (loop=1) at R = 1 only; a
+    looped model at 1..loop (above 8: 1, 2, 3, 4, 6, 8, 12, ... and loop) and past it, at 1.5
+    and 2 times loop."""
+    if loop == 1:
+        return [1]
+    ladder = {k * 2 ** e for k in (2, 3) for e in range(loop.bit_length())}
+    inside = range(1, loop + 1) if loop <= 8 else {1, loop} | {r for r in ladder if r <= loop}
+    return sorted(set(inside) | {loop + loop // 2, 2 * loop})
+
+
+def eval_loops(cfg) -> list[int]:
+    """The loop counts training evaluates: eval.loops, or default_eval_loops(loop)."""
+    return list(cfg.eval.loops) or default_eval_loops(cfg.loop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,6 +397,8 @@ def validate(cfg: DictConfig) -> None:
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _require(t.warmup_fraction is None or 0 <= t.warmup_fraction < 1,
+             f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
     _require(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
     _require(cfg.device in ("auto", "cpu", "cuda"),
@@ -399,8 +419,9 @@ def validate(cfg: DictConfig) -> None:
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.keep_checkpoints >= 1,
              f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
-    _require(len(cfg.eval.loops) > 0 and all(r >= 1 for r in cfg.eval.loops),
-             f"eval.loops must be a non-empty list of counts >= 1, got {list(cfg.eval.loops)}")
+    _require(all(r >= 1 for r in cfg.eval.loops),
+             f"eval.loops must be loop counts >= 1 (or [] to follow loop), got "
+             f"{list(cfg.eval.loops)}")
     _require(cfg.eval.n_samples >= 1 and cfg.eval.batch_size >= 1,
              "eval.n_samples and eval.batch_size must be >= 1")
     e = cfg.exit

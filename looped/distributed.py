@@ -179,7 +179,7 @@ def to_float(value) -> float:
 
 # -- checkpoints -------------------------------------------------------------------------------
 # A checkpoint always holds the full, unsharded model and the optimizer state in the format of
-# `torch.optim.Optimizer.state_dict()` (parameters numbered in model.parameters() order), so
+# `torch.optim.Optimizer.state_dict()` (parameters numbered group by group), so
 # runs resume under any parallelism. Under FSDP these are gathered on rank 0 (a collective: all
 # ranks call it) and the other ranks get empty dicts.
 
@@ -198,6 +198,12 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=_options(cpu_offload=True))
 
 
+def _names_in_optimizer_order(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """Parameter names in the order Optimizer.state_dict() numbers them: group by group."""
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    return [name_of[id(p)] for group in opt.param_groups for p in group["params"]]
+
+
 def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
     if not is_fsdp(model):
         return opt.state_dict()
@@ -206,7 +212,7 @@ def full_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer) -> dict[s
     by_name = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
     if not by_name:  # ranks other than 0
         return {}
-    index = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    index = {name: i for i, name in enumerate(_names_in_optimizer_order(model, opt))}
     return {"state": {index[k]: v for k, v in by_name["state"].items()},
             "param_groups": [{**g, "params": [index[k] for k in g["params"]]}
                              for g in by_name["param_groups"]]}
@@ -220,7 +226,7 @@ def load_optimizer_state(model: nn.Module, opt: torch.optim.Optimizer,
         return
     from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    names = [name for name, _ in model.named_parameters()]
+    names = _names_in_optimizer_order(model, opt)
     by_name = {"state": {names[i]: v for i, v in state["state"].items()},
                "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
                                 for g in state["param_groups"]]}

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from looped.config import load_config
+from looped.config import eval_loops, load_config
 from looped.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
 from looped.errors import EXIT_BAD_INPUT, ConfigError, LoopedError, cli_main
 from looped.plots import plot_metric_vs_loops
@@ -83,7 +83,7 @@ def run(argv: list[str], env: DistEnv) -> int:
     with writer:
         results = trainer.fit(writer, log=lambda s: say(s, flush=True))
     if not results:  # resumed at the end: nothing trained, still report
-        results = trainer.evaluate(list(cfg.eval.loops))
+        results = trainer.evaluate(eval_loops(cfg))
     if not main_rank:
         return 0
     plot = plot_metric_vs_loops({name: {r: v["accuracy"] for r, v in results.items()}},

@@ -19,8 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from looped import build_model
-from looped.checkpoint import (load_state, load_weights, resolve_checkpoint, save_checkpoint,
-                               save_run_config)
+from looped.checkpoint import (CheckpointError, load_state, load_weights, resolve_checkpoint,
+                               save_checkpoint, save_run_config)
+from looped.config import eval_loops
 from looped.data.tasks import IGNORE, build_task
 from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier, check_parallel,
                                 full_model_state, full_optimizer_state, is_fsdp,
@@ -32,18 +33,12 @@ from looped.loop_sampling import sample_loops, step_generator
 from looped.losses import compute_loss
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
+from looped.optim import build_optimizer, lr_at
 
 DATA_STREAM = 7919
+METRICS_FILE = "metrics.jsonl"
+DIAGNOSTIC_ROWS = 64  # held-out rows the depth-weight diagnostics read at each evaluation
 NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # tests set it to poison one step's loss  # keeps the data's per-step seeds apart from the loop sampler's
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    t = cfg.train
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
-    return t.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
 def pick_device(name: str, env: DistEnv) -> torch.device:
@@ -95,8 +90,7 @@ class Trainer:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" else contextlib.nullcontext())
         self.fsdp = is_fsdp(self.model)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr,
-                                     weight_decay=cfg.train.weight_decay, betas=(0.9, 0.95))
+        self.opt = build_optimizer(self.model, cfg.train)  # decay on weight matrices only
         self.exit = build_exit(cfg.exit)
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
@@ -137,6 +131,12 @@ class Trainer:
         ckpt = resolve_checkpoint(path or self.run_dir)
         load_weights(FullStateView(self.model) if self.fsdp else self.model, ckpt)
         state = load_state(ckpt)
+        saved_groups = len(state["optimizer"].get("param_groups", ()))
+        if saved_groups != len(self.opt.param_groups):
+            raise CheckpointError(
+                f"{ckpt}: its optimizer state has {saved_groups} parameter group(s), this "
+                f"version's recipe has {len(self.opt.param_groups)} (weight decay on weight "
+                f"matrices only); it was written by an older looped: start a new run")
         load_optimizer_state(self.model, self.opt, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
@@ -147,7 +147,7 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, step = self.cfg, self.step
         for group in self.opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg.train)
         # every rank draws the whole global batch and keeps its own rows
         batch = self.task.sample(cfg.train.batch_size,
                                  step_generator(cfg.seed + DATA_STREAM, step))
@@ -184,7 +184,7 @@ class Trainer:
         else:
             self.opt.step()
         self.step += 1
-        row = {"step": self.step, "loss": value, "loops": loops, "lr": lr_at(step, cfg),
+        row = {"step": self.step, "loss": value, "loops": loops, "lr": lr_at(step, cfg.train),
                "grad_norm": grad_norm, "tokens": batch.inputs.numel(), "skipped": self.skipped}
         self.history.append({k: row[k] for k in ("step", "loss", "loops")})
         return row
@@ -201,17 +201,31 @@ class Trainer:
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, object]:
-        """Depth-attention entropy per position and the per-iteration residual on one batch."""
+        """On one held-out batch, per depth position with earlier sources: the depth
+        attention's entropy (nats) and the mean weight a position puts on its own value (1 would
+        be vanilla: Depth-Attention collapsed); and the per-iteration residual."""
         self.model.eval()
-        batch = self.eval_task.sample(64, torch.Generator().manual_seed(self.cfg.seed))
+        batch = self.eval_task.sample(DIAGNOSTIC_ROWS, torch.Generator().manual_seed(self.cfg.seed))
         out = self.model(batch.inputs.to(self.device), return_states=True,
                          return_depth_weights=True)
         self.model.train()
-        entropy = {p: float(-(w.weights * w.weights.clamp_min(1e-12).log()).sum(-1).mean())
-                   for p, w in out.depth_weights.items() if w.weights.shape[-1] > 1}
+        mixing = {p: w.weights for p, w in out.depth_weights.items() if w.weights.shape[-1] > 1}
+        entropy = {p: float(-(w * w.clamp_min(1e-12).log()).sum(-1).mean())
+                   for p, w in mixing.items()}
+        self_weight = {p: float(w[..., -1].mean()) for p, w in mixing.items()}  # self is last
         residual = [float(relative_change(b, a).mean())
                     for a, b in zip(out.states[:-1], out.states[1:])]
-        return {"depth_entropy": entropy, "residual": residual}
+        return {"depth_entropy": entropy, "depth_self_weight": self_weight, "residual": residual}
+
+    def _append_metrics(self, results, diag) -> None:
+        """One JSON line per evaluation in <run>/metrics.jsonl: the learning curves a study
+        reads. A resumed run may repeat a step; readers keep the last line of each step."""
+        row = {"step": self.step, "train_loss": self.history[-1]["loss"] if self.history else None,
+               "eval": {str(r): res for r, res in results.items()},
+               "depth_entropy": {str(p): h for p, h in diag["depth_entropy"].items()},
+               "depth_self_weight": {str(p): w for p, w in diag["depth_self_weight"].items()}}
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -235,7 +249,7 @@ class Trainer:
                     f"lr {row['lr']:.2e}  {tok_s:.0f} tok/s"
                     + (f"  skipped {self.skipped}" if self.skipped else ""))
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
-                results = self.evaluate(list(cfg.eval.loops))
+                results = self.evaluate(eval_loops(cfg))
                 if self.evaluates:
                     self._log_eval(writer, results, log)
                 self.last_checkpoint = self.save() or self.last_checkpoint
@@ -250,6 +264,9 @@ class Trainer:
         diag = self.diagnostics()
         for p, h in diag["depth_entropy"].items():
             writer.add_scalar(f"depth_entropy/pos{p:03d}", h, self.step)
+        for p, w in diag["depth_self_weight"].items():
+            writer.add_scalar(f"depth_self_weight/pos{p:03d}", w, self.step)
+        self._append_metrics(results, diag)
         for r, res in enumerate(diag["residual"], start=2):
             writer.add_scalar(f"residual/iter{r:02d}", res, self.step)
         if self.exit is not None:
