@@ -227,7 +227,7 @@ def _unknown_key_message(cfg: DictConfig, key: str) -> str:
     return f"unknown config key '{key}'{hint}"
 
 
-def _load_yaml(path: Path) -> DictConfig:
+def load_yaml(path: Path) -> DictConfig:
     try:
         node = OmegaConf.load(path)
     except Exception as e:  # yaml errors carry multi-line context; keep the first line
@@ -244,10 +244,10 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"{source}: {_unknown_key_message(cfg, key)}") from None
     except ValidationError as e:
-        raise ConfigError(f"{source}: {_first_line(e)}") from None
+        raise ConfigError(f"{source}: {first_line(e)}") from None
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
 
 
@@ -256,7 +256,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     cfg = OmegaConf.structured(Config)
     defaults = CONFIG_DIR / "defaults.yaml"
     if defaults.is_file():
-        cfg = _merge(cfg, _load_yaml(defaults), str(defaults))
+        cfg = _merge(cfg, load_yaml(defaults), str(defaults))
     groups = set(_preset_groups())
     dotlist = []
     for item in overrides:
@@ -268,7 +268,7 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
                 raise ConfigError(
                     f"unknown {key} preset '{value}'; choose one of: {', '.join(_presets(key))}"
                 )
-            preset = _load_yaml(CONFIG_DIR / key / f"{value}.yaml")
+            preset = load_yaml(CONFIG_DIR / key / f"{value}.yaml")
             cfg = _merge(cfg, OmegaConf.create({key: preset}), f"preset {key}={value}")
         else:
             dotlist.append(item)
@@ -282,7 +282,7 @@ def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     """A saved, resolved config (a run's config.yaml) with dotlist overrides, validated."""
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
-    cfg = _merge(OmegaConf.structured(Config), _load_yaml(Path(path)), str(path))
+    cfg = _merge(OmegaConf.structured(Config), load_yaml(Path(path)), str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
@@ -304,7 +304,7 @@ def parse_tool_args(cls: type, items: list[str]):
         cfg = OmegaConf.merge(base, OmegaConf.from_dotlist(list(items)))
     except OmegaConfBaseException as e:
         known = ", ".join(cls.__dataclass_fields__)
-        raise ConfigError(f"{_first_line(e)} (arguments: {known})") from None
+        raise ConfigError(f"{first_line(e)} (arguments: {known})") from None
     return OmegaConf.to_object(cfg)
 
 
@@ -316,7 +316,7 @@ def _apply_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:
-            raise ConfigError(f"bad value in '{item}': {_first_line(e)}") from None
+            raise ConfigError(f"bad value in '{item}': {first_line(e)}") from None
     return cfg
 
 

@@ -37,3 +37,31 @@ def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_bands(series: dict[str, dict[int, list[float]]], path: Path, *, xlabel: str,
+               ylabel: str, title: str = "", log2_x: bool = False) -> Path:
+    """One line per series: the mean over its values at each x, with a min–max band."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, points in series.items():
+        xs = sorted(points)
+        mean = [sum(points[x]) / len(points[x]) for x in xs]
+        line, = ax.plot(xs, mean, marker="o", markersize=3, label=label)
+        if any(len(points[x]) > 1 for x in xs):
+            ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs],
+                            color=line.get_color(), alpha=0.2, linewidth=0)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({x for p in series.values() for x in p}))
+        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.xaxis.set_minor_locator(ticker.NullLocator())
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,77 @@
+"""`python -m looped.study configs/study/NAME.yaml [key=value ...]`: run a study, then aggregate.
+
+Finished runs are skipped, interrupted ones resume from their checkpoints, failed ones are tried
+again; a failing run is reported and the others go on. Exit code 0 when every run finished, 1
+when some failed (their errors are listed), 2 for a bad study file or argument.
+
+    python -m looped.study configs/study/text_plain.yaml                 # all of it
+    python -m looped.study configs/study/text_plain.yaml jobs=1 seeds=[0] # a part
+    python -m looped.study configs/study/text_plain.yaml dry_run=true     # what is done, what not
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+
+from looped.errors import cli_main
+from looped.study.aggregate import write_all
+from looped.study.launchers import launch
+from looped.study.runner import RunStatus, run_state
+from looped.study.spec import check_run_config, expand, jobs_for, load_study
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+        print(__doc__.strip())
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    path, overrides = argv[0], argv[1:]
+    spec = load_study(path, overrides)
+    runs = expand(spec)
+    command = shlex.join(["python", "-m", "looped.study", path, *overrides])
+    failed: dict[str, str] = {}
+    todo = []
+    for run in runs:
+        problem = check_run_config(run)
+        if problem:  # a bad variant fails alone, before anything is spent on it
+            failed[f"{run.label}/seed{run.seed}"] = problem
+        elif run_state(run) != "finished":
+            todo.append(run)
+    states = [run_state(r) for r in todo]
+    print(f"study {spec.name}: {len(runs)} runs ({len(runs) - len(todo) - len(failed)} finished,"
+          f" {states.count('interrupted')} to resume, {len(todo) - states.count('interrupted')} "
+          f"to start, {len(failed)} with a bad config); runs under {spec.out}", flush=True)
+    for key, problem in failed.items():
+        print(f"  FAILED {key}: {problem}", flush=True)
+    if spec.dry_run:
+        for run, state in zip(todo, states):
+            print(f"  {state:12s} {run.label}/seed{run.seed}")
+        return 0
+    if todo:
+        print(f"launcher {spec.launcher}: {jobs_for(spec) if spec.launcher == 'local' else '-'} "
+              f"at a time, {spec.threads} thread(s) each", flush=True)
+    t0 = time.perf_counter()
+
+    def report(status: RunStatus) -> None:
+        key = f"{status.run.label}/seed{status.run.seed}"
+        if status.state == "failed":
+            failed[key] = status.error or "unknown error"
+            print(f"  FAILED {key}: {status.error}", flush=True)
+        else:
+            res = status.result["eval"].get(str(status.result["trained_loop"]), {})
+            value = res.get(spec.metric)
+            shown = f"{spec.metric} {value:.4f}" if value is not None else ""
+            print(f"  done   {key}{' (resumed)' if status.resumed else ''}: {shown} "
+                  f"({status.result['train_seconds']:.0f} s training)", flush=True)
+
+    launch(todo, spec, report)
+    out = write_all(runs, spec, command, failed)
+    print(f"\n{(out / 'summary.md').read_text()}")
+    print(f"study {spec.name}: {len(runs) - len(failed)} of {len(runs)} runs finished in "
+          f"{time.perf_counter() - t0:.0f} s this time; results in {out}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    cli_main(main, sys.argv[1:])

@@ -1,0 +1,253 @@
+"""A study's results from its run directories: CSVs, a markdown report and figures.
+
+Written to the study's `results` directory:
+    runs.csv      one row per (run, R): every metric, the training wall time
+    summary.csv   per (grid point, variant, R, metric): n, mean, std, min, max, 95% interval
+    paired.csv    per (grid point, variant, R): value - reference over shared seeds, 95% interval
+    curves.csv    the learning curves: each run's held-out metric at its trained R by step
+    summary.md    the tables the README quotes
+    <grid point>metric_vs_R.png, <grid point>curves.png
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from looped.plots import plot_bands
+from looped.study.runner import RESULT
+from looped.study.spec import METRICS, RunSpec, StudySpec
+from looped.study.stats import Spread, paired_difference, spread
+
+METRICS_FILE = "metrics.jsonl"
+TRAINED = "trained"  # the R column that means "each run at the R it was trained with"
+
+
+def _num(x) -> float:
+    return float(x) if x not in (None, "") else math.nan
+
+
+def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict]]:
+    """(rows: one per finished run and evaluated R, curves: one per run, step)."""
+    rows, curves = [], []
+    for run in runs:
+        d = Path(run.run_dir)
+        if not (d / RESULT).is_file():
+            continue
+        result = json.loads((d / RESULT).read_text())
+        base = {"grid": run.grid_label, "variant": run.variant, "seed": run.seed,
+                "trained_loop": result["trained_loop"]}
+        for r, metrics in result["eval"].items():
+            rows.append({**base, "R": int(r), **{m: _num(metrics.get(m)) for m in METRICS},
+                         "iterations": _num(metrics.get("iterations")),
+                         "train_seconds": result["train_seconds"],
+                         "resumed": result["resumed"]})
+        curves.extend(_curve(d / METRICS_FILE, base))
+    return rows, curves
+
+
+def _curve(path: Path, base: dict) -> list[dict]:
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_step[row["step"]] = row  # a resumed run may repeat a step: keep the last
+    out = []
+    for step, row in sorted(by_step.items()):
+        metrics = row["eval"].get(str(base["trained_loop"]))
+        if metrics is not None:
+            self_w = list(row.get("depth_self_weight", {}).values())
+            out.append({**base, "step": step, **{m: _num(metrics.get(m)) for m in METRICS},
+                        "train_loss": _num(row.get("train_loss")),
+                        "mean_self_weight": (sum(self_w) / len(self_w)) if self_w else math.nan})
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        path.write_text("")
+        return
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        for row in rows:
+            w.writerow({k: (f"{v:.10g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _by(rows: list[dict], metric: str, *keys: str) -> dict[tuple, dict[int, float]]:
+    """(key values) -> {seed: metric}, skipping missing values."""
+    out: dict[tuple, dict[int, float]] = defaultdict(dict)
+    for row in rows:
+        if not math.isnan(row[metric]):
+            out[tuple(row[k] for k in keys)][row["seed"]] = row[metric]
+    return out
+
+
+def _with_trained(rows: list[dict]) -> list[dict]:
+    """rows plus a copy of each run's row at its trained R, under R = TRAINED."""
+    return rows + [{**r, "R": TRAINED} for r in rows if r["R"] == r["trained_loop"]]
+
+
+def summarise(rows: list[dict], spec: StudySpec) -> list[dict]:
+    out = []
+    for metric in METRICS:
+        for (grid, variant, R), vals in _by(rows, metric, "grid", "variant", "R").items():
+            s = spread(list(vals.values()))
+            out.append({"grid": grid, "variant": variant, "R": R, "metric": metric,
+                        **_spread_cols(s)})
+    return out
+
+
+def paired(rows: list[dict], spec: StudySpec) -> list[dict]:
+    out = []
+    for metric in METRICS:
+        table = _by(_with_trained(rows), metric, "grid", "variant", "R")
+        for (grid, variant, R), vals in table.items():
+            ref = table.get((grid, spec.reference, R))
+            if variant == spec.reference or not ref or not set(vals) & set(ref):
+                continue
+            s = paired_difference(vals, ref)
+            ref_mean = sum(ref.values()) / len(ref)
+            out.append({"grid": grid, "variant": variant, "reference": spec.reference, "R": R,
+                        "metric": metric, **_spread_cols(s),
+                        "relative": s.mean / ref_mean if ref_mean else math.nan})
+    return out
+
+
+def _spread_cols(s: Spread) -> dict:
+    return {"n": s.n, "mean": s.mean, "std": s.std, "min": s.min, "max": s.max,
+            "ci95_low": s.ci_low, "ci95_high": s.ci_high}
+
+
+# -- markdown ----------------------------------------------------------------------------------
+
+
+def _fmt(x: float, digits: int = 3) -> str:
+    return "—" if math.isnan(x) else f"{x:.{digits}f}"
+
+
+def _cell(s: Spread) -> str:
+    if s.n == 1:
+        return f"{_fmt(s.mean)} (1 seed)"
+    return f"{_fmt(s.mean)} ± {_fmt(s.std)} ({_fmt(s.min)}–{_fmt(s.max)})"
+
+
+def _diff_cell(s: Spread) -> str:
+    sign = lambda x: f"{x:+.3f}"  # noqa: E731
+    if s.n == 1:
+        return f"{sign(s.mean)} (1 seed)"
+    return f"{sign(s.mean)} [{sign(s.ci_low)}, {sign(s.ci_high)}]"
+
+
+def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
+           failed: dict[str, str], n_runs: int) -> str:
+    m, better = spec.metric, METRICS[spec.metric]
+    finished = len({(r["grid"], r["variant"], r["seed"]) for r in rows})
+    lines = [f"# Study `{spec.name}`", "", spec.description.strip(), "",
+             f"- command: `{command}`",
+             f"- seeds: {list(spec.seeds)}; runs finished: {finished} of {n_runs}",
+             f"- metric: `{m}` ({better} is better), held-out; cells: mean ± std over seeds "
+             f"(min–max); differences: value − `{spec.reference}`, paired by seed, mean "
+             f"[95% Student-t interval]", ""]
+    grids = list(dict.fromkeys(r["grid"] for r in rows))
+    for grid in grids:
+        mine = [r for r in rows if r["grid"] == grid]
+        if grid:
+            lines += [f"## {grid}", ""]
+        lines += _main_table(mine, spec) + [""] + _gap_table(
+            [c for c in curves if c["grid"] == grid], spec) + [""]
+    if failed:
+        lines += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
+    m = spec.metric
+    all_r = sorted({r["R"] for r in rows})
+    loops = [r for r in (spec.report_loops or all_r) if r in all_r]
+    cells = _by(rows, m, "variant", "R")
+    trained = _by(_with_trained(rows), m, "variant", "R")
+    times = _by(rows, "train_seconds", "variant")
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    head = ["variant", "trained R"] + [f"R={r}" for r in loops] + \
+           [f"Δ vs {spec.reference} at trained R", "train time (s)"]
+    out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
+    for v in variants:
+        trained_r = sorted({r["trained_loop"] for r in rows if r["variant"] == v})
+        row = [v, ",".join(map(str, trained_r))]
+        row += [_cell(spread(list(cells[(v, r)].values()))) if (v, r) in cells else ""
+                for r in loops]
+        ref = trained.get((spec.reference, TRAINED))
+        mine = trained.get((v, TRAINED))
+        row.append("(reference)" if v == spec.reference else
+                   _diff_cell(paired_difference(mine, ref)) if mine and ref and
+                   set(mine) & set(ref) else "")
+        row.append(f"{spread(list(times[(v,)].values())).mean:.0f}" if (v,) in times else "")
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def _gap_table(curves: list[dict], spec: StudySpec) -> list[str]:
+    """The paired difference against the reference along training, at each run's trained R."""
+    m = spec.metric
+    table = _by(curves, m, "variant", "step")
+    steps = sorted({c["step"] for c in curves})
+    others = [v for v in dict.fromkeys(c["variant"] for c in curves) if v != spec.reference]
+    if not steps or not others or not any((spec.reference, s) in table for s in steps):
+        return []
+    out = [f"Along training (`{m}` − `{spec.reference}`, at each run's trained R):", "",
+           "| step | " + " | ".join(others) + " |", "|---:|" + "---:|" * len(others)]
+    for step in steps:
+        ref = table.get((spec.reference, step))
+        row = [str(step)]
+        for v in others:
+            mine = table.get((v, step))
+            row.append(_diff_cell(paired_difference(mine, ref))
+                       if mine and ref and set(mine) & set(ref) else "")
+        out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+
+def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) -> list[Path]:
+    m = spec.metric
+    made = []
+    for grid in dict.fromkeys(r["grid"] for r in rows):
+        prefix = f"{grid}_" if grid else ""
+        bands = {}
+        for (v, R), vals in _by([r for r in rows if r["grid"] == grid], m, "variant", "R").items():
+            bands.setdefault(v, {})[R] = list(vals.values())
+        made.append(plot_bands(bands, out / f"{prefix}{m}_vs_R.png", xlabel="loop count R",
+                               ylabel=f"held-out {m}", log2_x=True,
+                               title=f"{spec.name} {grid}: {m} vs R (band: min–max over seeds)"))
+        lc = {}
+        for (v, step), vals in _by([c for c in curves if c["grid"] == grid], m, "variant",
+                                   "step").items():
+            lc.setdefault(v, {})[step] = list(vals.values())
+        if lc:
+            made.append(plot_bands(lc, out / f"{prefix}curves.png", xlabel="training step",
+                                   ylabel=f"held-out {m} at trained R",
+                                   title=f"{spec.name} {grid}: learning curves"))
+    return made
+
+
+def write_all(runs: list[RunSpec], spec: StudySpec, command: str,
+              failed: dict[str, str]) -> Path:
+    out = Path(spec.results)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, curves = collect(runs)
+    _write_csv(out / "runs.csv", rows)
+    _write_csv(out / "summary.csv", summarise(rows, spec))
+    _write_csv(out / "paired.csv", paired(rows, spec))
+    _write_csv(out / "curves.csv", curves)
+    (out / "summary.md").write_text(report(rows, curves, spec, command, failed, len(runs)))
+    if rows:
+        figures(rows, curves, spec, out)
+    return out

@@ -1,0 +1,81 @@
+"""Where a study's runs execute: here, N at a time (`local`), or through submitit (`slurm`, and
+`submitit_local` / `submitit_debug`, submitit's own local executors, for trying the path out).
+
+A launcher takes the runs still to do and returns one RunStatus per run. Runs are independent
+processes that write only to their own directory, so any launcher may run them in any order.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from looped.errors import ConfigError
+from looped.study.runner import RunStatus, run_one
+from looped.study.spec import RunSpec, StudySpec, jobs_for
+
+Report = Callable[[RunStatus], None]
+
+
+def run_local(runs: list[RunSpec], spec: StudySpec, report: Report) -> list[RunStatus]:
+    """`jobs` runs at a time, each a subprocess with `threads` torch threads."""
+    out: list[RunStatus] = []
+    with ThreadPoolExecutor(max_workers=jobs_for(spec)) as pool, \
+            tqdm(total=len(runs), desc=f"study {spec.name}", unit="run", disable=None,
+                 dynamic_ncols=True) as bar:
+        futures = [pool.submit(run_one, run) for run in runs]
+        for future in as_completed(futures):
+            status = future.result()
+            out.append(status)
+            bar.update(1)
+            bar.clear()
+            report(status)
+            bar.refresh()
+    return out
+
+
+SUBMITIT_CLUSTERS = {"slurm": "slurm", "submitit_local": "local", "submitit_debug": "debug"}
+
+
+def run_submitit(runs: list[RunSpec], spec: StudySpec, report: Report) -> list[RunStatus]:
+    """One submitit job per run (a job array on SLURM); the folder for its logs and pickles is
+    <out>/.submitit. Runs need the repository and its Python environment on a shared
+    filesystem, as submitit jobs always do."""
+    if importlib.util.find_spec("submitit") is None:
+        raise ConfigError(f"launcher={spec.launcher} needs submitit: pip install -e '.[slurm]'")
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=str(Path(spec.out).resolve() / ".submitit"),
+                                     cluster=SUBMITIT_CLUSTERS[spec.launcher])
+    s = spec.slurm
+    params = dict(timeout_min=s.timeout_min, cpus_per_task=s.cpus_per_task or spec.threads,
+                  mem_gb=s.mem_gb, name=f"study-{spec.name}")
+    if s.partition:
+        params["slurm_partition"] = s.partition
+    executor.update_parameters(**params)
+    jobs = executor.map_array(run_one, runs)
+    print(f"submitted {len(jobs)} job(s) through submitit ({spec.launcher}); logs under "
+          f"{Path(spec.out) / '.submitit'}", flush=True)
+    out = []
+    for run, job in zip(runs, jobs):
+        try:
+            status = job.result()
+        except Exception as e:  # the job itself died (time limit, node failure, OOM)
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            status = RunStatus(run, "failed", error=f"submitit job {job.job_id}: "
+                                                    f"{lines[-1] if lines else type(e).__name__}")
+        out.append(status)
+        report(status)
+    return out
+
+
+def launch(runs: list[RunSpec], spec: StudySpec, report: Report) -> list[RunStatus]:
+    if not runs:
+        return []
+    if spec.launcher == "local":
+        return run_local(runs, spec, report)
+    return run_submitit(runs, spec, report)

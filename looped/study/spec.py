@@ -1,0 +1,195 @@
+"""A study file: base overrides, named variants, seeds and optional grid axes, expanded into runs.
+
+    # configs/study/NAME.yaml
+    description: what the study asks
+    base: [task=text, loop=1, model.n_layers=12]     # train.py overrides of every run
+    variants:                                         # name -> overrides on top of base
+      vanilla: [model.depth_attention.enabled=false]
+      depth_attention: []
+    grid: {task: [roots, chain]}                      # optional axes: every combination
+    seeds: [0, 1, 2]
+    reference: vanilla                                # paired differences are against it
+    metric: bits_per_byte                             # accuracy | loss | bits_per_byte
+    eval: {loops: [1], n_samples: 1024}               # the looped.evaluate sweep of each run
+
+Each (grid point, variant, seed) is one run: `python -m looped.train <base> <grid point>
+<variant> seed=<k>` in `<out>/[<grid point>/]<variant>/seed<k>`, then `python -m looped.evaluate`
+on it. `python -m looped.study FILE key=value ...` overrides the study's own keys (seeds, jobs,
+out, ...; `extra=[...]` adds train.py overrides to every run).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from looped.config import first_line, load_config, load_yaml
+from looped.errors import ConfigError, LoopedError
+
+METRICS = {"accuracy": "higher", "loss": "lower", "bits_per_byte": "lower"}
+LAUNCHERS = ("local", "slurm", "submitit_local", "submitit_debug")
+
+
+@dataclass
+class StudyEval:
+    loops: list[int] = field(default_factory=list)  # empty: the training default for its loop
+    n_samples: int = 1024
+    batch_size: int = 256
+
+
+@dataclass
+class SlurmOptions:
+    partition: Optional[str] = None
+    timeout_min: int = 240
+    mem_gb: float = 8.0
+    cpus_per_task: int = 0  # 0: the study's threads
+
+
+@dataclass
+class StudySpec:
+    description: str = ""
+    base: list[str] = field(default_factory=list)
+    variants: dict[str, list[str]] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    reference: Optional[str] = None  # default: the first variant
+    metric: str = "accuracy"
+    # R values the markdown table reports (default: every evaluated R)
+    report_loops: list[int] = field(default_factory=list)
+    eval: StudyEval = field(default_factory=StudyEval)
+    out: str = ""  # the runs; default runs/study/<file stem>
+    results: str = ""  # CSVs, markdown, figures; default <out>/results
+    threads: int = 1  # torch threads per run; results are reproducible at a fixed value
+    jobs: int = 0  # runs at a time on the local launcher; 0: cores // threads
+    launcher: str = "local"
+    slurm: SlurmOptions = field(default_factory=SlurmOptions)
+    extra: list[str] = field(default_factory=list)  # appended to every run's overrides
+    only: list[str] = field(default_factory=list)  # run only these variants
+    dry_run: bool = False  # list the runs and their status, run nothing
+    name: str = ""  # the file's stem
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training run of a study and what it takes to reproduce it."""
+
+    variant: str
+    seed: int
+    grid: tuple[tuple[str, str], ...]  # (key, value) of its grid point
+    overrides: tuple[str, ...]  # the train.py overrides, without seed / out_dir / name
+    run_dir: str
+    threads: int
+    eval_loops: tuple[int, ...]
+    eval_n_samples: int
+    eval_batch_size: int
+
+    @property
+    def grid_label(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.grid)
+
+    @property
+    def label(self) -> str:
+        return f"{self.grid_label}/{self.variant}" if self.grid else self.variant
+
+    def train_argv(self) -> list[str]:
+        run = Path(self.run_dir)
+        return [*self.overrides, f"seed={self.seed}", f"out_dir={run.parent}",
+                f"name={run.name}", f"threads={self.threads}"]
+
+
+def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
+    """Read and validate a study file with `key=value` overrides of its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"study file {path} does not exist")
+    base = OmegaConf.structured(StudySpec)  # dataclass nodes reject unknown keys
+    try:
+        spec = OmegaConf.merge(base, load_yaml(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"argument '{item}' is not of the form key=value")
+            spec.merge_with_dotlist([item])
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: {first_line(e)} (study keys: "
+                          f"{', '.join(StudySpec.__dataclass_fields__)})") from None
+    spec: StudySpec = OmegaConf.to_object(spec)
+    spec.name = spec.name or path.stem
+    spec.out = spec.out or str(Path("runs") / "study" / spec.name)
+    spec.results = spec.results or str(Path(spec.out) / "results")
+    _validate(spec, path)
+    return spec
+
+
+def _validate(spec: StudySpec, path: Path) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{path}: {message}")
+
+    need(bool(spec.variants), "a study needs at least one variant under `variants:`")
+    need(bool(spec.seeds) and len(set(spec.seeds)) == len(spec.seeds),
+         f"seeds must be a non-empty list of distinct seeds, got {spec.seeds}")
+    need(spec.metric in METRICS,
+         f"unknown metric '{spec.metric}'; choose one of: {', '.join(METRICS)}")
+    reference = spec.reference or next(iter(spec.variants))
+    need(reference in spec.variants,
+         f"reference '{reference}' is not a variant; choose one of: {', '.join(spec.variants)}")
+    spec.reference = reference
+    unknown = [v for v in spec.only if v not in spec.variants]
+    need(not unknown, f"only: unknown variant(s) {', '.join(unknown)}; choose from: "
+                      f"{', '.join(spec.variants)}")
+    need(spec.launcher in LAUNCHERS,
+         f"unknown launcher '{spec.launcher}'; choose one of: {', '.join(LAUNCHERS)}")
+    need(spec.threads >= 1 and spec.jobs >= 0, "threads must be >= 1 and jobs >= 0")
+    need(all(r >= 1 for r in spec.eval.loops + spec.report_loops), "loop counts must be >= 1")
+    need(spec.eval.n_samples >= 1 and spec.eval.batch_size >= 1,
+         "eval.n_samples and eval.batch_size must be >= 1")
+    for key, values in spec.grid.items():
+        need(bool(values), f"grid axis '{key}' has no values")
+    for name in spec.variants:
+        need(name and "/" not in name and not name.startswith("."),
+             f"variant name '{name}' must be a plain directory name")
+    reserved = ("seed=", "out_dir=", "name=", "threads=", "resume=", "resume_from=")
+    for item in [*spec.base, *spec.extra, *(o for v in spec.variants.values() for o in v)]:
+        need(not item.startswith(reserved),
+             f"'{item}': the study sets seed, out_dir, name, threads and resume itself")
+
+
+def jobs_for(spec: StudySpec) -> int:
+    return spec.jobs or max(1, (os.cpu_count() or 1) // spec.threads)
+
+
+def expand(spec: StudySpec) -> list[RunSpec]:
+    """Every run of the study, grid point by grid point, variant by variant, seed by seed."""
+    keys = list(spec.grid)
+    points = [tuple(zip(keys, map(str, combo)))
+              for combo in itertools.product(*(spec.grid[k] for k in keys))]
+    out = Path(spec.out).resolve()
+    runs = []
+    for point in points:
+        where = out / ",".join(f"{k}={v}" for k, v in point) if point else out
+        for variant, overrides in spec.variants.items():
+            if spec.only and variant not in spec.only:
+                continue
+            # the grid point comes last but one: a variant may still override what it sets
+            args = (*spec.base, *(f"{k}={v}" for k, v in point), *overrides, *spec.extra)
+            for seed in spec.seeds:
+                runs.append(RunSpec(variant, seed, point, tuple(args),
+                                    str(where / variant / f"seed{seed}"), spec.threads,
+                                    tuple(spec.eval.loops), spec.eval.n_samples,
+                                    spec.eval.batch_size))
+    return runs
+
+
+def check_run_config(run: RunSpec) -> Optional[str]:
+    """The one-line problem with a run's config, or None if it resolves."""
+    try:
+        load_config([*run.overrides, f"seed={run.seed}"])
+    except LoopedError as e:
+        return str(e)
+    return None

@@ -1,0 +1,232 @@
+"""The study runner (`python -m looped.study`), on a tiny grid of 2 variants x 2 seeds plus a
+variant that fails: it completes, reruns skip finished runs, a killed run resumes to the same
+result, a failing variant is reported while the others complete, the summary's statistics match
+a hand computation, the markdown renders, and the submitit path runs under its debug executor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CLI_TINY_MODEL
+
+from looped.study.spec import expand, load_study
+from looped.study.stats import incomplete_beta, spread, t_cdf, t_quantile
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = [o for o in CLI_TINY_MODEL if not o.startswith("threads=")] + [
+    "train.steps=6", "train.batch_size=8", "train.eval_every=3", "eval.n_samples=16"]
+
+
+def write_study(path: Path, out: Path, variants: dict, seeds=(0, 1), extra: str = "") -> Path:
+    lines = [f"description: a tiny study", f"base: [{', '.join(BASE)}]", "variants:"]
+    lines += [f"  {name}: [{', '.join(o)}]" for name, o in variants.items()]
+    lines += [f"seeds: {list(seeds)}", "reference: vanilla", "metric: loss",
+              "eval: {loops: [1, 2, 3], n_samples: 32}", f"out: {out}", extra]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+VARIANTS = {"vanilla": ["model.depth_attention.enabled=false"], "da": [],
+            "broken": ["model.vocab_size=4"]}  # roots needs 25 tokens: fails when training
+
+
+def study(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "looped.study", *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def done(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    path = write_study(tmp / "tiny.yaml", tmp / "out", VARIANTS)
+    proc = study(path, "jobs=2")
+    return path, tmp / "out", proc
+
+
+@pytest.mark.slow
+def test_completes_and_reports_the_failing_variant(done):
+    path, out, proc = done
+    assert proc.returncode == 1, proc.stderr[-2000:]  # 1: some run failed
+    assert "FAILED broken/seed0: task 'roots' needs model.vocab_size >= 25, got 4" in proc.stdout
+    for v in ("vanilla", "da"):
+        for s in (0, 1):
+            result = json.loads((out / v / f"seed{s}" / "result.json").read_text())
+            assert result["trained_loop"] == 2 and set(result["eval"]) == {"1", "2", "3"}
+            assert result["eval"]["2"]["loss"] > 0
+    assert not (out / "broken" / "seed0" / "result.json").exists()
+    assert "needs model.vocab_size" in (out / "broken" / "seed0" / "error.txt").read_text()
+    rows = list(csv.DictReader(open(out / "results" / "runs.csv")))
+    assert len(rows) == 2 * 2 * 3  # (variant, seed, R), the failed variant absent
+    md = (out / "results" / "summary.md").read_text()
+    assert "runs finished: 4 of 6" in md and "- `broken/seed0`: task 'roots'" in md
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs(done):
+    path, out, _ = done
+    result = out / "da" / "seed0" / "result.json"
+    before = (result.stat().st_mtime_ns, (out / "da" / "seed0" / "train.log").read_text())
+    proc = study(path, "only=[vanilla,da]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "4 runs (4 finished, 0 to resume, 0 to start" in proc.stdout
+    assert (result.stat().st_mtime_ns, (out / "da" / "seed0" / "train.log").read_text()) == before
+
+
+def _hand_stats(values):
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = 12.706204736 * std / math.sqrt(n)  # t_{0.975, 1}: two seeds
+    return mean, std, mean - half, mean + half
+
+
+@pytest.mark.slow
+def test_summary_and_paired_statistics_match_a_hand_computation(done):
+    _, out, _ = done
+    runs = list(csv.DictReader(open(out / "results" / "runs.csv")))
+    loss = {(r["variant"], int(r["seed"]), int(r["R"])): float(r["loss"]) for r in runs}
+    summary = {(r["variant"], r["R"], r["metric"]): r
+               for r in csv.DictReader(open(out / "results" / "summary.csv"))}
+    for v in ("vanilla", "da"):
+        for R in (1, 2, 3):
+            mean, std, lo, hi = _hand_stats([loss[(v, 0, R)], loss[(v, 1, R)]])
+            row = summary[(v, str(R), "loss")]
+            assert int(row["n"]) == 2
+            assert float(row["mean"]) == pytest.approx(mean, rel=1e-5)
+            assert float(row["std"]) == pytest.approx(std, rel=1e-4)
+            assert float(row["min"]) == pytest.approx(min(loss[(v, 0, R)], loss[(v, 1, R)]),
+                                                      rel=1e-5)
+            assert float(row["ci95_low"]) == pytest.approx(lo, rel=1e-4, abs=1e-6)
+            assert float(row["ci95_high"]) == pytest.approx(hi, rel=1e-4, abs=1e-6)
+    paired = {(r["variant"], r["R"], r["metric"]): r
+              for r in csv.DictReader(open(out / "results" / "paired.csv"))}
+    for R in ("1", "2", "3", "trained"):
+        r_ = 2 if R == "trained" else int(R)
+        diffs = [loss[("da", s, r_)] - loss[("vanilla", s, r_)] for s in (0, 1)]
+        mean, std, lo, hi = _hand_stats(diffs)
+        row = paired[("da", R, "loss")]
+        assert float(row["mean"]) == pytest.approx(mean, rel=1e-4, abs=1e-7)
+        assert float(row["ci95_low"]) == pytest.approx(lo, rel=1e-4, abs=1e-6)
+        assert float(row["ci95_high"]) == pytest.approx(hi, rel=1e-4, abs=1e-6)
+    assert ("vanilla", "1", "loss") not in paired  # the reference has no difference to itself
+
+
+@pytest.mark.slow
+def test_markdown_table_and_figures_are_rendered(done):
+    _, out, _ = done
+    md = (out / "results" / "summary.md").read_text()
+    lines = md.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.startswith("| variant |"))
+    assert lines[head] == ("| variant | trained R | R=1 | R=2 | R=3 | Δ vs vanilla at trained R "
+                           "| train time (s) |")
+    assert lines[head + 2].startswith("| vanilla | 2 | ") and "(reference)" in lines[head + 2]
+    assert lines[head + 3].startswith("| da | 2 | ")
+    summary = {(r["variant"], r["R"], r["metric"]): r
+               for r in csv.DictReader(open(out / "results" / "summary.csv"))}
+    s = summary[("da", "1", "loss")]
+    assert (f"{float(s['mean']):.3f} ± {float(s['std']):.3f} ({float(s['min']):.3f}–"
+            f"{float(s['max']):.3f})") in lines[head + 3]
+    assert "Along training" in md and "| 3 |" in md and "| 6 |" in md  # the eval steps
+    curves = list(csv.DictReader(open(out / "results" / "curves.csv")))
+    assert {int(c["step"]) for c in curves} == {3, 6}
+    for name in ("loss_vs_R.png", "curves.png"):
+        assert (out / "results" / name).stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
+    variants = {"vanilla": ["model.depth_attention.enabled=false"]}
+    longer = "extra: [train.steps=40, train.eval_every=4, train.log_every=1]"
+    ref = write_study(tmp_path / "ref.yaml", tmp_path / "ref", variants, seeds=(0,), extra=longer)
+    assert study(ref).returncode == 0
+    path = write_study(tmp_path / "kill.yaml", tmp_path / "kill", variants, seeds=(0,),
+                       extra=longer)
+    proc = subprocess.Popen([sys.executable, "-m", "looped.study", str(path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    run = tmp_path / "kill" / "vanilla" / "seed0"
+    try:
+        t0 = time.monotonic()
+        while not (run / "ckpt" / "latest").is_file():
+            assert time.monotonic() - t0 < 300 and proc.poll() is None
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the study and its training subprocess
+        proc.wait()
+    assert not (run / "result.json").exists()
+    again = study(path)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "1 to resume" in again.stdout and "(resumed)" in again.stdout
+    assert "resumed from" in (run / "train.log").read_text()
+    got = json.loads((run / "result.json").read_text())
+    want = json.loads((tmp_path / "ref" / "vanilla" / "seed0" / "result.json").read_text())
+    assert got["eval"] == want["eval"]  # resume is exact, so the evaluation is too
+    assert got["resumed"]
+
+
+@pytest.mark.slow
+def test_submitit_debug_executor_runs_the_study(tmp_path):
+    pytest.importorskip("submitit")
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out",
+                       {"vanilla": ["model.depth_attention.enabled=false"], "da": []},
+                       seeds=(0,))
+    proc = study(path, "launcher=submitit_debug")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "submitted 2 job(s) through submitit (submitit_debug)" in proc.stdout
+    for v in ("vanilla", "da"):
+        assert (tmp_path / "out" / v / "seed0" / "result.json").is_file()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["missing.yaml"], "study file missing.yaml does not exist"),
+    (["{study}", "seeds=[]"], "seeds must be a non-empty list"),
+    (["{study}", "bogus=1"], "Key 'bogus' not in 'StudySpec'"),
+    (["{study}", "reference=nope"], "reference 'nope' is not a variant"),
+    (["{study}", "only=[nope]"], "only: unknown variant(s) nope"),
+    (["{study}", "launcher=nope"], "unknown launcher 'nope'"),
+    (["{study}", "extra=[seed=3]"], "the study sets seed, out_dir, name"),
+])
+def test_bad_study_input_is_one_line(tmp_path, args, fragment):
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
+    proc = study(*[a.replace("{study}", str(path)) for a in args], timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and fragment in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_grid_expands_every_combination_into_its_own_directory(tmp_path):
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS,
+                       extra="grid: {task: [roots, chain], train.lr: [0.001]}")
+    runs = expand(load_study(path, ["only=[da]"]))
+    assert [(r.grid_label, r.seed) for r in runs] == [
+        ("task=roots,train.lr=0.001", 0), ("task=roots,train.lr=0.001", 1),
+        ("task=chain,train.lr=0.001", 0), ("task=chain,train.lr=0.001", 1)]
+    assert runs[2].run_dir == str((tmp_path / "out" / "task=chain,train.lr=0.001" / "da" /
+                                   "seed0").resolve())
+    assert runs[2].overrides[-2:] == ("task=chain", "train.lr=0.001")
+    assert runs[2].train_argv()[-4:] == ["seed=0", f"out_dir={Path(runs[2].run_dir).parent}",
+                                         "name=seed0", "threads=1"]
+
+
+def test_t_quantiles_and_spread():
+    for df, q in [(1, 12.7062), (2, 4.3027), (4, 2.7764), (9, 2.2622), (30, 2.0423)]:
+        assert t_quantile(0.975, df) == pytest.approx(q, abs=1e-4)  # published t tables
+    assert t_cdf(0.0, 5) == pytest.approx(0.5)
+    assert t_cdf(-t_quantile(0.975, 7), 7) == pytest.approx(0.025, abs=1e-9)
+    assert incomplete_beta(2.0, 3.0, 0.4) == pytest.approx(0.5248, abs=1e-4)  # closed form
+    s = spread([1.5, 2.5, 4.0])
+    assert (s.mean, s.min, s.max) == (pytest.approx(8 / 3), 1.5, 4.0)
+    assert s.std == pytest.approx(math.sqrt(((1.5 - 8 / 3) ** 2 + (2.5 - 8 / 3) ** 2 +
+                                             (4 - 8 / 3) ** 2) / 2))
+    assert s.ci_high - s.mean == pytest.approx(4.3027 * s.std / math.sqrt(3), rel=1e-4)
+    one = spread([0.7])
+    assert one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.ci_low)
