@@ -165,7 +165,7 @@ def jobs_for(spec: StudySpec) -> int:
 
 
 def expand(spec: StudySpec) -> list[RunSpec]:
-    """Every run of the study, grid point by grid point, variant by variant, seed by seed."""
+    """Every run of the study: grid point by grid point, seed by seed, variant by variant."""
     keys = list(spec.grid)
     points = [tuple(zip(keys, map(str, combo)))
               for combo in itertools.product(*(spec.grid[k] for k in keys))]
@@ -173,12 +173,13 @@ def expand(spec: StudySpec) -> list[RunSpec]:
     runs = []
     for point in points:
         where = out / ",".join(f"{k}={v}" for k, v in point) if point else out
-        for variant, overrides in spec.variants.items():
-            if spec.only and variant not in spec.only:
-                continue
-            # the grid point comes last but one: a variant may still override what it sets
-            args = (*spec.base, *(f"{k}={v}" for k, v in point), *overrides, *spec.extra)
-            for seed in spec.seeds:
+        # seed-major, so a study stopped part-way has whole seeds to compare
+        for seed in spec.seeds:
+            for variant, overrides in spec.variants.items():
+                if spec.only and variant not in spec.only:
+                    continue
+                # the grid point comes before the variant: a variant may override what it sets
+                args = (*spec.base, *(f"{k}={v}" for k, v in point), *overrides, *spec.extra)
                 runs.append(RunSpec(variant, seed, point, tuple(args),
                                     str(where / variant / f"seed{seed}"), spec.threads,
                                     tuple(spec.eval.loops), spec.eval.n_samples,
