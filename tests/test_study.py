@@ -187,6 +187,7 @@ def test_submitit_debug_executor_runs_the_study(tmp_path):
 
 
 @pytest.mark.parametrize("args,fragment", [
+    ([], "give a study file first"),
     (["missing.yaml"], "study file missing.yaml does not exist"),
     (["{study}", "seeds=[]"], "seeds must be a non-empty list"),
     (["{study}", "bogus=1"], "Key 'bogus' not in 'StudySpec'"),

@@ -15,7 +15,8 @@ import shlex
 import sys
 import time
 
-from looped.errors import cli_main
+from looped.config import CONFIG_DIR
+from looped.errors import ConfigError, cli_main
 from looped.study.aggregate import write_all
 from looped.study.launchers import launch
 from looped.study.runner import RunStatus, run_state
@@ -23,9 +24,14 @@ from looped.study.spec import check_run_config, expand, jobs_for, load_study
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0].startswith("-") or "=" in argv[0]:
+    if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        return 0
+    if not argv or "=" in argv[0]:
+        known = sorted(str(p.relative_to(CONFIG_DIR.parent)) for p in
+                       (CONFIG_DIR / "study").glob("*.yaml"))
+        raise ConfigError(f"give a study file first: python -m looped.study FILE [key=value ...];"
+                          f" the project's: {', '.join(known)}")
     path, overrides = argv[0], argv[1:]
     spec = load_study(path, overrides)
     runs = expand(spec)

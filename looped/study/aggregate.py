@@ -159,8 +159,9 @@ def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
         mine = [r for r in rows if r["grid"] == grid]
         if grid:
             lines += [f"## {grid}", ""]
-        lines += _main_table(mine, spec) + [""] + _gap_table(
-            [c for c in curves if c["grid"] == grid], spec) + [""]
+        mine_curves = [c for c in curves if c["grid"] == grid]
+        lines += _main_table(mine, spec) + [""] + _gap_table(mine_curves, spec) + [""]
+        lines += _self_weight_table(mine_curves) + [""]
     if failed:
         lines += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]
     return "\n".join(lines).rstrip() + "\n"
@@ -210,6 +211,23 @@ def _gap_table(curves: list[dict], spec: StudySpec) -> list[str]:
             row.append(_diff_cell(paired_difference(mine, ref))
                        if mine and ref and set(mine) & set(ref) else "")
         out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def _self_weight_table(curves: list[dict]) -> list[str]:
+    """Depth-Attention's mean weight on a position's own value along training (1 = vanilla)."""
+    table = _by(curves, "mean_self_weight", "variant", "step")
+    variants = list(dict.fromkeys(v for v, _ in table))
+    steps = sorted({s for _, s in table})
+    if not variants:
+        return []
+    out = ["Depth-Attention's weight on a position's own value along training (mean over "
+           "positions with earlier sources, 64 held-out rows; 1 would be vanilla):", "",
+           "| step | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
+    for step in steps:
+        out.append(f"| {step} | " + " | ".join(
+            _cell(spread(list(table[(v, step)].values()))) if (v, step) in table else ""
+            for v in variants) + " |")
     return out
 
 

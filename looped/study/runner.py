@@ -59,11 +59,17 @@ def _last_error(output: str, code: int) -> str:
 
 
 def _run(cmd: list[str], log: Path) -> tuple[int, str]:
-    """Run a subprocess, appending its output to `log`; returns (exit code, its output)."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    """Run a subprocess with its output appended to `log` as it goes (tail -f works); returns
+    (exit code, what it wrote)."""
     with open(log, "a") as f:
-        f.write(f"$ {' '.join(cmd)}\n{proc.stdout}{proc.stderr}")
-    return proc.returncode, proc.stdout + proc.stderr
+        start = f.tell()
+        f.write(f"$ {' '.join(cmd)}\n")
+        f.flush()
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL).returncode
+    with open(log) as f:
+        f.seek(start)
+        return code, f.read()
 
 
 def _load_record(d: Path, run: RunSpec) -> tuple[dict, Optional[str]]:
