@@ -11,6 +11,7 @@ when some failed (their errors are listed), 2 for a bad study file or argument.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 import sys
 import time
@@ -72,7 +73,8 @@ def main(argv: list[str]) -> int:
                   f"({status.result['train_seconds']:.0f} s training)", flush=True)
 
     launch(todo, spec, report)
-    out = write_all(runs, spec, command, failed)
+    # the report covers every variant, also when `only` ran a few of them
+    out = write_all(expand(dataclasses.replace(spec, only=[])), spec, command, failed)
     print(f"\n{(out / 'summary.md').read_text()}")
     print(f"study {spec.name}: {len(runs) - len(failed)} of {len(runs)} runs finished in "
           f"{time.perf_counter() - t0:.0f} s this time; results in {out}", flush=True)
