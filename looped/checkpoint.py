@@ -5,6 +5,7 @@ Layout of a run directory:
     config.yaml            the resolved config (plus git commit and seed in meta.json)
     ckpt/step_00000200/    model.safetensors + state.pt (optimizer, RNG, step)
     ckpt/latest            the name of the newest complete checkpoint
+    metrics.jsonl          held-out metrics and depth-weight diagnostics at each evaluation
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from looped.errors import LoopedError
 CKPT_DIR = "ckpt"
 PAUSE_HOOK = "LOOPED_TEST_PAUSE_IN_SAVE"  # tests set it to a step to kill -9 a write in flight
 LATEST = "latest"
+METRICS_FILE = "metrics.jsonl"  # one JSON line per evaluation during training
 
 
 class CheckpointError(LoopedError):

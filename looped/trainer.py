@@ -19,8 +19,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from looped import build_model
-from looped.checkpoint import (CheckpointError, load_state, load_weights, resolve_checkpoint,
-                               save_checkpoint, save_run_config)
+from looped.checkpoint import (METRICS_FILE, CheckpointError, load_state, load_weights,
+                               resolve_checkpoint, save_checkpoint, save_run_config)
 from looped.config import eval_loops
 from looped.data.tasks import IGNORE, build_task
 from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier, check_parallel,
@@ -36,7 +36,6 @@ from looped.model.kernels import check_kernel
 from looped.optim import build_optimizer, lr_at
 
 DATA_STREAM = 7919
-METRICS_FILE = "metrics.jsonl"
 DIAGNOSTIC_ROWS = 64  # held-out rows the depth-weight diagnostics read at each evaluation
 NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # tests set it to poison one step's loss  # keeps the data's per-step seeds apart from the loop sampler's
 
@@ -220,12 +219,17 @@ class Trainer:
     def _append_metrics(self, results, diag) -> None:
         """One JSON line per evaluation in <run>/metrics.jsonl: the learning curves a study
         reads. A resumed run may repeat a step; readers keep the last line of each step."""
-        row = {"step": self.step, "train_loss": self.history[-1]["loss"] if self.history else None,
+        since = [h["loss"] for h in self.history if h["step"] > self.step - self.cfg.train.eval_every]
+        row = {"step": self.step,  # train_loss: the mean over the steps since the last evaluation
+               "train_loss": sum(since) / len(since) if since else None,
                "eval": {str(r): res for r, res in results.items()},
                "depth_entropy": {str(p): h for p, h in diag["depth_entropy"].items()},
                "depth_self_weight": {str(p): w for p, w in diag["depth_self_weight"].items()}}
-        with open(self.run_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        path = self.run_dir / METRICS_FILE
+        # a kill mid-write can leave a cut last line; start on a fresh one
+        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
+        with open(path, "a") as f:
+            f.write(("\n" if cut else "") + json.dumps(row) + "\n")
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -266,7 +270,8 @@ class Trainer:
             writer.add_scalar(f"depth_entropy/pos{p:03d}", h, self.step)
         for p, w in diag["depth_self_weight"].items():
             writer.add_scalar(f"depth_self_weight/pos{p:03d}", w, self.step)
-        self._append_metrics(results, diag)
+        if self.env.is_main:  # under FSDP every rank evaluates; one writes
+            self._append_metrics(results, diag)
         for r, res in enumerate(diag["residual"], start=2):
             writer.add_scalar(f"residual/iter{r:02d}", res, self.step)
         if self.exit is not None:

@@ -171,6 +171,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     want = json.loads((tmp_path / "ref" / "vanilla" / "seed0" / "result.json").read_text())
     assert got["eval"] == want["eval"]  # resume is exact, so the evaluation is too
     assert got["resumed"]
+    curves = [c for c in csv.DictReader(open(tmp_path / "kill" / "results" / "curves.csv"))]
+    assert [int(c["step"]) for c in curves] == list(range(4, 41, 4))  # each step once
 
 
 @pytest.mark.slow
@@ -195,6 +197,9 @@ def test_submitit_debug_executor_runs_the_study(tmp_path):
     (["{study}", "only=[nope]"], "only: unknown variant(s) nope"),
     (["{study}", "launcher=nope"], "unknown launcher 'nope'"),
     (["{study}", "extra=[seed=3]"], "the study sets seed, out_dir, name"),
+    (["{study}", "grid.seed=[1,2]"], "grid axis 'seed': the study sets it itself"),
+    (["{study}", "grid.task=[roots,roots]"], "grid axis 'task' repeats a value"),
+    (["{study}", "seeds=[0,1"], "while parsing a flow sequence"),
 ])
 def test_bad_study_input_is_one_line(tmp_path, args, fragment):
     path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
@@ -231,3 +236,42 @@ def test_t_quantiles_and_spread():
     assert s.ci_high - s.mean == pytest.approx(4.3027 * s.std / math.sqrt(3), rel=1e-4)
     one = spread([0.7])
     assert one.mean == 0.7 and math.isnan(one.std) and math.isnan(one.ci_low)
+
+
+@pytest.mark.slow
+def test_changed_overrides_are_refused_and_failed_runs_retried(tmp_path):
+    first = {"vanilla": ["model.depth_attention.enabled=false"], "broken": ["model.vocab_size=4"]}
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", first, seeds=(0,))
+    assert study(path).returncode == 1
+    assert (tmp_path / "out" / "broken" / "seed0" / "error.txt").is_file()
+    # the same directories, now with vanilla changed and broken fixed
+    second = {"vanilla": ["model.depth_attention.enabled=false", "train.lr=0.001"],
+              "broken": []}
+    write_study(path, tmp_path / "out", second, seeds=(0,))
+    proc = study(path)
+    assert proc.returncode == 1
+    assert "FAILED vanilla/seed0" in proc.stdout and "other overrides" in proc.stdout
+    assert "done   broken/seed0" in proc.stdout  # retried: its failed attempt left no checkpoint
+    assert not (tmp_path / "out" / "broken" / "seed0" / "error.txt").exists()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "results" / "runs.csv")))
+    assert {r["variant"] for r in rows} == {"broken"}  # the stale result is not reported
+
+
+def test_paired_difference_pairs_only_shared_seeds(tmp_path):
+    from looped.study.aggregate import paired
+
+    def row(variant, seed, acc):
+        return {"grid": "", "variant": variant, "seed": seed, "R": 2, "trained_loop": 2,
+                "accuracy": acc, "loss": math.nan, "bits_per_byte": math.nan}
+
+    rows = [row("ref", 0, 0.50), row("ref", 1, 0.60), row("ref", 2, 0.90),
+            row("new", 0, 0.55), row("new", 1, 0.75)]  # seed 2 of "new" is missing
+    spec = load_study(write_study(tmp_path / "s.yaml", tmp_path / "out",
+                                  {"ref": [], "new": []}), ["reference=ref"])
+    out = {(r["R"], r["metric"]): r for r in paired(rows, spec) if r["variant"] == "new"}
+    d = out[(2, "accuracy")]
+    assert d["n"] == 2 and d["mean"] == pytest.approx((0.05 + 0.15) / 2)
+    half = 12.706204736 * math.sqrt((0.05 - 0.1) ** 2 + (0.15 - 0.1) ** 2) / math.sqrt(2)
+    assert d["ci95_high"] == pytest.approx(0.1 + half)
+    assert d["relative"] == pytest.approx(0.1 / 0.55)  # the reference's mean over seeds 0, 1
+    assert out[("trained", "accuracy")]["mean"] == pytest.approx(0.1)

@@ -73,8 +73,11 @@ def main(argv: list[str]) -> int:
                   f"({status.result['train_seconds']:.0f} s training)", flush=True)
 
     launch(todo, spec, report)
-    # the report covers every variant, also when `only` ran a few of them
-    out = write_all(expand(dataclasses.replace(spec, only=[])), spec, command, failed)
+    # the report covers every variant and every seed of the file, also when `only` or `seeds`
+    # ran a part, so a partial rerun never shrinks a finished report
+    file_seeds = load_study(path).seeds
+    whole = dataclasses.replace(spec, only=[], seeds=list(dict.fromkeys(file_seeds + spec.seeds)))
+    out = write_all(expand(whole), whole, command, failed)
     print(f"\n{(out / 'summary.md').read_text()}")
     print(f"study {spec.name}: {len(runs) - len(failed)} of {len(runs)} runs finished in "
           f"{time.perf_counter() - t0:.0f} s this time; results in {out}", flush=True)

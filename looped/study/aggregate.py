@@ -17,12 +17,12 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from looped.checkpoint import METRICS_FILE
 from looped.plots import plot_bands
-from looped.study.runner import RESULT
+from looped.study.runner import ERROR, finished_result
 from looped.study.spec import METRICS, RunSpec, StudySpec
 from looped.study.stats import Spread, paired_difference, spread
 
-METRICS_FILE = "metrics.jsonl"
 TRAINED = "trained"  # the R column that means "each run at the R it was trained with"
 
 
@@ -30,14 +30,17 @@ def _num(x) -> float:
     return float(x) if x not in (None, "") else math.nan
 
 
-def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict]]:
-    """(rows: one per finished run and evaluated R, curves: one per run, step)."""
-    rows, curves = [], []
+def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict], dict[str, str]]:
+    """(rows: one per finished run and evaluated R, curves: one per run and step, the errors
+    of failed runs). Results made with other settings than the run's are left out."""
+    rows, curves, errors = [], [], {}
     for run in runs:
         d = Path(run.run_dir)
-        if not (d / RESULT).is_file():
+        result = finished_result(run)
+        if result is None:
+            if (d / ERROR).is_file():
+                errors[f"{run.label}/seed{run.seed}"] = (d / ERROR).read_text().strip()
             continue
-        result = json.loads((d / RESULT).read_text())
         base = {"grid": run.grid_label, "variant": run.variant, "seed": run.seed,
                 "trained_loop": result["trained_loop"]}
         for r, metrics in result["eval"].items():
@@ -46,7 +49,7 @@ def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict]]:
                          "train_seconds": result["train_seconds"],
                          "resumed": result["resumed"]})
         curves.extend(_curve(d / METRICS_FILE, base))
-    return rows, curves
+    return rows, curves, errors
 
 
 def _curve(path: Path, base: dict) -> list[dict]:
@@ -54,9 +57,11 @@ def _curve(path: Path, base: dict) -> list[dict]:
         return []
     by_step = {}
     for line in path.read_text().splitlines():
-        if line.strip():
+        try:
             row = json.loads(line)
-            by_step[row["step"]] = row  # a resumed run may repeat a step: keep the last
+        except ValueError:  # empty, or cut by a kill mid-write
+            continue
+        by_step[row["step"]] = row  # a resumed run may repeat a step: keep the last
     out = []
     for step, row in sorted(by_step.items()):
         metrics = row["eval"].get(str(base["trained_loop"]))
@@ -112,7 +117,8 @@ def paired(rows: list[dict], spec: StudySpec) -> list[dict]:
             if variant == spec.reference or not ref or not set(vals) & set(ref):
                 continue
             s = paired_difference(vals, ref)
-            ref_mean = sum(ref.values()) / len(ref)
+            shared = set(vals) & set(ref)
+            ref_mean = sum(ref[k] for k in shared) / len(shared)
             out.append({"grid": grid, "variant": variant, "reference": spec.reference, "R": R,
                         "metric": metric, **_spread_cols(s),
                         "relative": s.mean / ref_mean if ref_mean else math.nan})
@@ -131,17 +137,26 @@ def _fmt(x: float, digits: int = 3) -> str:
     return "—" if math.isnan(x) else f"{x:.{digits}f}"
 
 
-def _cell(s: Spread) -> str:
-    if s.n == 1:
-        return f"{_fmt(s.mean)} (1 seed)"
-    return f"{_fmt(s.mean)} ± {_fmt(s.std)} ({_fmt(s.min)}–{_fmt(s.max)})"
+def _seeds_note(s: Spread, n_seeds: int) -> str:
+    return f" ({s.n} of {n_seeds} seeds)" if s.n < n_seeds else ""
 
 
-def _diff_cell(s: Spread) -> str:
-    sign = lambda x: f"{x:+.3f}"  # noqa: E731
+def _cell(s: Spread, n_seeds: int) -> str:
     if s.n == 1:
-        return f"{sign(s.mean)} (1 seed)"
-    return f"{sign(s.mean)} [{sign(s.ci_low)}, {sign(s.ci_high)}]"
+        return f"{_fmt(s.mean)}{_seeds_note(s, n_seeds) or ' (1 seed)'}"
+    return (f"{_fmt(s.mean)} ± {_fmt(s.std)} ({_fmt(s.min)}–{_fmt(s.max)})"
+            + _seeds_note(s, n_seeds))
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}"
+
+
+def _diff_cell(s: Spread, n_seeds: int) -> str:
+    if s.n == 1:
+        return f"{_signed(s.mean)}{_seeds_note(s, n_seeds) or ' (1 seed)'}"
+    return f"{_signed(s.mean)} [{_signed(s.ci_low)}, {_signed(s.ci_high)}]" + \
+        _seeds_note(s, n_seeds)
 
 
 def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
@@ -161,14 +176,15 @@ def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
             lines += [f"## {grid}", ""]
         mine_curves = [c for c in curves if c["grid"] == grid]
         lines += _main_table(mine, spec) + [""] + _gap_table(mine_curves, spec) + [""]
-        lines += _self_weight_table(mine_curves) + [""]
+        lines += _self_weight_table(mine_curves, len(spec.seeds)) + [""]
     if failed:
-        lines += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in failed.items()] + [""]
+        lines += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in sorted(failed.items())]
+        lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
 
 def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
-    m = spec.metric
+    m, n = spec.metric, len(spec.seeds)
     all_r = sorted({r["R"] for r in rows})
     loops = [r for r in (spec.report_loops or all_r) if r in all_r]
     cells = _by(rows, m, "variant", "R")
@@ -181,12 +197,12 @@ def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
     for v in variants:
         trained_r = sorted({r["trained_loop"] for r in rows if r["variant"] == v})
         row = [v, ",".join(map(str, trained_r))]
-        row += [_cell(spread(list(cells[(v, r)].values()))) if (v, r) in cells else ""
+        row += [_cell(spread(list(cells[(v, r)].values())), n) if (v, r) in cells else ""
                 for r in loops]
         ref = trained.get((spec.reference, TRAINED))
         mine = trained.get((v, TRAINED))
         row.append("(reference)" if v == spec.reference else
-                   _diff_cell(paired_difference(mine, ref)) if mine and ref and
+                   _diff_cell(paired_difference(mine, ref), n) if mine and ref and
                    set(mine) & set(ref) else "")
         row.append(f"{spread(list(times[(v,)].values())).mean:.0f}" if (v,) in times else "")
         out.append("| " + " | ".join(row) + " |")
@@ -208,13 +224,13 @@ def _gap_table(curves: list[dict], spec: StudySpec) -> list[str]:
         row = [str(step)]
         for v in others:
             mine = table.get((v, step))
-            row.append(_diff_cell(paired_difference(mine, ref))
+            row.append(_diff_cell(paired_difference(mine, ref), len(spec.seeds))
                        if mine and ref and set(mine) & set(ref) else "")
         out.append("| " + " | ".join(row) + " |")
     return out
 
 
-def _self_weight_table(curves: list[dict]) -> list[str]:
+def _self_weight_table(curves: list[dict], n_seeds: int) -> list[str]:
     """Depth-Attention's mean weight on a position's own value along training (1 = vanilla)."""
     table = _by(curves, "mean_self_weight", "variant", "step")
     variants = list(dict.fromkeys(v for v, _ in table))
@@ -222,11 +238,11 @@ def _self_weight_table(curves: list[dict]) -> list[str]:
     if not variants:
         return []
     out = ["Depth-Attention's weight on a position's own value along training (mean over "
-           "positions with earlier sources, 64 held-out rows; 1 would be vanilla):", "",
+           "positions with earlier sources and over a held-out batch; 1 would be vanilla):", "",
            "| step | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
     for step in steps:
         out.append(f"| {step} | " + " | ".join(
-            _cell(spread(list(table[(v, step)].values()))) if (v, step) in table else ""
+            _cell(spread(list(table[(v, step)].values())), n_seeds) if (v, step) in table else ""
             for v in variants) + " |")
     return out
 
@@ -258,9 +274,12 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
 
 def write_all(runs: list[RunSpec], spec: StudySpec, command: str,
               failed: dict[str, str]) -> Path:
+    """Aggregate every finished run of `runs`; `failed` adds this invocation's failures to
+    those the run directories record."""
     out = Path(spec.results)
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves = collect(runs)
+    rows, curves, errors = collect(runs)
+    failed = {**errors, **failed}
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", summarise(rows, spec))
     _write_csv(out / "paired.csv", paired(rows, spec))

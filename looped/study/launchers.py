@@ -24,17 +24,20 @@ Report = Callable[[RunStatus], None]
 def run_local(runs: list[RunSpec], spec: StudySpec, report: Report) -> list[RunStatus]:
     """`jobs` runs at a time, each a subprocess with `threads` torch threads."""
     out: list[RunStatus] = []
-    with ThreadPoolExecutor(max_workers=jobs_for(spec)) as pool, \
-            tqdm(total=len(runs), desc=f"study {spec.name}", unit="run", disable=None,
-                 dynamic_ncols=True) as bar:
-        futures = [pool.submit(run_one, run) for run in runs]
-        for future in as_completed(futures):
-            status = future.result()
-            out.append(status)
-            bar.update(1)
-            bar.clear()
-            report(status)
-            bar.refresh()
+    pool = ThreadPoolExecutor(max_workers=jobs_for(spec))
+    try:
+        with tqdm(total=len(runs), desc=f"study {spec.name}", unit="run", disable=None,
+                  dynamic_ncols=True) as bar:
+            futures = [pool.submit(run_one, run) for run in runs]
+            for future in as_completed(futures):
+                status = future.result()
+                out.append(status)
+                bar.update(1)
+                bar.clear()
+                report(status)
+                bar.refresh()
+    finally:  # on Ctrl-C start nothing more; the runs in flight get the signal themselves
+        pool.shutdown(wait=True, cancel_futures=True)
     return out
 
 

@@ -4,30 +4,34 @@ A run directory holds, besides what train.py writes:
     study_run.json   what the run is (overrides, seed) and the wall time of each training attempt
     train.log        the training subprocess's output (appended on every attempt)
     eval/            looped.evaluate's loop_sweep.csv / .json / .png
-    result.json      written last: the run is finished, and a rerun of the study skips it
+    result.json      written last: the run is finished, and a rerun of the study skips it as
+                     long as it was made with the same overrides and evaluation settings
     error.txt        the one-line reason of the last failed attempt (removed on success)
+    .lock            held while a process works on the run
 
-`run_one` never raises for a failed run; it returns a RunStatus, so one bad variant does not stop
-the others. It is a plain function of a picklable RunSpec, so submitit can ship it to a cluster.
+`run_one` never raises: it returns a RunStatus, so one bad run does not stop the others. It is a
+plain function of a picklable RunSpec, so submitit can ship it to a cluster.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from looped.checkpoint import CKPT_DIR, LATEST
 from looped.config import eval_loops, load_config
 from looped.study.spec import RunSpec
 
 RESULT = "result.json"
 RECORD = "study_run.json"
 ERROR = "error.txt"
-LATEST = Path("ckpt") / "latest"
+LOCK = ".lock"
 
 
 @dataclass
@@ -39,12 +43,36 @@ class RunStatus:
     result: dict = field(default_factory=dict)
 
 
+def settings(run: RunSpec) -> dict:
+    """What a finished result must have been made with to count for this run."""
+    return {"overrides": list(run.overrides), "seed": run.seed,
+            "eval_loops": list(run.eval_loops), "eval_n_samples": run.eval_n_samples,
+            "eval_batch_size": run.eval_batch_size}
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """A JSON file's content, or None if it is missing or unreadable (e.g. cut by a kill)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def finished_result(run: RunSpec) -> Optional[dict]:
+    """The run's result if it finished with this run's settings, else None."""
+    result = read_json(Path(run.run_dir) / RESULT)
+    if result is None or result.get("settings") != settings(run):
+        return None
+    return result
+
+
 def run_state(run: RunSpec) -> str:
-    """finished | interrupted (has a checkpoint) | failed (last attempt) | new."""
+    """finished | stale (finished with other settings) | interrupted (has a checkpoint) |
+    failed (last attempt) | new."""
     d = Path(run.run_dir)
     if (d / RESULT).is_file():
-        return "finished"
-    if (d / LATEST).is_file():
+        return "finished" if finished_result(run) else "stale"
+    if (d / CKPT_DIR / LATEST).is_file():
         return "interrupted"
     if (d / ERROR).is_file():
         return "failed"
@@ -72,65 +100,72 @@ def _run(cmd: list[str], log: Path) -> tuple[int, str]:
         return code, f.read()
 
 
-def _load_record(d: Path, run: RunSpec) -> tuple[dict, Optional[str]]:
-    record = {"variant": run.variant, "seed": run.seed, "grid": dict(run.grid),
-              "overrides": list(run.overrides), "attempt_seconds": []}
-    path = d / RECORD
-    if not path.is_file():
-        return record, None
-    old = json.loads(path.read_text())
-    if old.get("overrides") != record["overrides"] or old.get("seed") != run.seed:
-        return old, (f"{d} holds a run with other overrides than the study's now; move it away "
-                     f"or give the study another out=")
-    return old, None
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)  # atomic: a reader sees the old file or the new one, never half of one
 
 
 def run_one(run: RunSpec) -> RunStatus:
     """Train the run (resuming from its checkpoint if interrupted), evaluate it, record it."""
     d = Path(run.run_dir)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / LOCK, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return RunStatus(run, "failed", error=f"another process is working on {d}")
+            return _train_and_evaluate(run, d)
+    except Exception as e:  # a bug or an OS error: report it with the run, keep the others
+        return _fail(run, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+
+
+def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
     if (d / RESULT).is_file():
-        return RunStatus(run, "skipped", result=json.loads((d / RESULT).read_text()))
-    d.mkdir(parents=True, exist_ok=True)
-    record, conflict = _load_record(d, run)
-    if conflict:
-        return _fail(run, conflict)
-    resumed = (d / LATEST).is_file()
+        result = finished_result(run)
+        if result is None:
+            return _fail(run, f"{d} holds a finished run made with other overrides or "
+                              f"evaluation settings than the study's now; move it away or give "
+                              f"the study another out=")
+        return RunStatus(run, "skipped", result=result)
+    resumed = (d / CKPT_DIR / LATEST).is_file()
+    record = read_json(d / RECORD)
+    if record is None or (record.get("settings") != settings(run) and not resumed):
+        # new, or only failed attempts without a checkpoint: start afresh
+        record = {"settings": settings(run), "attempt_seconds": []}
+    elif record.get("settings") != settings(run):
+        return _fail(run, f"{d} holds a checkpoint of a run with other overrides than the "
+                          f"study's now; move it away or give the study another out=")
     cmd = [sys.executable, "-m", "looped.train", *run.train_argv()]
     t0 = time.perf_counter()
     code, output = _run(cmd + (["resume=true"] if resumed else []), d / "train.log")
     record["attempt_seconds"].append(round(time.perf_counter() - t0, 1))
-    (d / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    _write_json(d / RECORD, record)
     if code != 0:
         return _fail(run, _last_error(output, code), resumed)
-    cmd = [sys.executable, "-m", "looped.evaluate", f"ckpt={d}", f"out={d / 'eval'}",
-           f"n_samples={run.eval_n_samples}", f"batch_size={run.eval_batch_size}",
-           f"threads={run.threads}"]
     # default: the loop counts training scored (eval.loops, or its default for the run's loop)
     loops = run.eval_loops or eval_loops(load_config([*run.overrides, f"seed={run.seed}"]))
-    cmd.append(f"loops=[{','.join(map(str, loops))}]")
+    cmd = [sys.executable, "-m", "looped.evaluate", f"ckpt={d}", f"out={d / 'eval'}",
+           f"n_samples={run.eval_n_samples}", f"batch_size={run.eval_batch_size}",
+           f"threads={run.threads}", f"loops=[{','.join(map(str, loops))}]"]
     code, output = _run(cmd, d / "eval.log")
     if code != 0:
         return _fail(run, "evaluation: " + _last_error(output, code), resumed)
-    sweep = json.loads((d / "eval" / "loop_sweep.json").read_text())
-    (entry,) = sweep.values()
+    (entry,) = json.loads((d / "eval" / "loop_sweep.json").read_text()).values()
+    attempts = record["attempt_seconds"]
     result = {"variant": run.variant, "seed": run.seed, "grid": dict(run.grid),
-              "trained_loop": entry["trained_loop"], "eval": entry["results"],
-              "train_seconds": sum(record["attempt_seconds"]),
-              "attempts": len(record["attempt_seconds"]), "resumed": resumed or
-              len(record["attempt_seconds"]) > 1}
+              "settings": settings(run), "trained_loop": entry["trained_loop"],
+              "eval": entry["results"], "train_seconds": sum(attempts),
+              "attempts": len(attempts), "resumed": resumed or len(attempts) > 1}
     (d / ERROR).unlink(missing_ok=True)
-    tmp = d / f".{RESULT}.tmp"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(d / RESULT)  # atomic: a run is finished exactly when result.json exists
+    _write_json(d / RESULT, result)  # the run is finished exactly when result.json exists
     return RunStatus(run, "finished", resumed=resumed, result=result)
 
 
 def _fail(run: RunSpec, message: str, resumed: bool = False) -> RunStatus:
-    d = Path(run.run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / ERROR).write_text(message + "\n")
+    try:
+        (Path(run.run_dir) / ERROR).write_text(message + "\n")
+    except OSError:
+        pass  # the status still carries the message
     return RunStatus(run, "failed", error=message, resumed=resumed)
-
-
-def status_dict(status: RunStatus) -> dict:
-    return {**asdict(status), "run": asdict(status.run)}

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -115,7 +116,7 @@ def load_study(path: str | Path, overrides: list[str] = ()) -> StudySpec:
             if "=" not in item:
                 raise ConfigError(f"argument '{item}' is not of the form key=value")
             spec.merge_with_dotlist([item])
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, yaml.YAMLError) as e:  # a bad value on the command line
         raise ConfigError(f"{path}: {first_line(e)} (study keys: "
                           f"{', '.join(StudySpec.__dataclass_fields__)})") from None
     spec: StudySpec = OmegaConf.to_object(spec)
@@ -149,14 +150,20 @@ def _validate(spec: StudySpec, path: Path) -> None:
     need(all(r >= 1 for r in spec.eval.loops + spec.report_loops), "loop counts must be >= 1")
     need(spec.eval.n_samples >= 1 and spec.eval.batch_size >= 1,
          "eval.n_samples and eval.batch_size must be >= 1")
+    reserved = ("seed", "out_dir", "name", "threads", "resume", "resume_from")
     for key, values in spec.grid.items():
         need(bool(values), f"grid axis '{key}' has no values")
+        need(key not in reserved, f"grid axis '{key}': the study sets it itself")
+        need(len({str(v) for v in values}) == len(values),
+             f"grid axis '{key}' repeats a value: {values}")
+        need(all(v is not None and "/" not in str(v) and not isinstance(v, (dict, list))
+                 for v in values),
+             f"grid axis '{key}': values must be plain scalars without '/', got {values}")
     for name in spec.variants:
         need(name and "/" not in name and not name.startswith("."),
              f"variant name '{name}' must be a plain directory name")
-    reserved = ("seed=", "out_dir=", "name=", "threads=", "resume=", "resume_from=")
     for item in [*spec.base, *spec.extra, *(o for v in spec.variants.values() for o in v)]:
-        need(not item.startswith(reserved),
+        need(not item.startswith(tuple(f"{k}=" for k in reserved)),
              f"'{item}': the study sets seed, out_dir, name, threads and resume itself")
 
 
