@@ -40,9 +40,12 @@ def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
 
 
 def plot_bands(series: dict[str, dict[int, list[float]]], path: Path, *, xlabel: str,
-               ylabel: str, title: str = "", log2_x: bool = False) -> Path:
+               ylabel: str, title: str = "", log2_x: bool = False,
+               zero_line: bool = False) -> Path:
     """One line per series: the mean over its values at each x, with a min–max band."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
+    if zero_line:
+        ax.axhline(0.0, color="black", linewidth=0.8)
     for label, points in series.items():
         xs = sorted(points)
         mean = [sum(points[x]) / len(points[x]) for x in xs]

@@ -138,7 +138,7 @@ def test_markdown_table_and_figures_are_rendered(done):
     assert "Along training" in md and "| 3 |" in md and "| 6 |" in md  # the eval steps
     curves = list(csv.DictReader(open(out / "results" / "curves.csv")))
     assert {int(c["step"]) for c in curves} == {3, 6}
-    for name in ("loss_vs_R.png", "curves.png"):
+    for name in ("loss_vs_R.png", "curves.png", "gap_curves.png"):
         assert (out / "results" / name).stat().st_size > 1000
 
 

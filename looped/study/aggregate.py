@@ -255,21 +255,40 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
     made = []
     for grid in dict.fromkeys(r["grid"] for r in rows):
         prefix = f"{grid}_" if grid else ""
+        title = f"{spec.name} ({grid})" if grid else spec.name
         bands = {}
         for (v, R), vals in _by([r for r in rows if r["grid"] == grid], m, "variant", "R").items():
             bands.setdefault(v, {})[R] = list(vals.values())
         made.append(plot_bands(bands, out / f"{prefix}{m}_vs_R.png", xlabel="loop count R",
                                ylabel=f"held-out {m}", log2_x=True,
-                               title=f"{spec.name} {grid}: {m} vs R (band: min–max over seeds)"))
-        lc = {}
+                               title=f"{title}: {m} vs R (band: min–max over seeds)"))
+        lc: dict[str, dict[int, dict[int, float]]] = {}  # variant -> step -> seed -> value
         for (v, step), vals in _by([c for c in curves if c["grid"] == grid], m, "variant",
                                    "step").items():
-            lc.setdefault(v, {})[step] = list(vals.values())
+            lc.setdefault(v, {})[step] = vals
         if lc:
-            made.append(plot_bands(lc, out / f"{prefix}curves.png", xlabel="training step",
+            per_step = {v: {step: list(vals.values()) for step, vals in steps.items()}
+                        for v, steps in lc.items()}
+            made.append(plot_bands(per_step, out / f"{prefix}curves.png", xlabel="training step",
                                    ylabel=f"held-out {m} at trained R",
-                                   title=f"{spec.name} {grid}: learning curves"))
+                                   title=f"{title}: learning curves"))
+            ref = lc.get(spec.reference, {})
+            gaps = {v: {step: _paired_values(lc[v][step], ref[step])
+                        for step in lc[v] if step in ref}
+                    for v in lc if v != spec.reference}
+            gaps = {v: {k: d for k, d in g.items() if d} for v, g in gaps.items() if g}
+            if gaps:
+                made.append(plot_bands(gaps, out / f"{prefix}gap_curves.png",
+                                       xlabel="training step",
+                                       ylabel=f"{m} − {spec.reference} (paired by seed)",
+                                       zero_line=True,
+                                       title=f"{title}: difference to {spec.reference} along "
+                                             f"training (band: min–max over seeds)"))
     return made
+
+
+def _paired_values(values: dict[int, float], reference: dict[int, float]) -> list[float]:
+    return [values[s] - reference[s] for s in sorted(set(values) & set(reference))]
 
 
 def write_all(runs: list[RunSpec], spec: StudySpec, command: str,
