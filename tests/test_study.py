@@ -200,6 +200,7 @@ def test_submitit_debug_executor_runs_the_study(tmp_path):
     (["{study}", "grid.seed=[1,2]"], "grid axis 'seed': the study sets it itself"),
     (["{study}", "grid.task=[roots,roots]"], "grid axis 'task' repeats a value"),
     (["{study}", "seeds=[0,1"], "while parsing a flow sequence"),
+    (["{study}", "launcher=submitit_debug", "slurm.parameters={bogus_key: 1}"], "bogus_key"),
 ])
 def test_bad_study_input_is_one_line(tmp_path, args, fragment):
     path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
@@ -275,3 +276,11 @@ def test_paired_difference_pairs_only_shared_seeds(tmp_path):
     assert d["ci95_high"] == pytest.approx(0.1 + half)
     assert d["relative"] == pytest.approx(0.1 / 0.55)  # the reference's mean over seeds 0, 1
     assert out[("trained", "accuracy")]["mean"] == pytest.approx(0.1)
+
+
+def test_runs_whose_trained_loop_is_not_evaluated_are_refused_up_front(tmp_path):
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
+    proc = study(path, "eval.loops=[1,3]", "only=[da]", "dry_run=true", timeout=120)
+    assert "0 to start, 2 with a bad config" in proc.stdout
+    assert "FAILED da/seed0: the study's eval.loops [1, 3] leave out this run's trained loop=2" \
+        in proc.stdout

@@ -56,10 +56,15 @@ def run_submitit(runs: list[RunSpec], spec: StudySpec, report: Report) -> list[R
                                      cluster=SUBMITIT_CLUSTERS[spec.launcher])
     s = spec.slurm
     params = dict(timeout_min=s.timeout_min, cpus_per_task=s.cpus_per_task or spec.threads,
-                  mem_gb=s.mem_gb, name=f"study-{spec.name}")
+                  mem_gb=s.mem_gb, name=f"study-{spec.name}", **s.parameters)
+    if s.gpus_per_node:
+        params["gpus_per_node"] = s.gpus_per_node
     if s.partition:
         params["slurm_partition"] = s.partition
-    executor.update_parameters(**params)
+    try:
+        executor.update_parameters(**params)
+    except (NameError, TypeError, ValueError) as e:  # submitit names the unknown parameter
+        raise ConfigError(f"slurm: {str(e).strip().splitlines()[0]}") from None
     jobs = executor.map_array(run_one, runs)
     print(f"submitted {len(jobs)} job(s) through submitit ({spec.launcher}); logs under "
           f"{Path(spec.out) / '.submitit'}", flush=True)

@@ -50,6 +50,9 @@ class SlurmOptions:
     timeout_min: int = 240
     mem_gb: float = 8.0
     cpus_per_task: int = 0  # 0: the study's threads
+    gpus_per_node: int = 0
+    # more submitit parameters, e.g. {slurm_account: x, slurm_qos: y}
+    parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -197,7 +200,10 @@ def expand(spec: StudySpec) -> list[RunSpec]:
 def check_run_config(run: RunSpec) -> Optional[str]:
     """The one-line problem with a run's config, or None if it resolves."""
     try:
-        load_config([*run.overrides, f"seed={run.seed}"])
+        cfg = load_config([*run.overrides, f"seed={run.seed}"])
     except LoopedError as e:
         return str(e)
+    if run.eval_loops and cfg.loop not in run.eval_loops:  # the report compares at trained R
+        return (f"the study's eval.loops {list(run.eval_loops)} leave out this run's trained "
+                f"loop={cfg.loop}")
     return None
