@@ -19,8 +19,8 @@ from looped.model import depth as depth_mod
 from looped.model.depth import (SOURCE_POLICIES, DepthLayout, register_source_policy,
                                 sources_for_layout)
 
-from conftest import (HEADS, LOOPED_MODEL, VARIANTS, make_model, max_diff, rand_ids,
-                      randomize_, tiny_cfg)
+from conftest import (HEADS, LOOPED_MODEL, VARIANTS, make_model, max_diff, naive_looped,
+                      rand_ids, randomize_, tiny_cfg)
 
 # ---------------------------------------------------------------------------------------------
 # Independent reference
@@ -211,6 +211,11 @@ def test_policy_none_is_exactly_vanilla():
     with torch.no_grad():
         a, b = vanilla(ids).logits, none(ids).logits
     assert torch.equal(a, b)
+    # and both are the vanilla math itself: the float64 reference with no depth sources at all
+    # (a reference that shares no code with the model's depth path)
+    ref = naive_looped(none, ids, sources=[()] * none.layout().n_positions)
+    assert max_diff(b.double(), ref["logits"]) < 1e-5
+    assert all(w.shape[-1] == 1 for w, _ in ref["alphas"].values())  # each position: itself only
 
 
 @pytest.mark.parametrize("variant", ["dense", "strided", "strided_w1"])

@@ -254,3 +254,57 @@ def test_held_out_scoring_matches_a_recompute_by_hand():
     assert got["accuracy"] == pytest.approx(want_acc, abs=1e-12)
     assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
     assert got["iterations"] == 2.0
+
+
+class _PointerFollower(torch.nn.Module):
+    """A stand-in model for scoring: at each query it follows `loops` parent pointers (so it is
+    right exactly for queries of depth <= loops) and puts probability 0.9 on that node, the rest
+    spread evenly over the other tokens."""
+
+    P_TOP = 0.9
+
+    def __init__(self, task):
+        super().__init__()
+        self.task = task
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives task_accuracy a device
+
+    def forward(self, inputs, loops, exit=None):
+        from types import SimpleNamespace
+
+        n, vocab = self.task.n_nodes, self.task.vocab_size
+        parents = inputs[:, :n]
+        node = inputs.clone()
+        for _ in range(loops):
+            node[:, n + 1:] = parents.gather(1, node[:, n + 1:])
+        rest = (1 - self.P_TOP) / (vocab - 1)
+        probs = torch.full((*inputs.shape, vocab), rest)
+        probs.scatter_(2, node.clamp_max(vocab - 1).unsqueeze(-1), self.P_TOP)
+        return SimpleNamespace(logits=probs.log(),
+                               iterations=torch.full(inputs.shape, loops, dtype=torch.long))
+
+
+@pytest.mark.parametrize("loops", [1, 3, 5])
+def test_held_out_scoring_over_several_batches_against_an_independent_count(loops):
+    """40 held-out sequences in batches of 16, 16 and 8, scored by task_accuracy, against the
+    independent solver: accuracy is the fraction of queries of depth <= loops, and the loss is
+    -log 0.9 on those and -log(0.1 / (vocab - 1)) on the others."""
+    import math
+
+    from looped.evaluate_tasks import HELD_OUT_SEED_OFFSET, task_accuracy
+
+    cfg = load_config(["task=roots"])
+    task = build_task(cfg.task, split="eval")
+    got = task_accuracy(_PointerFollower(task), task, loops=loops, n_samples=40, batch_size=16,
+                        seed=cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed + HELD_OUT_SEED_OFFSET)
+    depths = []
+    for size in (16, 16, 8):  # the same draws, batch by batch
+        for row in task.sample(size, gen).inputs.tolist():
+            depths += [len(steps) for steps in solve_roots(row, task.n_nodes).values()]
+    right = sum(d <= loops for d in depths)
+    assert 0 < right < len(depths) or loops == 5
+    assert got["accuracy"] == pytest.approx(right / len(depths), abs=1e-12)
+    wrong_nll = -math.log(0.1 / (task.vocab_size - 1))
+    want_loss = (right * -math.log(0.9) + (len(depths) - right) * wrong_nll) / len(depths)
+    assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert got["iterations"] == loops
