@@ -398,3 +398,20 @@ def tol_for(dtype) -> float:
 # A tiny model for tests that run the real CLI in a subprocess (train.py dotlist arguments).
 CLI_TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
                   "model.head_dim=16", "model.ffn_dim=64", "loop=2", "threads=1"]
+
+
+def assert_same_checkpoint(a, b) -> None:
+    """Two checkpoint directories hold bit-identical weights, optimizer state, RNG and step."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+    sa, sb = (torch.load(p / "state.pt", weights_only=True) for p in (a, b))
+    assert sa["step"] == sb["step"] and torch.equal(sa["torch_rng"], sb["torch_rng"])
+    oa, ob = sa["optimizer"], sb["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, state in oa["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, ob["state"][i][key]), (i, key)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TINY_MODEL
+from conftest import CLI_TINY_MODEL, assert_same_checkpoint
 import torch
 
 from looped import build_model, load_config
@@ -106,6 +106,8 @@ def test_resume_continues_exactly(tmp_path):
     assert sorted(resumed) == [4, 5, 6]
     for step in (4, 5, 6):
         assert resumed[step] == full[step], (step, resumed[step], full[step])
+    assert_same_checkpoint(tmp_path / "full" / "ckpt" / "step_00000006",
+                           tmp_path / "resumed" / "ckpt" / "step_00000006")
 
 
 def test_evaluate_writes_csv_json_and_png(tmp_path):

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TINY_MODEL
+from conftest import CLI_TINY_MODEL, assert_same_checkpoint
 
 from looped.checkpoint import PAUSE_HOOK
 
@@ -49,7 +49,9 @@ def wait_for(predicate, timeout=120.0):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return train(f"out_dir={tmp_path_factory.mktemp('ref')}", "name=ref")
+    out = tmp_path_factory.mktemp("ref")
+    losses = train(f"out_dir={out}", "name=ref")
+    return losses, out / "ref" / "ckpt" / "step_00000008"
 
 
 @pytest.mark.slow
@@ -64,9 +66,11 @@ def test_kill_during_checkpoint_write_keeps_last_good_and_resumes_exactly(tmp_pa
     assert proc.returncode == -signal.SIGKILL
     assert (run_dir / "ckpt" / "latest").read_text() == "step_00000004"  # the last good one
     resumed = train(f"out_dir={tmp_path}", "name=run", "resume=true")
+    losses, final = reference
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
-        assert loss == reference[step], (step, loss, reference[step])
+        assert loss == losses[step], (step, loss, losses[step])
+    assert_same_checkpoint(final, run_dir / "ckpt" / "step_00000008")
 
 
 @pytest.mark.slow
@@ -82,6 +86,8 @@ def test_kill_during_training_resumes_exactly(tmp_path, reference):
     done = int(latest.split("_")[1])
     assert done in (2, 4, 6)  # whichever was last complete when the kill landed
     resumed = train(f"out_dir={tmp_path}", "name=run", "resume=true")
+    losses, final = reference
     assert sorted(resumed) == list(range(done + 1, 9))
     for step, loss in resumed.items():
-        assert loss == reference[step], (step, loss, reference[step])
+        assert loss == losses[step], (step, loss, losses[step])
+    assert_same_checkpoint(final, run_dir / "ckpt" / "step_00000008")
