@@ -468,3 +468,26 @@ def test_generate_with_exit_at_batch_one(name):
         full = model(tokens[:, :-1], exit=make_exit(name, th))
     assert torch.equal(full.logits[:, 3:].argmax(-1), tokens[:, 4:])
     assert torch.equal(full.iterations[:, 3:], iters)
+
+
+@pytest.mark.parametrize("name", ["entropy", "kl", "latent", "gate"])
+def test_cached_decode_under_exit_with_learned_positions(name):
+    model = make_model(seed=81, loop=R, exit_gate="true", pos_embedding="true",
+                       **VARIANTS["same_layer"], **LOOPED_MODEL)
+    ids = rand_ids(2, 10, seed=81)
+    th = pick_threshold(model, ids, name)
+    crit = MarginRecorder(name, make_exit(name, th), R)
+    with torch.no_grad():
+        full = model(ids, exit=crit)
+        logits, iters, _ = decode_run(model, ids, (3, 4), exit=crit)
+    assert len(full.iterations.unique()) > 1  # tokens exit at different iterations
+    assert crit.margins and min(crit.margins) > 1e-4
+    assert torch.equal(iters, full.iterations)
+    assert max_diff(logits, full.logits) <= 1e-5
+    prompt = ids[:1, :4]
+    tokens, its = model.generate(prompt, 6, temperature=0, exit=make_exit(name, th),
+                                 return_iterations=True)
+    with torch.no_grad():
+        ref = model(tokens[:, :-1], exit=make_exit(name, th))
+    assert torch.equal(ref.logits[:, 3:].argmax(-1), tokens[:, 4:])
+    assert torch.equal(ref.iterations[:, 3:], its)

@@ -229,3 +229,31 @@ def test_kvcache_direct_capacity_check():
         cache.begin(1, 2, 1)
     with pytest.raises(ShapeError):
         KVCache(2, 1, 1, 8, 4).begin(1, 3, 1)  # more depth positions than it holds
+
+
+# ---------------------------------------------------------------------------------------------
+# Learned absolute positions (on in the main job): decode steps must add the right position
+
+
+@pytest.mark.parametrize("kw", [
+    dict(policy="dense"),
+    dict(loop=3, policy="same_layer", injection="none", init_state="embed", **LOOPED_MODEL),
+], ids=["plain-dense", "looped-same_layer"])
+def test_decode_and_generate_with_learned_positions(kw):
+    model = make_model(seed=41, pos_embedding="true", **kw)
+    ids = rand_ids(2, 11, seed=41)
+    with torch.no_grad():
+        full = model(ids).logits
+        pos = model.pos_embed.weight.clone()
+        model.pos_embed.weight.zero_()
+        no_pos = model(ids).logits
+        model.pos_embed.weight.copy_(pos)
+    assert max_diff(full, no_pos) > 1e-3  # the positions matter to the outputs
+    assert max_diff(decode_logits(model, ids, chunks=(4,)), full) <= 1e-5
+    assert max_diff(decode_logits(model, ids, chunks=(2, 5)), full) <= 1e-5
+    prompt = ids[:, :5]
+    with_cache = model.generate(prompt, 6, temperature=0, use_cache=True)
+    assert torch.equal(with_cache, model.generate(prompt, 6, temperature=0, use_cache=False))
+    with torch.no_grad():
+        logits = model(with_cache[:, :-1]).logits
+    assert torch.equal(logits[:, 4:].argmax(-1), with_cache[:, 5:])
