@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from looped import build_model, load_config
@@ -100,3 +101,62 @@ def test_cli_prints_the_table():
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "context must be an integer" in bad.stderr
+
+
+class _ArithmeticCounter(TorchDispatchMode):
+    """Counts the arithmetic torch actually executes in elementwise ops and reductions (which
+    FlopCounterMode ignores): one per output element of mul/add/sub/div, numel(in) - numel(out)
+    per sum, SOFTMAX per softmax element. Matmuls are left to FlopCounterMode."""
+
+    SOFTMAX = 5
+    ELEMENTWISE = {"mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_"}
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name in self.ELEMENTWISE:
+            self.total += out.numel()
+        elif name == "sum":
+            self.total += args[0].numel() - out.numel()
+        elif name == "_softmax":
+            self.total += self.SOFTMAX * out.numel()
+        return out
+
+
+def _arithmetic(model, ids) -> int:
+    with _ArithmeticCounter() as counter, torch.no_grad():
+        model(ids)
+    return counter.total
+
+
+@pytest.mark.parametrize("extra", [
+    ["loop=1", "model.n_layers=6", "model.depth_attention.sources=strided"],
+    ["loop=1", "model.n_layers=4", "model.depth_attention.sources=dense"],
+    ["loop=3", "model.n_layers=2", "model.n_prelude=1", "model.n_coda=1"],  # same_layer
+])
+def test_depth_attention_flops_equal_the_executed_arithmetic(extra):
+    """The accounting's Depth-Attention FLOPs against the arithmetic a real forward executes,
+    measured as the difference between the model and its vanilla twin (same weights). The
+    accounting counts a dot product of length D as 2D (multiply-add convention); executed, it is
+    2D - 1, and a weighted sum of n vectors is (2n - 1) D: per position with n = S + 1 sources
+    and per KV head, the accounting is n + D higher."""
+    cfg = load_config(extra + ["train.loops.sampler=fixed"])
+    vanilla_cfg = load_config(extra + ["train.loops.sampler=fixed",
+                                       "model.depth_attention.enabled=false"])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    twin = build_model(vanilla_cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    t = 16
+    ids = torch.randint(0, cfg.model.vocab_size, (1, t))
+    executed = _arithmetic(model, ids) - _arithmetic(twin, ids)
+    m = cfg.model
+    sources = model.depth_sources(model.loop)
+    convention = sum(m.n_kv_heads * (len(s) + 1 + m.head_dim) for s in sources if s)
+    assert any(sources) and executed > 0
+    assert account(cfg, context=t, bytes_per=2).depth_attention.flops * t == \
+        executed + convention * t
