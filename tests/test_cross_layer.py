@@ -393,3 +393,93 @@ def test_trains_through_the_cli_with_one_key(method, tmp_path):
         assert "skipping loops [4]" in sweep.stdout
         rows = (tmp_path / "sweep" / "loop_sweep.csv").read_text().splitlines()[1:]
         assert [int(r.split(",")[2]) for r in rows] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# References in looped models (prelude, core x R with the input injection, coda), away from the
+# identity init: the slots, the injection and the order of depth positions are what is checked
+
+
+def _depth_blocks(model, ids):
+    """x0 and, in depth order (prelude, core per iteration, coda), a function running each
+    position's block (Depth-Attention off)."""
+    x0 = model.embed(ids)
+    store = ActivationStore()
+    blocks = list(model.prelude) + [model.core_block(r, j) for r in range(model.loop)
+                                    for j in range(model.cfg.n_layers)] + list(model.coda)
+
+    def runner(p, block):
+        def call(x, branch=False):
+            return (block.branch if branch else block)(x, model.rope, DepthStep(p, (), store))
+        return call
+    return x0, [runner(p, b) for p, b in enumerate(blocks)]
+
+
+def test_attn_res_in_a_looped_model_matches_its_formula():
+    """h_p = softmax-attention over v_0, the earlier branch outputs and, before iterations
+    r >= 1, the injected increment (state + e) - read; queries indexed by depth position."""
+    model = method_model("attn_res", "looped", seed=8, enabled=False, injection="add",
+                         init_state="zeros")
+    w, c = model.cross_layer.queries, model.cfg
+    ids = rand_ids(2, 9, seed=8)
+    x0, calls = _depth_blocks(model, ids)
+
+    def attend(vs, q):
+        if len(vs) == 1:
+            return vs[0]
+        keys = torch.stack([v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt() for v in vs])
+        a = torch.softmax(torch.einsum("nbtd,d->nbt", keys, q), dim=0)
+        return torch.einsum("nbt,nbtd->btd", a, torch.stack(vs))
+
+    with torch.no_grad():
+        values, p = [x0], 0
+
+        def layer():
+            nonlocal p
+            h = attend(values, w[p - 1]) if p > 0 else attend(values, None)
+            values.append(calls[p](h, branch=True))
+            p += 1
+
+        for _ in range(c.n_prelude):
+            layer()
+        e = attend(values, w[-1])
+        state = torch.zeros_like(e)
+        for r in range(model.loop):
+            if r > 0:  # iteration 0 reads e itself: nothing new to add
+                values.append((state + e) - attend(values, w[-1]))
+            for _ in range(c.n_layers):
+                layer()
+            state = attend(values, w[-1])
+        for _ in range(c.n_coda):
+            layer()
+        want = model.head(attend(values, w[-1]))
+        assert max_diff(model(ids).logits, want) <= TOL
+        assert max_diff(want, vanilla_like(model)(ids).logits) > 1e-3
+
+
+@pytest.mark.parametrize("da", [False, True], ids=["noda", "da"])
+def test_value_residual_in_a_looped_model_matches_a_hooked_vanilla_model(da):
+    """Every layer application (depth position p >= 1, counted in forward order through the
+    prelude, each iteration of the shared core and the coda) mixes in position 0's value with
+    its own lambdas: V'_p = l1[p] V_p + l2[p] V_0."""
+    model = method_model("value_residual_learned", "looped", seed=9, enabled=da)
+    vanilla = vanilla_like(model)
+    lambdas = model.cross_layer.lambdas
+    seen = {"p": 0}
+
+    def hook(module, inputs, out):
+        p = seen["p"]
+        seen["p"] += 1
+        if p == 0:
+            seen["v0"] = out
+            return out
+        return lambdas[p - 1, 0] * out + lambdas[p - 1, 1] * seen["v0"]
+
+    for block in {id(b): b for b in vanilla.modules() if hasattr(b, "v_proj")}.values():
+        block.v_proj.register_forward_hook(hook)
+    ids = rand_ids(2, 9, seed=9)
+    with torch.no_grad():
+        want = vanilla(ids).logits
+        assert seen["p"] == model.layout().n_positions  # one value per depth position
+        assert max_diff(model(ids).logits, want) <= TOL
+        assert max_diff(want, vanilla_like(model)(ids).logits) > 1e-3
