@@ -45,7 +45,7 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
                     state: dict[str, Any], keep: int = 3) -> Path:
     """Write ckpt/step_XXXXXXXX atomically (temp dir, fsync, rename), point `latest` at it,
-    then prune all but the newest `keep` checkpoints."""
+    then prune all but the `keep` most recently written checkpoints."""
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -67,7 +67,10 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     latest_tmp.write_text(name)
     os.replace(latest_tmp, root / LATEST)
     _fsync_dir(root)
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    # prune by recency, not by step: a run rewound with resume_from writes lower steps, and the
+    # checkpoint just written (the one `latest` names) must survive
+    others = [p for p in root.glob("step_*") if p.is_dir() and p != final]
+    for old in sorted(others, key=lambda p: p.stat().st_mtime_ns, reverse=True)[keep - 1:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

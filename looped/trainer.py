@@ -120,7 +120,7 @@ class Trainer:
         optimizer = full_optimizer_state(self.model, self.opt)
         if not self.env.is_main:
             return None
-        state = {"step": self.step, "optimizer": optimizer,
+        state = {"step": self.step, "optimizer": optimizer, "skipped": self.skipped,
                  "torch_rng": torch.get_rng_state(), "history": self.history}
         return save_checkpoint(self.run_dir, self.step, model, state,
                                keep=self.cfg.train.keep_checkpoints)
@@ -139,6 +139,7 @@ class Trainer:
         load_optimizer_state(self.model, self.opt, state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
+        self.skipped = int(state.get("skipped", 0))  # absent in checkpoints of older versions
         return ckpt
 
     # -- steps -------------------------------------------------------------------------------

@@ -47,6 +47,19 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     assert resolve_checkpoint(tmp_path).name == "step_00000004"
 
 
+def test_pruning_keeps_the_checkpoint_just_written_after_a_rewind(tmp_path):
+    """A run rewound with resume_from writes lower steps than it has: pruning goes by when a
+    checkpoint was written, so the new one (named by `latest`) survives."""
+    model = tiny_model()
+    for step in (8, 10, 6):
+        save_checkpoint(tmp_path, step, model, {"step": step}, keep=2)
+    names = sorted(p.name for p in (tmp_path / "ckpt").glob("step_*"))
+    assert names == ["step_00000006", "step_00000010"]
+    assert resolve_checkpoint(tmp_path).name == "step_00000006"
+    save_checkpoint(tmp_path, 7, model, {"step": 7}, keep=1)
+    assert [p.name for p in (tmp_path / "ckpt").glob("step_*")] == ["step_00000007"]
+
+
 def test_corrupted_weights_give_one_line_error(tmp_path):
     ckpt = save_checkpoint(tmp_path, 1, tiny_model(), {"step": 1})
     data = (ckpt / "model.safetensors").read_bytes()

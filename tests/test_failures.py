@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import CLI_TINY_MODEL
 
 from looped.trainer import NAN_HOOK
@@ -119,3 +120,11 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
     assert len(step_lines) == 4
     assert "skipped 1" in step_lines[1] and "skipped 1" in step_lines[3]
     assert "skipped" not in step_lines[0]
+    # the count is saved with the checkpoint, so a resumed run keeps counting from it
+    state = torch.load(tmp_path / "skip" / "ckpt" / "step_00000004" / "state.pt",
+                       weights_only=True)
+    assert state["skipped"] == 1
+    more = run(*TINY, "train.steps=5", "train.log_every=1", "train.skip_nonfinite=true",
+               f"out_dir={tmp_path}", "name=skip", "resume=true")
+    assert more.returncode == 0, more.stderr
+    assert "skipped 1" in [ln for ln in more.stdout.splitlines() if ln.startswith("step")][0]
