@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -25,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from looped.errors import LoopedError
 
 CKPT_DIR = "ckpt"
-PAUSE_HOOK = "LOOPED_TEST_PAUSE_IN_SAVE"  # tests set it to a step to kill -9 a write in flight
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"  # one JSON line per evaluation during training
 
@@ -56,9 +54,6 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if os.environ.get(PAUSE_HOOK) == str(step):  # test hook: hold still mid-write to be killed
-        (tmp / "PAUSED").touch()
-        time.sleep(600)
     final = root / name
     if final.exists():
         shutil.rmtree(final)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -35,9 +34,8 @@ from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
 from looped.optim import build_optimizer, lr_at
 
-DATA_STREAM = 7919
+DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
 DIAGNOSTIC_ROWS = 64  # held-out rows the depth-weight diagnostics read at each evaluation
-NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # tests set it to poison one step's loss  # keeps the data's per-step seeds apart from the loop sampler's
 
 
 def pick_device(name: str, env: DistEnv) -> torch.device:
@@ -157,8 +155,6 @@ class Trainer:
             out = self.train_model(local.inputs, loops=loops,
                                    grad_loops=cfg.train.grad_loops or None, return_states=True)
             loss = compute_loss(self.model, local, out, cfg.train.loss, cfg.train.gate_beta)
-        if os.environ.get(NAN_HOOK) == str(step + 1):  # test hook: poison this step's loss
-            loss = loss * float("nan")
         self.opt.zero_grad(set_to_none=True)
         if self.env.enabled:  # local mean -> this rank's share of the global mean
             n_global = int((batch.targets != IGNORE).sum())

@@ -10,15 +10,19 @@ import pytest
 import torch
 from conftest import CLI_TINY_MODEL
 
-from looped.trainer import NAN_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = CLI_TINY_MODEL + ["train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
                          "train.steps=2"]
 
 
+NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # read by tests/faulty_train.py
+
+
 def run(*args, env=None, module=None, timeout=300):
-    cmd = [sys.executable, "-m", module] if module else [sys.executable, "train.py"]
+    """The real CLI; with `env`, tests/faulty_train.py, which injects the faults it names."""
+    entry = "tests/faulty_train.py" if env else "train.py"
+    cmd = [sys.executable, "-m", module] if module else [sys.executable, entry]
     return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 

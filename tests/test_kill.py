@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import CLI_TINY_MODEL, assert_same_checkpoint
 
-from looped.checkpoint import PAUSE_HOOK
 
 ROOT = Path(__file__).resolve().parent.parent
+PAUSE_HOOK = "LOOPED_TEST_PAUSE_IN_SAVE"  # read by tests/faulty_train.py
 ARGS = CLI_TINY_MODEL + ["train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
                          "train.steps=8", "train.eval_every=2", "train.log_every=1",
                          "train.loops.sampler=uniform"]
@@ -33,7 +33,8 @@ def train(*args, env=None):
 
 
 def start(*args, env=None):
-    return subprocess.Popen([sys.executable, "train.py", *ARGS, *args], cwd=ROOT,
+    entry = "tests/faulty_train.py" if env else "train.py"
+    return subprocess.Popen([sys.executable, entry, *ARGS, *args], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
 

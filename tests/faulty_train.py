@@ -1,0 +1,66 @@
+"""Test-only entry point: `python tests/faulty_train.py <train.py arguments>` runs train.py's
+main with faults injected from the environment, so production code carries no test hooks.
+
+    LOOPED_TEST_NAN_AT_STEP=N     the loss of optimizer step N (1-based) becomes NaN
+    LOOPED_TEST_PAUSE_IN_SAVE=N   the checkpoint of step N stops after its files are written and
+                                  fsynced, before the rename that publishes it, and marks its
+                                  temporary directory with a PAUSED file (to be killed there)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import looped.checkpoint as checkpoint  # noqa: E402
+import looped.trainer as trainer  # noqa: E402
+from looped.errors import cli_main  # noqa: E402
+from looped.train import main  # noqa: E402
+
+NAN_AT = "LOOPED_TEST_NAN_AT_STEP"
+PAUSE_AT = "LOOPED_TEST_PAUSE_IN_SAVE"
+PAUSE_S = 600
+
+
+def poison_loss_at(step: int) -> None:
+    original_step, original_loss = trainer.Trainer.train_step, trainer.compute_loss
+    current = {"step": 0}
+
+    def train_step(self):
+        current["step"] = self.step + 1  # the step this call computes
+        return original_step(self)
+
+    def compute_loss(*args, **kwargs):
+        loss = original_loss(*args, **kwargs)
+        return loss * float("nan") if current["step"] == step else loss
+
+    trainer.Trainer.train_step, trainer.compute_loss = train_step, compute_loss
+
+
+class _PausingOs:
+    """The os module as looped.checkpoint sees it, with a replace() that holds still before
+    publishing the checkpoint of one step."""
+
+    def __init__(self, step: int):
+        self.name = f"step_{step:08d}"
+
+    def __getattr__(self, attr):
+        return getattr(os, attr)
+
+    def replace(self, src, dst):
+        if Path(dst).name == self.name:
+            (Path(src) / "PAUSED").touch()
+            time.sleep(PAUSE_S)
+        return os.replace(src, dst)
+
+
+if __name__ == "__main__":
+    if os.environ.get(NAN_AT):
+        poison_loss_at(int(os.environ[NAN_AT]))
+    if os.environ.get(PAUSE_AT):
+        checkpoint.os = _PausingOs(int(os.environ[PAUSE_AT]))
+    cli_main(main, sys.argv[1:])
