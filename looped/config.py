@@ -168,6 +168,8 @@ class EvalConfig:
 
 @dataclass
 class Config:
+    # the user's modules (names or .py paths) that register components; see looped.plugins
+    imports: list[str] = field(default_factory=list)
     loop: int = 4  # R: iterations of the core block
     seed: int = 0
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
@@ -251,8 +253,24 @@ def first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0]
 
 
+def _plugins_of(overrides) -> list[str]:
+    """The modules an `imports=[...]` override names (imported before anything resolves)."""
+    names: list[str] = []
+    for item in overrides:
+        if item.startswith("imports="):
+            try:
+                value = OmegaConf.from_dotlist([item]).imports
+            except Exception as e:  # a malformed list: yaml's parser errors
+                raise ConfigError(f"bad value in '{item}': {first_line(e)}") from None
+            names = list(value) if OmegaConf.is_list(value) else [str(value)]
+    return names
+
+
 def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """Resolve the config exactly as `python train.py <overrides>` does, then validate it."""
+    from looped.plugins import import_plugins
+
+    import_plugins(_plugins_of(overrides))
     cfg = OmegaConf.structured(Config)
     defaults = CONFIG_DIR / "defaults.yaml"
     if defaults.is_file():
@@ -273,6 +291,9 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         else:
             dotlist.append(item)
     cfg = _apply_dotlist(cfg, dotlist)
+    # plugin files by absolute path, so a saved run finds them from any directory
+    cfg.imports = [str(Path(n).expanduser().resolve()) if str(n).endswith(".py") else n
+                   for n in cfg.imports]
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
@@ -280,9 +301,13 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """A saved, resolved config (a run's config.yaml) with dotlist overrides, validated."""
+    from looped.plugins import import_plugins
+
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
-    cfg = _merge(OmegaConf.structured(Config), load_yaml(Path(path)), str(path))
+    saved = load_yaml(Path(path))
+    import_plugins([*saved.get("imports", []), *_plugins_of(overrides)])
+    cfg = _merge(OmegaConf.structured(Config), saved, str(path))
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
