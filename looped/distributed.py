@@ -18,16 +18,15 @@ Only rank 0 writes (run dir, TensorBoard, checkpoints, stdout). Under DDP, evalu
 0 alone while the others wait at a barrier; under FSDP every forward needs every rank (the
 parameters are sharded), so all ranks evaluate and rank 0 reports.
 
-FSDP2 (`train.parallel=fsdp`) shards each prelude and coda block, the shared core as one unit (its
-blocks are reused every iteration, so they all-gather once per forward and stay gathered across
-the R iterations), and the root (embeddings, norm, head). Checkpoints gather a full state dict,
+FSDP2 (`train.parallel=fsdp`) shards the model by the model's own plan (looped.model.parallelize:
+each prelude and coda block, the shared core as one unit, the root). Checkpoints gather a full
+state dict,
 so `model.safetensors` and `state.pt` have the same format as a 1-rank run's and a run can be
 resumed under any of 1-rank, DDP or FSDP.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from dataclasses import dataclass
@@ -104,22 +103,11 @@ def setup(env: DistEnv, device: torch.device) -> None:
 
 
 def shard_batch(batch, env: DistEnv):
-    """This rank's rows of a global Batch (a dataclass of tensors with the batch on dim 0;
-    hop_targets is (H, B, T), batch on dim 1)."""
+    """This rank's rows of a global batch (anything with `inputs` (B, ...) and `rows(lo, hi)`)."""
     if not env.enabled:
         return batch
-    b = batch.inputs.shape[0]
-    n = local_batch_size(b, env)
-    lo, hi = env.rank * n, (env.rank + 1) * n
-    parts = {}
-    for f in dataclasses.fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, torch.Tensor):
-            dim = 1 if f.name == "hop_targets" else 0
-            if value.dim() > dim and value.shape[dim] == b:
-                value = value.narrow(dim, lo, hi - lo)
-        parts[f.name] = value
-    return dataclasses.replace(batch, **parts)
+    n = local_batch_size(batch.inputs.shape[0], env)
+    return batch.rows(env.rank * n, (env.rank + 1) * n)
 
 
 def loss_weight(n_local: int, n_global: int, env: DistEnv) -> float:
@@ -149,19 +137,9 @@ def wrap_model(model: nn.Module, env: DistEnv, parallel: str, device: torch.devi
         ids = [device.index] if device.type == "cuda" else None
         # every parameter gets a gradient every step; the rotary tables are constant buffers
         return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
-    from torch.distributed.fsdp import fully_shard
+    from looped.model.parallelize import apply_fsdp  # the model's own sharding plan
 
-    for block in model.prelude:
-        fully_shard(block)
-    if model.cfg.share_weights:  # one unit: the same blocks run in each of the R iterations
-        fully_shard(list(model.core), reshard_after_forward=False)
-    else:  # the unrolled baseline: one unit per untied copy
-        for copy in model.core:
-            fully_shard(list(copy))
-    for block in model.coda:
-        fully_shard(block)
-    fully_shard(model)
-    return model
+    return apply_fsdp(model)
 
 
 def is_fsdp(model: nn.Module) -> bool:

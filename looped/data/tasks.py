@@ -30,6 +30,11 @@ class Batch:
             return self.targets
         return self.hop_targets[steps - 1]
 
+    def rows(self, lo: int, hi: int) -> "Batch":
+        """Rows lo..hi-1 (the batch is dim 0 of inputs and targets, dim 1 of hop_targets)."""
+        hop = None if self.hop_targets is None else self.hop_targets[:, lo:hi]
+        return Batch(self.inputs[lo:hi], self.targets[lo:hi], hop)
+
     def to(self, device: torch.device | str) -> "Batch":
         hop = None if self.hop_targets is None else self.hop_targets.to(device)
         return Batch(self.inputs.to(device), self.targets.to(device), hop)
