@@ -23,7 +23,7 @@ import torch
 
 from looped import build_model
 from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
-from looped.data.tasks import IGNORE, build_task
+from looped.data import IGNORE, build_task
 from looped.errors import ConfigError, cli_main
 from looped.model.exit import EXIT_CRITERIA
 from looped.model.lm import LoopedLM

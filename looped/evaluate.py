@@ -21,7 +21,7 @@ import torch
 from looped import build_model
 from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
 from looped.config import parse_tool_args
-from looped.data.tasks import build_task
+from looped.data import build_task
 from looped.errors import ConfigError, cli_main
 from looped.evaluate_tasks import task_accuracy
 from looped.model.exit import build_exit

@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from looped.data.tasks import IGNORE, Task
+from looped.data.base import IGNORE, Task
+from looped.data.text import TextTask, lm_metrics
 from looped.model.exit import ExitCriterion
 
 # Held-out data comes from a seed stream disjoint from training's (seed, step) draws.
@@ -38,8 +39,6 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
     model.train(was_training)
     result = {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1),
               "loss": nll / max(total, 1)}
-    from looped.data.text import TextTask, lm_metrics
-
     if isinstance(task, TextTask):  # language modelling: loss over whole windows, bits per byte
         lm = lm_metrics(model, task, loops, max_batches=max(1, n_samples // batch_size),
                         batch_size=batch_size)

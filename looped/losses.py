@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from looped.data.tasks import IGNORE, Batch
+from looped.data.base import IGNORE, Batch
 from looped.model.exit import gate_loss
 from looped.model.lm import LMOutput, LoopedLM
 

@@ -21,7 +21,7 @@ from looped import build_model
 from looped.checkpoint import (METRICS_FILE, CheckpointError, load_state, load_weights,
                                resolve_checkpoint, save_checkpoint, save_run_config)
 from looped.config import eval_loops
-from looped.data.tasks import IGNORE, build_task
+from looped.data import IGNORE, build_task
 from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier, check_parallel,
                                 full_model_state, full_optimizer_state, is_fsdp,
                                 load_optimizer_state, local_batch_size, loss_weight, setup,

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 USER_TASK = '''
 import torch
-from looped.data.tasks import IGNORE, Batch, Task, register_task
+from looped.data import IGNORE, Batch, Task, register_task
 
 
 @register_task("first_token")

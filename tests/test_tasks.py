@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from looped import ConfigError, load_config
-from looped.data.tasks import IGNORE, build_task
+from looped.data import IGNORE, build_task
 
 N_SAMPLES = 300
 

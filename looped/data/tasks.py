@@ -1,56 +1,15 @@
-"""Built-in reasoning tasks, generated on the fly and scored by exact match on answer tokens.
-
-A task yields (inputs, targets), both (B, T) long tensors; targets hold IGNORE everywhere but the
-answer positions, so the loss and the accuracy only see answers. Tasks register by name.
-"""
+"""Built-in reasoning tasks, generated on the fly and scored by exact match on answer tokens:
+roots, chain, phop, addition. The shared interface lives in looped.data.base; its names are
+importable from here too, for task authors."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 
-from looped.registry import Registry
+from looped.data.base import IGNORE, TASKS, Batch, Task, knob_error, register_task
 
-IGNORE = -100
-
-
-@dataclass
-class Batch:
-    inputs: torch.Tensor  # (B, T)
-    targets: torch.Tensor  # (B, T), IGNORE off the answer positions
-    # optional intermediate targets: hop_targets[r - 1] is the answer after r reasoning steps,
-    # (H, B, T); steps beyond H use `targets`. Used by the per-iteration loss.
-    hop_targets: Optional[torch.Tensor] = None
-
-    def target_after(self, steps: int) -> torch.Tensor:
-        """The target for a prediction made after `steps` (>= 1) loop iterations."""
-        if self.hop_targets is None or steps > self.hop_targets.shape[0]:
-            return self.targets
-        return self.hop_targets[steps - 1]
-
-    def rows(self, lo: int, hi: int) -> "Batch":
-        """Rows lo..hi-1 (the batch is dim 0 of inputs and targets, dim 1 of hop_targets)."""
-        hop = None if self.hop_targets is None else self.hop_targets[:, lo:hi]
-        return Batch(self.inputs[lo:hi], self.targets[lo:hi], hop)
-
-    def to(self, device: torch.device | str) -> "Batch":
-        hop = None if self.hop_targets is None else self.hop_targets.to(device)
-        return Batch(self.inputs.to(device), self.targets.to(device), hop)
-
-
-class Task:
-    vocab_size: int
-    seq_len: int
-
-    def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        raise NotImplementedError
-
-
-TASKS = Registry("task")
-register_task = TASKS.register
-
+__all__ = ["IGNORE", "TASKS", "Batch", "Task", "register_task", "RootsTask", "ChainTask",
+           "PHopTask", "AdditionTask"]
 
 @register_task("roots")
 class RootsTask(Task):
@@ -94,12 +53,6 @@ class RootsTask(Task):
         return Batch(inputs, targets, hops)
 
 
-def _knob_error(task: str, message: str):
-    from looped.errors import ConfigError
-
-    return ConfigError(f"task '{task}': {message}")
-
-
 @register_task("chain")
 class ChainTask(Task):
     """Variable chasing: follow `hops` assignments from a query variable to a constant.
@@ -123,9 +76,9 @@ class ChainTask(Task):
 
     def __init__(self, hops: int = 4, n_distractors: int = 2, **_):
         if hops < 1:
-            raise _knob_error("chain", f"hops must be >= 1, got {hops}")
+            raise knob_error("chain", f"hops must be >= 1, got {hops}")
         if n_distractors < 0:
-            raise _knob_error("chain", f"n_distractors must be >= 0, got {n_distractors}")
+            raise knob_error("chain", f"n_distractors must be >= 0, got {n_distractors}")
         self.hops, self.n_chains = hops, n_distractors + 1
         self.n_assign = self.n_chains * hops
         self.const0 = 3
@@ -175,11 +128,11 @@ class PHopTask(Task):
 
     def __init__(self, hops: int = 4, length: int = 32, alphabet: int = 8, **_):
         if hops < 1:
-            raise _knob_error("phop", f"hops must be >= 1, got {hops}")
+            raise knob_error("phop", f"hops must be >= 1, got {hops}")
         if alphabet < 2:
-            raise _knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
+            raise knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
         if length < hops + 2:
-            raise _knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
+            raise knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
         self.hops, self.length, self.alphabet = hops, length, alphabet
         self.vocab_size = alphabet
         self.seq_len = length
@@ -230,7 +183,7 @@ class AdditionTask(Task):
 
     def __init__(self, digits: int = 5, **_):
         if digits < 1:
-            raise _knob_error("addition", f"digits must be >= 1, got {digits}")
+            raise knob_error("addition", f"digits must be >= 1, got {digits}")
         self.digits = digits
         self.vocab_size = 12
         self.seq_len = 3 * digits + 3
@@ -250,14 +203,3 @@ class AdditionTask(Task):
         targets = torch.full_like(inputs, IGNORE)
         targets[:, 2 * d + 1:3 * d + 2] = c
         return Batch(inputs, targets)
-
-
-def build_task(cfg, split: str = "train") -> Task:
-    """The task named by a TaskConfig; split="eval" applies the held-out difficulty knobs."""
-    import looped.data.text  # noqa: F401  registers the task "text"
-
-    task_cls = TASKS.lookup(cfg.name)
-    knobs = {k: v for k, v in cfg.items() if k not in ("name", "eval")}
-    if split == "eval":
-        knobs.update({k: v for k, v in cfg.eval.items() if v is not None})
-    return task_cls(**knobs, split=split)

@@ -41,7 +41,7 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
-from looped.data.tasks import IGNORE, Batch, Task, register_task
+from looped.data.base import IGNORE, Batch, Task, register_task
 from looped.errors import ConfigError
 
 SHAKESPEARE = "shakespeare"

@@ -4,7 +4,7 @@ run hold different numbers of answer tokens and the loss weighting between them 
 
 import torch
 
-from looped.data.tasks import IGNORE, Batch, Task, register_task
+from looped.data import IGNORE, Batch, Task, register_task
 
 
 @register_task("ragged")
