@@ -25,7 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 @dataclass
 class DepthAttentionConfig:
-    enabled: bool = True
+    enabled: bool = True  # false: the vanilla model
     # Name in looped.model.depth.SOURCE_POLICIES. None picks `strided` for a plain decoder and
     # `same_layer` for a looped one.
     sources: Optional[str] = None
@@ -51,27 +51,27 @@ class CrossLayerConfig:
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = 256
-    d_model: int = 128
+    vocab_size: int = 256  # >= the task's vocabulary (256 for byte-level text)
+    d_model: int = 128  # residual width
     n_layers: int = 2  # layers in the core block; a plain decoder is just the core with loop=1
     n_prelude: int = 0  # untied layers before the core
     n_coda: int = 0  # untied layers after the core
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    head_dim: int = 32
-    ffn_dim: int = 384
-    rope_theta: float = 10000.0
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 2  # key/value heads (GQA); divides n_heads
+    head_dim: int = 32  # per head; even (RoPE)
+    ffn_dim: int = 384  # SwiGLU hidden width
+    rope_theta: float = 10000.0  # RoPE base
     # learned absolute position embedding added to the token embedding (not in Qwen3; pointer
     # tasks that address tokens by absolute position need it)
     pos_embedding: bool = False
-    max_seq_len: int = 256
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = True
+    max_seq_len: int = 256  # longest sequence (prompt + generated) the model accepts
+    norm_eps: float = 1e-6  # RMSNorm epsilon
+    tie_embeddings: bool = True  # the head reuses the token embedding
     kernel: str = "sdpa"  # sdpa | eager | xformers
     share_weights: bool = True  # false: the core becomes `loop` untied copies (unrolled baseline)
     injection: str = "add"  # how the prelude output e enters each iteration: add | concat | none
     init_state: str = "zeros"  # the state before the first iteration: zeros | embed | noise
-    init_std: float = 0.02
+    init_std: float = 0.02  # std of the weight init (residual outputs scaled down by depth)
     exit_gate: bool = False  # a learned halting probe on the state (exit criterion 'gate')
     depth_attention: DepthAttentionConfig = field(default_factory=DepthAttentionConfig)
     cross_layer: CrossLayerConfig = field(default_factory=CrossLayerConfig)
@@ -90,14 +90,14 @@ class LoopSamplingConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 20
+    steps: int = 200  # optimizer steps
+    batch_size: int = 64  # sequences per step (global under torchrun)
+    lr: float = 2e-3  # peak learning rate (AdamW, betas 0.9 / 0.95)
+    weight_decay: float = 0.1  # on weight matrices only (looped.optim)
+    warmup_steps: int = 20  # linear warmup, then a cosine to 10% of lr
     warmup_fraction: Optional[float] = None  # warmup as a fraction of steps; set, it wins
-    grad_clip: float = 1.0
-    log_every: int = 10
+    grad_clip: float = 1.0  # global gradient-norm clip; 0: none
+    log_every: int = 10  # print a training line every N steps
     loops: LoopSamplingConfig = field(default_factory=LoopSamplingConfig)
     grad_loops: int = 0  # truncated backprop: only the last k iterations carry gradient; 0: all
     # final: loss on the last iteration's logits; per_iteration: a loss after every iteration
@@ -127,33 +127,33 @@ class TaskDifficulty:
     """Difficulty knobs of the held-out split; None keeps the training value, so evaluation can
     go beyond the trained difficulty (e.g. task.eval.hops=8 after training with task.hops=4)."""
 
-    chain_len: Optional[int] = None
-    hops: Optional[int] = None
-    digits: Optional[int] = None
-    length: Optional[int] = None
+    chain_len: Optional[int] = None  # roots, held out (null: as trained)
+    hops: Optional[int] = None  # chain and phop, held out
+    digits: Optional[int] = None  # addition, held out
+    length: Optional[int] = None  # phop, held out
 
 
 @dataclass
 class TaskConfig:
-    name: str = "roots"  # a name in looped.data.tasks.TASKS
+    name: str = "roots"  # a registered task: roots, chain, phop, addition, text, or a plugin's
     # roots: root finding in a forest of parent pointers
     n_chains: int = 4  # trees in the forest
     chain_len: int = 6  # nodes per chain (the deepest query is chain_len - 1 hops)
     n_queries: int = 8  # questions per sequence
     # chain: variable chasing (a = b; b = c; ...) with distractor chains
     hops: int = 4
-    n_distractors: int = 2
+    n_distractors: int = 2  # chain: chains besides the queried one
     # phop: p-hop induction (Saunshi et al. 2025); `hops` is p
     length: int = 64  # sequence length (long enough that p hops rarely run out of room)
-    alphabet: int = 4
+    alphabet: int = 4  # phop: tokens in the sequence's alphabet
     # addition: multi-digit, digits reversed
     digits: int = 5
     # text: language modelling through `datasets` (looped.data.text)
     corpus: str = "shakespeare"  # shakespeare (built in) | a local file or dir | a hub dataset
-    text_field: str = "text"
-    seq_len: int = 256
+    text_field: str = "text"  # text: the column that holds the text
+    seq_len: int = 256  # text: window length in tokens
     tokenizer: str = "byte"  # byte | bpe
-    bpe_vocab: int = 1024
+    bpe_vocab: int = 1024  # text: BPE vocabulary size
     held_out: float = 0.05  # fraction of documents held out
     eval: TaskDifficulty = field(default_factory=TaskDifficulty)
 
@@ -163,7 +163,7 @@ class EvalConfig:
     # loop counts to score during training; empty: follow `loop` (see default_eval_loops)
     loops: list[int] = field(default_factory=list)
     n_samples: int = 1024  # held-out sequences per loop count
-    batch_size: int = 256
+    batch_size: int = 256  # held-out sequences per forward
 
 
 @dataclass
@@ -171,7 +171,7 @@ class Config:
     # the user's modules (names or .py paths) that register components; see looped.plugins
     imports: list[str] = field(default_factory=list)
     loop: int = 4  # R: iterations of the core block
-    seed: int = 0
+    seed: int = 0  # initial weights, data order and loop counts
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     device: str = "auto"  # auto (CUDA if available, else CPU) | cpu | cuda
     out_dir: str = "runs"  # runs are written to <out_dir>/<name>

@@ -6,6 +6,7 @@ and exit code 2, with no traceback. Anything else is a bug and keeps its traceba
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -45,4 +46,7 @@ def cli_main(main: Callable[[list[str]], int | None], argv: list[str] | None = N
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # the reader went away (`... --help | head`): nothing to report
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
     sys.exit(code or 0)

@@ -36,6 +36,11 @@ class _NoWriter:
 
 
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        from looped.config_help import config_help
+
+        print(config_help())
+        return 0
     env = DistEnv.from_environ()
     if not env.enabled:
         return run(argv, env)

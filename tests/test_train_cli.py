@@ -56,3 +56,28 @@ def test_compiled_training_matches_eager(tmp_path):
                         if line.startswith("step")]
     assert len(losses["true"]) == 3
     assert losses["true"] == pytest.approx(losses["false"], rel=1e-4)
+
+
+def test_help_lists_every_key_with_its_default_and_help():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == ""
+    lines = proc.stdout.splitlines()
+    keys = {ln.split("=")[0].strip(): ln for ln in lines if ln.startswith("  ") and "=" in ln}
+    from looped.config import load_config
+    from omegaconf import OmegaConf
+
+    def leaves(node, prefix=""):
+        for k, v in node.items():
+            if OmegaConf.is_dict(v):
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    for key, value in leaves(load_config([])):
+        assert key in keys, key
+        shown = keys[key].split("=", 1)[1].split()[0]
+        assert shown == ("null" if value is None else str(OmegaConf.to_container(value)
+                                                          if OmegaConf.is_config(value) else value))
+        assert len(keys[key].split("=", 1)[1].split()) > 1, f"{key} has no help"  # one line each
+    assert "  task=NAME" in proc.stdout and "roots" in keys["task.name"]
