@@ -259,9 +259,10 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
         bands = {}
         for (v, R), vals in _by([r for r in rows if r["grid"] == grid], m, "variant", "R").items():
             bands.setdefault(v, {})[R] = list(vals.values())
-        made.append(plot_bands(bands, out / f"{prefix}{m}_vs_R.png", xlabel="loop count R",
-                               ylabel=f"held-out {m}", log2_x=True,
-                               title=f"{title}: {m} vs R (band: min–max over seeds)"))
+        if len({R for curve in bands.values() for R in curve}) > 1:  # plain decoders: R = 1
+            made.append(plot_bands(bands, out / f"{prefix}{m}_vs_R.png", xlabel="loop count R",
+                                   ylabel=f"held-out {m}", log2_x=True,
+                                   title=f"{title}: {m} vs R (band: min–max over seeds)"))
         lc: dict[str, dict[int, dict[int, float]]] = {}  # variant -> step -> seed -> value
         for (v, step), vals in _by([c for c in curves if c["grid"] == grid], m, "variant",
                                    "step").items():
