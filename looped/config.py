@@ -205,12 +205,17 @@ def eval_loops(cfg) -> list[int]:
 # Loading
 
 
-def _presets(group: str) -> list[str]:
+def presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def _preset_groups() -> list[str]:
-    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir()) if CONFIG_DIR.is_dir() else []
+NOT_PRESETS = ("study",)  # configs/study/ holds study files (looped.study), not config presets
+
+
+def preset_groups() -> list[str]:
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name not in NOT_PRESETS)
 
 
 def _all_keys(node: Any, prefix: str = "") -> list[str]:
@@ -275,16 +280,16 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     defaults = CONFIG_DIR / "defaults.yaml"
     if defaults.is_file():
         cfg = _merge(cfg, load_yaml(defaults), str(defaults))
-    groups = set(_preset_groups())
+    groups = set(preset_groups())
     dotlist = []
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         key, value = item.split("=", 1)
         if key in groups:
-            if value not in _presets(key):
+            if value not in presets(key):
                 raise ConfigError(
-                    f"unknown {key} preset '{value}'; choose one of: {', '.join(_presets(key))}"
+                    f"unknown {key} preset '{value}'; choose one of: {', '.join(presets(key))}"
                 )
             preset = load_yaml(CONFIG_DIR / key / f"{value}.yaml")
             cfg = _merge(cfg, OmegaConf.create({key: preset}), f"preset {key}={value}")

@@ -47,15 +47,13 @@ def _rows(cls: type, node, prefix: str) -> list[tuple[str, str, str]]:
 
 def config_help() -> str:
     """The help text: presets, then one line per key."""
-    from looped.config import CONFIG_DIR, Config, load_config
+    from looped.config import Config, load_config, preset_groups, presets
 
     cfg = load_config([])
     rows = _rows(Config, cfg, "")
     width = max(len(k) + len(v) for k, v, _ in rows) + 3
-    groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and p.name != "study")
-    presets = [f"  {g}=NAME   NAME in: {', '.join(sorted(p.stem for p in (CONFIG_DIR / g).glob('*.yaml')))}"
-               for g in groups]
-    lines = ["usage: python train.py [key=value ...]   (defaults below are configs/defaults.yaml's)",
-             "", "presets:", *presets, "", "keys (key=default  help):"]
+    choices = [f"  {g}=NAME   NAME in: {', '.join(presets(g))}" for g in preset_groups()]
+    lines = ["usage: python train.py [key=value ...]   (defaults: configs/defaults.yaml's)",
+             "", "presets:", *choices, "", "keys (key=default  help):"]
     lines += [f"  {f'{k}={v}':<{width}} {h}".rstrip() for k, v, h in rows]
     return "\n".join(lines)

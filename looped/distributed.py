@@ -20,9 +20,8 @@ parameters are sharded), so all ranks evaluate and rank 0 reports.
 
 FSDP2 (`train.parallel=fsdp`) shards the model by the model's own plan (looped.model.parallelize:
 each prelude and coda block, the shared core as one unit, the root). Checkpoints gather a full
-state dict,
-so `model.safetensors` and `state.pt` have the same format as a 1-rank run's and a run can be
-resumed under any of 1-rank, DDP or FSDP.
+state dict, so `model.safetensors` and `state.pt` have the same format as a 1-rank run's and a
+run can be resumed under any of 1-rank, DDP or FSDP.
 """
 
 from __future__ import annotations

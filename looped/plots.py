@@ -22,21 +22,9 @@ def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
     if trained_loop is not None:
         ax.axvline(trained_loop, color="grey", linestyle="--", linewidth=1,
                    label=f"trained R={trained_loop}")
-    ax.set_xscale("log", base=2)
-    ticks = sorted({x for curve in curves.values() for x in curve})
-    ax.set_xticks(ticks)
-    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-    ax.xaxis.set_minor_locator(ticker.NullLocator())
-    ax.set_xlabel("loop count R (iterations of the core)")
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    _log2_loop_axis(ax, {x for curve in curves.values() for x in curve})
+    return _finish(fig, ax, path, xlabel="loop count R (iterations of the core)", ylabel=ylabel,
+                   title=title, legend_size=8)
 
 
 def plot_bands(series: dict[str, dict[int, list[float]]], path: Path, *, xlabel: str,
@@ -54,16 +42,28 @@ def plot_bands(series: dict[str, dict[int, list[float]]], path: Path, *, xlabel:
             ax.fill_between(xs, [min(points[x]) for x in xs], [max(points[x]) for x in xs],
                             color=line.get_color(), alpha=0.2, linewidth=0)
     if log2_x:
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({x for p in series.values() for x in p}))
-        ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
-        ax.xaxis.set_minor_locator(ticker.NullLocator())
+        _log2_loop_axis(ax, {x for p in series.values() for x in p})
+    return _finish(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title, title_size=9,
+                   legend_size=7)
+
+
+def _log2_loop_axis(ax, xs) -> None:
+    """A log2 x axis with a plain-number tick at each loop count drawn."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(xs))
+    ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
+    ax.xaxis.set_minor_locator(ticker.NullLocator())
+
+
+def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend_size: int,
+            title_size=None) -> Path:
+    """Labels, grid and legend, then write the figure and free it."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=title_size)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -216,17 +217,20 @@ class Trainer:
     def _append_metrics(self, results, diag) -> None:
         """One JSON line per evaluation in <run>/metrics.jsonl: the learning curves a study
         reads. A resumed run may repeat a step; readers keep the last line of each step."""
-        since = [h["loss"] for h in self.history if h["step"] > self.step - self.cfg.train.eval_every]
-        row = {"step": self.step,  # train_loss: the mean over the steps since the last evaluation
-               "train_loss": sum(since) / len(since) if since else None,
+        # train_loss: the mean over the steps since the previous evaluation
+        since = [h["loss"] for h in self.history
+                 if h["step"] > self.step - self.cfg.train.eval_every]
+        row = {"step": self.step, "train_loss": sum(since) / len(since) if since else None,
                "eval": {str(r): res for r, res in results.items()},
                "depth_entropy": {str(p): h for p, h in diag["depth_entropy"].items()},
                "depth_self_weight": {str(p): w for p, w in diag["depth_self_weight"].items()}}
-        path = self.run_dir / METRICS_FILE
-        # a kill mid-write can leave a cut last line; start on a fresh one
-        cut = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-        with open(path, "a") as f:
-            f.write(("\n" if cut else "") + json.dumps(row) + "\n")
+        with open(self.run_dir / METRICS_FILE, "ab+") as f:  # appends, whatever the position
+            # a kill mid-write can leave a cut last line; start on a fresh one (reads 1 byte)
+            cut = False
+            if f.seek(0, os.SEEK_END):
+                f.seek(-1, os.SEEK_END)
+                cut = f.read(1) != b"\n"
+            f.write((b"\n" if cut else b"") + json.dumps(row).encode() + b"\n")
 
     # -- the loop ----------------------------------------------------------------------------
 

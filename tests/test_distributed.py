@@ -21,7 +21,8 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # below the gradient norms so that clipping (on the global gradient) acts at every step. The
 # task (a plugin) scores a different number of tokens in every row, so the ranks' losses must
 # be weighted by their answer tokens to equal the 1-process loss.
-TINY = ["imports=[tests/plugins/ragged_task.py]", "task.name=ragged", "loop=3", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+TINY = ["imports=[tests/plugins/ragged_task.py]", "task.name=ragged",
+        "loop=3", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
         "model.head_dim=16", "model.ffn_dim=64", "model.n_prelude=1", "model.n_coda=1",
         "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_every=2",
         "train.loops.sampler=uniform", "train.lr=1e-2", "train.warmup_steps=0",

@@ -38,14 +38,14 @@ def main(argv: list[str]) -> int:
     runs = expand(spec)
     command = shlex.join(["python", "-m", "looped.study", path, *overrides])
     failed: dict[str, str] = {}
-    todo = []
+    todo, states = [], []
     for run in runs:
         problem = check_run_config(run)
         if problem:  # a bad variant fails alone, before anything is spent on it
-            failed[f"{run.label}/seed{run.seed}"] = problem
-        elif run_state(run) != "finished":
+            failed[run.key] = problem
+        elif (state := run_state(run)) != "finished":
             todo.append(run)
-    states = [run_state(r) for r in todo]
+            states.append(state)
     print(f"study {spec.name}: {len(runs)} runs ({len(runs) - len(todo) - len(failed)} finished,"
           f" {states.count('interrupted')} to resume, {len(todo) - states.count('interrupted')} "
           f"to start, {len(failed)} with a bad config); runs under {spec.out}", flush=True)
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
         print(f"  FAILED {key}: {problem}", flush=True)
     if spec.dry_run:
         for run, state in zip(todo, states):
-            print(f"  {state:12s} {run.label}/seed{run.seed}")
+            print(f"  {state:12s} {run.key}")
         return 0
     if todo:
         print(f"launcher {spec.launcher}: {jobs_for(spec) if spec.launcher == 'local' else '-'} "
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
     t0 = time.perf_counter()
 
     def report(status: RunStatus) -> None:
-        key = f"{status.run.label}/seed{status.run.seed}"
+        key = status.run.key
         if status.state == "failed":
             failed[key] = status.error or "unknown error"
             print(f"  FAILED {key}: {status.error}", flush=True)

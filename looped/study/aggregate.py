@@ -14,14 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import math
+import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Optional
 
 from looped.checkpoint import METRICS_FILE
 from looped.plots import plot_bands
 from looped.study.runner import ERROR, finished_result
 from looped.study.spec import METRICS, RunSpec, StudySpec
-from looped.study.stats import Spread, paired_difference, spread
+from looped.study.stats import Spread, paired_difference, paired_values, spread
 
 TRAINED = "trained"  # the R column that means "each run at the R it was trained with"
 
@@ -39,7 +41,7 @@ def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict], dict[str, str]
         result = finished_result(run)
         if result is None:
             if (d / ERROR).is_file():
-                errors[f"{run.label}/seed{run.seed}"] = (d / ERROR).read_text().strip()
+                errors[run.key] = (d / ERROR).read_text().strip()
             continue
         base = {"grid": run.grid_label, "variant": run.variant, "seed": run.seed,
                 "trained_loop": result["trained_loop"]}
@@ -98,6 +100,14 @@ def _with_trained(rows: list[dict]) -> list[dict]:
     return rows + [{**r, "R": TRAINED} for r in rows if r["R"] == r["trained_loop"]]
 
 
+def _paired(values: Optional[dict[int, float]],
+            reference: Optional[dict[int, float]]) -> Optional[Spread]:
+    """The paired difference, or None where either side is missing or no seed is shared."""
+    if not values or not reference or not set(values) & set(reference):
+        return None
+    return paired_difference(values, reference)
+
+
 def summarise(rows: list[dict], spec: StudySpec) -> list[dict]:
     out = []
     for metric in METRICS:
@@ -114,11 +124,10 @@ def paired(rows: list[dict], spec: StudySpec) -> list[dict]:
         table = _by(_with_trained(rows), metric, "grid", "variant", "R")
         for (grid, variant, R), vals in table.items():
             ref = table.get((grid, spec.reference, R))
-            if variant == spec.reference or not ref or not set(vals) & set(ref):
+            s = None if variant == spec.reference else _paired(vals, ref)
+            if s is None:
                 continue
-            s = paired_difference(vals, ref)
-            shared = set(vals) & set(ref)
-            ref_mean = sum(ref[k] for k in shared) / len(shared)
+            ref_mean = statistics.fmean(ref[k] for k in set(vals) & set(ref))
             out.append({"grid": grid, "variant": variant, "reference": spec.reference, "R": R,
                         "metric": metric, **_spread_cols(s),
                         "relative": s.mean / ref_mean if ref_mean else math.nan})
@@ -199,11 +208,9 @@ def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
         row = [v, ",".join(map(str, trained_r))]
         row += [_cell(spread(list(cells[(v, r)].values())), n) if (v, r) in cells else ""
                 for r in loops]
-        ref = trained.get((spec.reference, TRAINED))
-        mine = trained.get((v, TRAINED))
+        diff = _paired(trained.get((v, TRAINED)), trained.get((spec.reference, TRAINED)))
         row.append("(reference)" if v == spec.reference else
-                   _diff_cell(paired_difference(mine, ref), n) if mine and ref and
-                   set(mine) & set(ref) else "")
+                   _diff_cell(diff, n) if diff is not None else "")
         row.append(f"{spread(list(times[(v,)].values())).mean:.0f}" if (v,) in times else "")
         out.append("| " + " | ".join(row) + " |")
     return out
@@ -223,9 +230,8 @@ def _gap_table(curves: list[dict], spec: StudySpec) -> list[str]:
         ref = table.get((spec.reference, step))
         row = [str(step)]
         for v in others:
-            mine = table.get((v, step))
-            row.append(_diff_cell(paired_difference(mine, ref), len(spec.seeds))
-                       if mine and ref and set(mine) & set(ref) else "")
+            diff = _paired(table.get((v, step)), ref)
+            row.append(_diff_cell(diff, len(spec.seeds)) if diff is not None else "")
         out.append("| " + " | ".join(row) + " |")
     return out
 
@@ -274,7 +280,7 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
                                    ylabel=f"held-out {m} at trained R",
                                    title=f"{title}: learning curves"))
             ref = lc.get(spec.reference, {})
-            gaps = {v: {step: _paired_values(lc[v][step], ref[step])
+            gaps = {v: {step: paired_values(lc[v][step], ref[step])
                         for step in lc[v] if step in ref}
                     for v in lc if v != spec.reference}
             gaps = {v: {k: d for k, d in g.items() if d} for v, g in gaps.items() if g}
@@ -286,10 +292,6 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
                                        title=f"{title}: difference to {spec.reference} along "
                                              f"training (band: min–max over seeds)"))
     return made
-
-
-def _paired_values(values: dict[int, float], reference: dict[int, float]) -> list[float]:
-    return [values[s] - reference[s] for s in sorted(set(values) & set(reference))]
 
 
 def write_all(runs: list[RunSpec], spec: StudySpec, command: str,

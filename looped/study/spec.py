@@ -101,6 +101,11 @@ class RunSpec:
     def label(self) -> str:
         return f"{self.grid_label}/{self.variant}" if self.grid else self.variant
 
+    @property
+    def key(self) -> str:
+        """How reports name the run: [grid point/]variant/seed<k>."""
+        return f"{self.label}/seed{self.seed}"
+
     def train_argv(self) -> list[str]:
         run = Path(self.run_dir)
         return [*self.overrides, f"seed={self.seed}", f"out_dir={run.parent}",

@@ -88,10 +88,15 @@ def spread(values: list[float], level: float = 0.95) -> Spread:
     return Spread(n, mean, std, min(values), max(values), mean - half, mean + half)
 
 
+def paired_values(values: dict[int, float], reference: dict[int, float]) -> list[float]:
+    """value - reference for each seed both have, in seed order."""
+    return [values[s] - reference[s] for s in sorted(set(values) & set(reference))]
+
+
 def paired_difference(values: dict[int, float], reference: dict[int, float]) -> Spread:
     """Spread of value - reference over the seeds both have (a paired comparison: each seed's
     runs share their data order and initial draw)."""
-    seeds = sorted(set(values) & set(reference))
-    if not seeds:
+    diffs = paired_values(values, reference)
+    if not diffs:
         raise ValueError("no seed in common")
-    return spread([values[s] - reference[s] for s in seeds])
+    return spread(diffs)
