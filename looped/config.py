@@ -6,6 +6,11 @@
   3. preset selections `group=name` (configs/<group>/<name>.yaml), in the order given,
   4. dotlist overrides `a.b=value`, in the order given,
 then validates ranges and shapes. Every problem raises `ConfigError` with a one-line message.
+
+Five nodes hold a component chosen by name (the task, the depth source policy, the cross-layer
+method, the loop sampler, the exit criterion); each node's schema is its shared fields below plus
+the chosen component's own knobs, declared next to the component (looped.components). Choosing
+another task preset replaces the earlier preset's task knobs.
 """
 
 from __future__ import annotations
@@ -23,30 +28,54 @@ from looped.errors import ConfigError
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
+# The five nodes below hold a component chosen by name, plus that component's own knobs, which
+# it declares next to its code (see looped.components); the dataclasses here are the fields every
+# component of the kind shares, and their checks.
+
+
 @dataclass
 class DepthAttentionConfig:
     enabled: bool = True  # false: the vanilla model
-    # Name in looped.model.depth.SOURCE_POLICIES. None picks `strided` for a plain decoder and
-    # `same_layer` for a looped one.
+    # Name in looped.model.depth.SOURCE_POLICIES (knobs: `strided` has stride and window). None
+    # picks `strided` for a plain decoder and `same_layer` for a looped one.
     sources: Optional[str] = None
-    stride: Optional[int] = None  # `strided`: None means n_layers // 2 (the authors' setting)
-    window: int = 0  # `strided`: also attend to the w most recent depth positions
     mix: str = "mixed"  # mixed: sources contribute their mixed values; raw: their raw values
+
+    def check(self, cfg) -> None:
+        _require(self.mix in ("mixed", "raw"),
+                 f"unknown model.depth_attention.mix '{self.mix}'; choose one of: mixed, raw")
 
 
 @dataclass
 class CrossLayerConfig:
     """A cross-layer baseline (looped.model.cross_layer); `none` is the plain residual stream."""
 
-    method: str = "none"  # none | denseformer | value_residual | attn_res | mhc | hyper_connections
+    # none | denseformer | value_residual | attn_res | mhc | hyper_connections (knobs: each
+    # method's Config)
+    method: str = "none"
     # methods with parameters per depth position hold them for this many iterations; 0: loop
-    max_loops: int = 0
-    dilation: int = 1  # denseformer: average every dilation-th earlier output
-    period: int = 1  # denseformer: an average after every period-th block
-    learnable: bool = False  # value_residual: learnable lambdas (init 0.5 / 0.5), else fixed
-    block_size: int = 0  # attn_res: 0 = full; k > 0 = block variant, blocks of k positions
-    streams: int = 4  # mhc, hyper_connections: residual streams
-    sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations
+    param_loops: int = 0
+
+    def check(self, cfg) -> None:
+        from looped.loop_sampling import max_sampled_loops
+        from looped.model.cross_layer import CROSS_LAYER_METHODS
+
+        loop = cfg.loop
+        _require(self.param_loops == 0 or self.param_loops >= loop,
+                 f"model.cross_layer.param_loops must be 0 (= loop) or >= loop={loop}, "
+                 f"got {self.param_loops}")
+        _require(cfg.model.share_weights or self.param_loops in (0, loop),
+                 f"an unrolled model (share_weights=false) runs exactly loop={loop} iterations; "
+                 f"model.cross_layer.param_loops must be 0 or {loop}")
+        _require(self.method == "none" or cfg.exit.criterion == "none",
+                 f"adaptive exit freezes the plain residual state; cross_layer.method="
+                 f"{self.method} keeps other state, so use exit.criterion=none")
+        if CROSS_LAYER_METHODS[self.method].has_position_params(self):
+            top = max_sampled_loops(cfg.train.loops, loop)
+            _require(top <= (self.param_loops or loop),
+                     f"train.loops.sampler={cfg.train.loops.sampler} draws up to {top} "
+                     f"iterations, but cross_layer.method={self.method} has parameters for "
+                     f"{self.param_loops or loop}; set model.cross_layer.param_loops={top}")
 
 
 @dataclass
@@ -81,11 +110,13 @@ class ModelConfig:
 class LoopSamplingConfig:
     """How many iterations each training step runs (looped.loop_sampling)."""
 
-    sampler: str = "fixed"  # fixed (= loop) | uniform | poisson_lognormal
-    min_loops: int = 1  # uniform draws from [min_loops, loop]; both samplers clip below here
-    mean: float = 0.0  # poisson_lognormal: E[R] - 1; 0 means loop - 1
-    sigma: float = 0.5  # poisson_lognormal: log-normal spread
-    max_loops: int = 0  # poisson_lognormal: upper clip; 0 means 2 * loop
+    # fixed (= loop) | uniform | poisson_lognormal (knobs: see looped.loop_sampling)
+    sampler: str = "fixed"
+
+    def check(self, cfg) -> None:
+        _require(self.sampler == "fixed" or cfg.model.share_weights,
+                 "an unrolled model (model.share_weights=false) runs exactly `loop` iterations; "
+                 "use train.loops.sampler=fixed")
 
 
 @dataclass
@@ -117,45 +148,18 @@ class TrainConfig:
 class ExitConfig:
     """Adaptive exit at inference (looped.model.exit)."""
 
-    criterion: str = "none"  # none | kl | entropy | latent | gate | max_loops
-    threshold: Optional[float] = None  # None: the criterion's own default
-    max_loops: int = 1  # for criterion max_loops
-
-
-@dataclass
-class TaskDifficulty:
-    """Difficulty knobs of the held-out split; None keeps the training value, so evaluation can
-    go beyond the trained difficulty (e.g. task.eval.hops=8 after training with task.hops=4)."""
-
-    chain_len: Optional[int] = None  # roots, held out (null: as trained)
-    hops: Optional[int] = None  # chain and phop, held out
-    digits: Optional[int] = None  # addition, held out
-    length: Optional[int] = None  # phop, held out
+    # none | kl | entropy | latent | gate | max_loops (knobs: each criterion's Config)
+    criterion: str = "none"
 
 
 @dataclass
 class TaskConfig:
-    name: str = "roots"  # a registered task: roots, chain, phop, addition, text, or a plugin's
-    # roots: root finding in a forest of parent pointers
-    n_chains: int = 4  # trees in the forest
-    chain_len: int = 6  # nodes per chain (the deepest query is chain_len - 1 hops)
-    n_queries: int = 8  # questions per sequence
-    # chain: variable chasing (a = b; b = c; ...) with distractor chains
-    hops: int = 4
-    n_distractors: int = 2  # chain: chains besides the queried one
-    # phop: p-hop induction (Saunshi et al. 2025); `hops` is p
-    length: int = 64  # sequence length (long enough that p hops rarely run out of room)
-    alphabet: int = 4  # phop: tokens in the sequence's alphabet
-    # addition: multi-digit, digits reversed
-    digits: int = 5
-    # text: language modelling through `datasets` (looped.data.text)
-    corpus: str = "shakespeare"  # shakespeare (built in) | a local file or dir | a hub dataset
-    text_field: str = "text"  # text: the column that holds the text
-    seq_len: int = 256  # text: window length in tokens
-    tokenizer: str = "byte"  # byte | bpe
-    bpe_vocab: int = 1024  # text: BPE vocabulary size
-    held_out: float = 0.05  # fraction of documents held out
-    eval: TaskDifficulty = field(default_factory=TaskDifficulty)
+    # a registered task: roots, chain, phop, addition, text, or a plugin's (knobs: each task's
+    # Config, in looped/data)
+    name: str = "roots"
+    # The chosen task's schema adds its knobs, then `eval`: the held-out split's difficulty, any
+    # of the task's knobs again, None keeping the training value, so evaluation can go beyond
+    # the trained difficulty (task.eval.hops=8 after task.hops=4).
 
 
 @dataclass
@@ -228,10 +232,23 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key_message(cfg: DictConfig, key: str) -> str:
+# Keys that were renamed, so an old command or config gets a pointer, not a guess.
+RENAMED = {
+    "model.cross_layer.max_loops": "model.cross_layer.param_loops",
+    "train.loops.max_loops": "train.loops.cap",
+    "exit.max_loops": "exit.after",
+}
+
+
+def _unknown_key_message(cfg: DictConfig, key: str, loose: Optional[DictConfig] = None) -> str:
+    from looped.components import unknown_knob_hint
+
+    if key in RENAMED and RENAMED[key] != key:
+        return f"config key '{key}' is now '{RENAMED[key]}'"
     close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    return f"unknown config key '{key}'{hint}"
+    own = unknown_knob_hint(key, cfg if loose is None else loose)
+    return f"unknown config key '{key}'{own}{hint}"
 
 
 def load_yaml(path: Path) -> DictConfig:
@@ -244,12 +261,12 @@ def load_yaml(path: Path) -> DictConfig:
     return node
 
 
-def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
+def _merge(cfg: DictConfig, other: DictConfig, source: str, loose=None) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or str(e)
-        raise ConfigError(f"{source}: {_unknown_key_message(cfg, key)}") from None
+        raise ConfigError(f"{source}: {_unknown_key_message(cfg, key, loose)}") from None
     except ValidationError as e:
         raise ConfigError(f"{source}: {first_line(e)}") from None
 
@@ -271,37 +288,95 @@ def _plugins_of(overrides) -> list[str]:
     return names
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Resolve the config exactly as `python train.py <overrides>` does, then validate it."""
-    from looped.plugins import import_plugins
+def _schema(loose: DictConfig) -> DictConfig:
+    """The structured config whose component nodes have the schema of the components a loosely
+    merged config chooses (looped.components)."""
+    from looped.components import schema, slots
 
-    import_plugins(_plugins_of(overrides))
     cfg = OmegaConf.structured(Config)
-    defaults = CONFIG_DIR / "defaults.yaml"
-    if defaults.is_file():
-        cfg = _merge(cfg, load_yaml(defaults), str(defaults))
-    groups = set(preset_groups())
-    dotlist = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-        key, value = item.split("=", 1)
-        if key in groups:
-            if value not in presets(key):
-                raise ConfigError(
-                    f"unknown {key} preset '{value}'; choose one of: {', '.join(presets(key))}"
-                )
-            preset = load_yaml(CONFIG_DIR / key / f"{value}.yaml")
-            cfg = _merge(cfg, OmegaConf.create({key: preset}), f"preset {key}={value}")
-        else:
-            dotlist.append(item)
-    cfg = _apply_dotlist(cfg, dotlist)
+    for slot in slots().values():
+        parent_path, _, leaf = slot.path.rpartition(".")
+        parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
+        setattr(parent, leaf, OmegaConf.structured(schema(slot, slot.component(loose))))
+    return cfg
+
+
+def _loose(sources: list[DictConfig], dotlist: list[str]) -> DictConfig:
+    """Every source merged without a schema: only to read which components are chosen."""
+    loose = OmegaConf.merge(OmegaConf.to_container(OmegaConf.structured(Config)), *sources)
+    for item in dotlist:
+        try:
+            loose.merge_with_dotlist([item])
+        except OmegaConfBaseException:
+            pass  # reported against the schema later
+    return loose
+
+
+def _resolve(sources: list[tuple[str, DictConfig]], dotlist: list[str]) -> DictConfig:
+    loose = _loose([node for _, node in sources], dotlist)
+    cfg = _schema(loose)
+    for label, node in sources:
+        cfg = _merge(cfg, node, label, loose)
+    cfg = _apply_dotlist(cfg, dotlist, loose)
     # plugin files by absolute path, so a saved run finds them from any directory
     cfg.imports = [str(Path(n).expanduser().resolve()) if str(n).endswith(".py") else n
                    for n in cfg.imports]
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
+
+
+def _preset(group: str, value: str) -> DictConfig:
+    """`group=value`: configs/<group>/<value>.yaml, or, for a group that is also a component
+    slot (task), a registered component without a preset file (a plugin's)."""
+    from looped.components import slots
+
+    if value in presets(group):
+        return OmegaConf.create({group: load_yaml(CONFIG_DIR / group / f"{value}.yaml")})
+    slot = slots().get(group)
+    if slot is not None and value in slot.registry():
+        return OmegaConf.create({group: {slot.selector: value}})
+    registered = f"; or a registered {slot.kind}: {', '.join(slot.registry())}" if slot else ""
+    raise ConfigError(f"unknown {group} preset '{value}'; choose one of: "
+                      f"{', '.join(presets(group))}{registered}")
+
+
+def _without(node: DictConfig, key: str) -> DictConfig:
+    if key not in node:
+        return node
+    node = node.copy()
+    node.pop(key)
+    return node
+
+
+def _check_dotlist(overrides) -> None:
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Resolve the config exactly as `python train.py <overrides>` does, then validate it."""
+    from looped.components import slots
+    from looped.plugins import import_plugins
+
+    import_plugins(_plugins_of(overrides))
+    _check_dotlist(overrides)
+    sources = []
+    defaults = CONFIG_DIR / "defaults.yaml"
+    if defaults.is_file():
+        sources.append((str(defaults), load_yaml(defaults)))
+    groups = set(preset_groups())
+    dotlist = []
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if key in groups:
+            if key in slots():  # choosing another component replaces the earlier one's knobs
+                sources = [(label, _without(node, key)) for label, node in sources]
+            sources.append((f"preset {key}={value}", _preset(key, value)))
+        else:
+            dotlist.append(item)
+    return _resolve(sources, dotlist)
 
 
 def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -312,14 +387,50 @@ def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) ->
         raise ConfigError(f"config file {path} does not exist")
     saved = load_yaml(Path(path))
     import_plugins([*saved.get("imports", []), *_plugins_of(overrides)])
-    cfg = _merge(OmegaConf.structured(Config), saved, str(path))
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-    cfg = _apply_dotlist(cfg, list(overrides))
-    OmegaConf.set_struct(cfg, True)
-    validate(cfg)
-    return cfg
+    _check_dotlist(overrides)
+    return _resolve([(str(path), _migrate(saved))], list(overrides))
+
+
+# The component knobs every config held before each component declared its own (looped.components),
+# by node: a run saved then carries all of them, whichever component it chose.
+_FLAT_KNOBS = {
+    "task": {"n_chains", "chain_len", "n_queries", "hops", "n_distractors", "length", "alphabet",
+             "digits", "corpus", "text_field", "seq_len", "tokenizer", "bpe_vocab", "held_out"},
+    "model.depth_attention": {"stride", "window"},
+    "model.cross_layer": {"dilation", "period", "learnable", "block_size", "streams",
+                          "sinkhorn_iters", "param_loops"},
+    "train.loops": {"min_loops", "mean", "sigma", "cap"},
+    "exit": {"threshold", "after"},
+}
+
+
+def _migrate(saved: DictConfig) -> DictConfig:
+    """A run saved by an older version, in today's keys: renamed keys take their new names, and
+    the knobs of components the run did not choose (which it never used) are dropped."""
+    from looped.components import schema, slots
+
+    saved = saved.copy()
+    for old, new in RENAMED.items():
+        parent_path, _, leaf = old.rpartition(".")
+        parent = OmegaConf.select(saved, parent_path)
+        if isinstance(parent, DictConfig) and leaf in parent and old != new:
+            value = parent.pop(leaf)
+            parent.setdefault(new.rpartition(".")[2], value)
+    loose = _loose([saved], [])
+    for slot in slots().values():
+        node = OmegaConf.select(saved, slot.path)
+        if not isinstance(node, DictConfig):
+            continue
+        own = schema(slot, slot.component(loose)).__dataclass_fields__
+        for key in [k for k in node if k in _FLAT_KNOBS[slot.path] and k not in own]:
+            node.pop(key)
+        for key in [k for k in node if node[k] is None and k in _FLAT_KNOBS[slot.path]]:
+            node.pop(key)  # None meant "the component's default", now the knob's own default
+        held_out = node.get("eval")
+        if slot.path == "task" and isinstance(held_out, DictConfig):
+            for key in [k for k in held_out if held_out[k] is None and k not in own]:
+                held_out.pop(key)
+    return saved
 
 
 def parse_tool_args(cls: type, items: list[str]):
@@ -338,11 +449,11 @@ def parse_tool_args(cls: type, items: list[str]):
     return OmegaConf.to_object(cfg)
 
 
-def _apply_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
+def _apply_dotlist(cfg: DictConfig, dotlist: list[str], loose=None) -> DictConfig:
     for item in dotlist:
         key = item.split("=", 1)[0]
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise ConfigError(_unknown_key_message(cfg, key))
+            raise ConfigError(_unknown_key_message(cfg, key, loose))
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:
@@ -363,10 +474,9 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    from looped.loop_sampling import LOOP_SAMPLERS, max_sampled_loops
-    from looped.model.cross_layer import CROSS_LAYER_METHODS
-    from looped.model.depth import SOURCE_POLICIES
-    from looped.model.exit import EXIT_CRITERIA
+    """The general ranges and shapes; each component node is checked by its own classes
+    (looped.components.check)."""
+    from looped.components import check, slots
     from looped.model.kernels import KERNELS
 
     m = cfg.model
@@ -380,8 +490,7 @@ def validate(cfg: DictConfig) -> None:
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     _require(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
-    _require(m.kernel in KERNELS,
-             f"unknown attention kernel '{m.kernel}'; choose one of: {', '.join(KERNELS)}")
+    KERNELS.lookup(m.kernel)
     _require(m.injection in ("add", "concat", "none"),
              f"unknown model.injection '{m.injection}'; choose one of: add, concat, none")
     _require(m.init_state in ("zeros", "embed", "noise"),
@@ -389,40 +498,7 @@ def validate(cfg: DictConfig) -> None:
     _require(not (m.injection == "none" and m.init_state == "zeros"),
              "model.injection=none with model.init_state=zeros feeds the core only zeros; "
              "use model.init_state=embed")
-    d = m.depth_attention
-    if d.sources is not None:
-        _require(d.sources in SOURCE_POLICIES,
-                 f"unknown depth source policy '{d.sources}'; choose one of: "
-                 f"{', '.join(SOURCE_POLICIES)}")
-    _require(d.stride is None or d.stride >= 1, f"model.depth_attention.stride must be >= 1")
-    _require(d.window >= 0, f"model.depth_attention.window must be >= 0, got {d.window}")
-    _require(d.mix in ("mixed", "raw"),
-             f"unknown model.depth_attention.mix '{d.mix}'; choose one of: mixed, raw")
-    c = m.cross_layer
-    _require(c.method in CROSS_LAYER_METHODS,
-             f"unknown cross-layer method '{c.method}'; choose one of: "
-             f"{', '.join(CROSS_LAYER_METHODS)}")
-    _require(c.max_loops == 0 or c.max_loops >= cfg.loop,
-             f"model.cross_layer.max_loops must be 0 (= loop) or >= loop={cfg.loop}, "
-             f"got {c.max_loops}")
-    _require(m.share_weights or c.max_loops in (0, cfg.loop),
-             f"an unrolled model (share_weights=false) runs exactly loop={cfg.loop} iterations; "
-             f"model.cross_layer.max_loops must be 0 or {cfg.loop}")
-    for name in ("dilation", "period", "sinkhorn_iters"):
-        _require(c[name] >= 1, f"model.cross_layer.{name} must be >= 1, got {c[name]}")
-    _require(c.block_size >= 0, f"model.cross_layer.block_size must be >= 0, got {c.block_size}")
-    # mhc's initial read weights give every other stream 0.01 and must leave a positive rest
-    _require(2 <= c.streams <= 64, f"model.cross_layer.streams must be in [2, 64], got {c.streams}")
-    _require(c.method == "none" or cfg.exit.criterion == "none",
-             f"adaptive exit freezes the plain residual state; cross_layer.method={c.method} "
-             f"keeps other state, so use exit.criterion=none")
     t = cfg.train
-    if CROSS_LAYER_METHODS[c.method].has_position_params(c):
-        top = max_sampled_loops(t.loops, cfg.loop)
-        _require(top <= (c.max_loops or cfg.loop),
-                 f"train.loops.sampler={t.loops.sampler} draws up to {top} iterations, but "
-                 f"cross_layer.method={c.method} has parameters for "
-                 f"{c.max_loops or cfg.loop}; set model.cross_layer.max_loops={top}")
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
@@ -436,16 +512,6 @@ def validate(cfg: DictConfig) -> None:
     _require(t.loss in ("final", "per_iteration"),
              f"unknown train.loss '{t.loss}'; choose one of: final, per_iteration")
     _require(t.grad_loops >= 0, f"train.grad_loops must be >= 0, got {t.grad_loops}")
-    ls = t.loops
-    _require(ls.sampler in LOOP_SAMPLERS,
-             f"unknown train.loops.sampler '{ls.sampler}'; choose one of: "
-             f"{', '.join(LOOP_SAMPLERS)}")
-    _require(1 <= ls.min_loops <= cfg.loop,
-             f"train.loops.min_loops must be in [1, loop={cfg.loop}], got {ls.min_loops}")
-    _require(ls.sigma >= 0 and ls.mean >= 0, "train.loops.mean and sigma must be >= 0")
-    _require(ls.sampler == "fixed" or m.share_weights,
-             "an unrolled model (model.share_weights=false) runs exactly `loop` iterations; "
-             "use train.loops.sampler=fixed")
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.keep_checkpoints >= 1,
              f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
@@ -454,10 +520,5 @@ def validate(cfg: DictConfig) -> None:
              f"{list(cfg.eval.loops)}")
     _require(cfg.eval.n_samples >= 1 and cfg.eval.batch_size >= 1,
              "eval.n_samples and eval.batch_size must be >= 1")
-    e = cfg.exit
-    _require(e.criterion == "none" or e.criterion in EXIT_CRITERIA,
-             f"unknown exit criterion '{e.criterion}'; choose one of: none, "
-             f"{', '.join(EXIT_CRITERIA)}")
-    _require(e.criterion != "gate" or m.exit_gate,
-             "exit.criterion=gate needs a model trained with model.exit_gate=true")
-    _require(e.max_loops >= 1, f"exit.max_loops must be >= 1, got {e.max_loops}")
+    for slot in slots().values():
+        check(slot, OmegaConf.select(cfg, slot.path), cfg)

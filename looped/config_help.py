@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import typing
+import textwrap
 
 from omegaconf import OmegaConf
 
@@ -15,33 +15,44 @@ _FIELD = re.compile(r"^\s+(\w+):[^=]*(?:=.*?)?(?:#\s*(.*))?$")
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """field name -> its trailing comment, or the comment lines right above it."""
-    out, above = {}, []
-    for line in inspect.getsource(cls).splitlines()[2:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            above.append(stripped.lstrip("# "))
+    """field name -> its trailing comment, or the comment lines right above it, from cls and
+    the classes it is made of (a component node's schema is made at run time, without source)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            source = textwrap.dedent(inspect.getsource(klass)).splitlines()
+        except (OSError, TypeError):
             continue
-        match = _FIELD.match(line)
-        if match and not stripped.startswith(("def ", "@")):
-            out[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+        lines = source[next(i for i, ln in enumerate(source) if ln.startswith("class ")) + 1:]
         above = []
+        for line in lines:
+            stripped = line.strip()
+            if stripped.startswith("#"):
+                above.append(stripped.lstrip("# "))
+                continue
+            match = _FIELD.match(line)
+            if match and not stripped.startswith(("def ", "@")) and line.startswith("    ") \
+                    and not line.startswith("     "):
+                out[match.group(1)] = (match.group(2) or " ".join(above)).strip()
+            above = []
     return out
 
 
 def _rows(cls: type, node, prefix: str) -> list[tuple[str, str, str]]:
     comments = _field_comments(cls)
-    hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
-        sub = hints[f.name]
-        if dataclasses.is_dataclass(sub):
+        sub = OmegaConf.get_type(node, f.name) if OmegaConf.is_config(node[f.name]) else None
+        if sub is not None and dataclasses.is_dataclass(sub):
             rows += _rows(sub, node[f.name], key + ".")
             continue
         value = node[f.name]
         shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
-        rows.append((key, "null" if shown is None else str(shown), comments.get(f.name, "")))
+        hint = comments.get(f.name, "")
+        if not hint and hasattr(cls, "__held_out_of__"):
+            hint = f"the held-out split's {f.name}; null: as trained"
+        rows.append((key, "null" if shown is None else str(shown), hint))
     return rows
 
 
@@ -56,4 +67,24 @@ def config_help() -> str:
     lines = ["usage: python train.py [key=value ...]   (defaults: configs/defaults.yaml's)",
              "", "presets:", *choices, "", "keys (key=default  help):"]
     lines += [f"  {f'{k}={v}':<{width}} {h}".rstrip() for k, v, h in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *_components()])
+
+
+def _components() -> list[str]:
+    """Each component slot's choices and their own knobs (the keys above show the defaults')."""
+    from looped.components import slots
+
+    lines = ["components (the selector picks one; its knobs join the node):"]
+    for slot in slots().values():
+        lines.append(f"  {slot.path}.{slot.selector}:")
+        registry = slot.registry()
+        for name in registry:
+            knobs = registry.configs[name]
+            shown = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(knobs))
+            lines.append(f"    {name:<18} {shown or '(no knobs)'}")
+    return lines
+
+
+def _default(f: dataclasses.Field):
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    return "null" if value is None else value

@@ -71,7 +71,7 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     loops = model.runnable_loops(args.loops)
     if cfg.model.share_weights and len(loops) < len(args.loops):
         print(f"  {run_dir.name}: cross_layer.method={cfg.model.cross_layer.method} runs at most "
-              f"{model.max_loops} iterations; skipping loops "
+              f"{model.param_loops} iterations; skipping loops "
               f"{[r for r in args.loops if r not in loops]}", flush=True)
     results = {}
     for r in loops:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from looped import build_model, load_config
-from looped.config import CrossLayerConfig
+from looped.components import component_config
 from looped.errors import ConfigError, cli_main
 from looped.model.cross_layer import CROSS_LAYER_METHODS
 from looped.model.depth import depth_mix_flops
@@ -80,11 +80,11 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
     da_flops = sum(depth_mix_flops(len(s), c.n_heads, c.n_kv_heads, c.head_dim) for s in sources)
     da = MethodCost("depth_attention", 0, float(da_flops), 0.0)
 
-    n_slots = model.layout(model.max_loops).n_positions
+    n_slots = model.layout(model.param_loops).n_positions
     kv_dim = c.n_kv_heads * c.head_dim
     methods = []
     for name, extra in _method_variants(n_slots):
-        mcfg = CrossLayerConfig(method=name, **extra)
+        mcfg = component_config("model.cross_layer", name, **extra)
         with torch.device("meta"):
             m = CROSS_LAYER_METHODS[name](mcfg, c.d_model, n_slots, kv_dim)
         m.injected_before = model.injection_slots()

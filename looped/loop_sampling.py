@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from looped.errors import ConfigError
 from looped.registry import Registry
 
 LoopSampler = Callable[["LoopSamplingConfig", int, torch.Generator], int]  # noqa: F821
@@ -24,27 +26,56 @@ def _fixed(cfg, loop: int, gen: torch.Generator) -> int:
     return loop
 
 
-@register_loop_sampler("uniform")
+def _check_min_loops(min_loops: int, loop: int) -> None:
+    if not 1 <= min_loops <= loop:
+        raise ConfigError(f"train.loops.min_loops must be in [1, loop={loop}], got {min_loops}")
+
+
+@dataclass
+class UniformKnobs:
+    min_loops: int = 1  # R ~ U{min_loops..loop}
+
+    def check(self, cfg) -> None:
+        _check_min_loops(self.min_loops, cfg.loop)
+
+
+@dataclass
+class PoissonLogNormalKnobs:
+    min_loops: int = 1  # draws below are clipped up to it
+    mean: float = 0.0  # E[R] - 1; 0 means loop - 1
+    sigma: float = 0.5  # log-normal spread
+    cap: int = 0  # draws above are clipped down to it; 0 means 2 * loop
+
+    def check(self, cfg) -> None:
+        _check_min_loops(self.min_loops, cfg.loop)
+        if self.sigma < 0 or self.mean < 0:
+            raise ConfigError("train.loops.mean and sigma must be >= 0")
+        if self.cap and self.cap < self.min_loops:
+            raise ConfigError(f"train.loops.cap must be 0 or >= min_loops={self.min_loops}, "
+                              f"got {self.cap}")
+
+
+@register_loop_sampler("uniform", config=UniformKnobs)
 def _uniform(cfg, loop: int, gen: torch.Generator) -> int:
     """R ~ Uniform{min_loops, ..., loop}."""
     return int(torch.randint(cfg.min_loops, loop + 1, (1,), generator=gen).item())
 
 
-@register_loop_sampler("poisson_lognormal")
+@register_loop_sampler("poisson_lognormal", config=PoissonLogNormalKnobs)
 def _poisson_lognormal(cfg, loop: int, gen: torch.Generator) -> int:
     """Huginn's heavy-tailed draw: tau ~ N(log(m) - sigma^2 / 2, sigma), R = 1 + Poisson(e^tau),
     so E[R] = 1 + m with m = `mean` (or loop - 1 when mean is 0); clipped to
-    [min_loops, max_loops] (max_loops 0: 2 * loop)."""
+    [min_loops, cap] (cap 0: 2 * loop)."""
     m = cfg.mean if cfg.mean > 0 else max(loop - 1, 1e-3)
     mu = math.log(m) - cfg.sigma ** 2 / 2
     tau = mu + cfg.sigma * torch.randn((1,), generator=gen, dtype=torch.float64)
     r = 1 + int(torch.poisson(tau.exp(), generator=gen).item())
-    return max(cfg.min_loops, min(cfg.max_loops or 2 * loop, r))
+    return max(cfg.min_loops, min(cfg.cap or 2 * loop, r))
 
 
 def max_sampled_loops(cfg, loop: int) -> int:
     """The largest loop count the sampler can draw."""
-    return (cfg.max_loops or 2 * loop) if cfg.sampler == "poisson_lognormal" else loop
+    return (cfg.cap or 2 * loop) if cfg.sampler == "poisson_lognormal" else loop
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:

@@ -54,7 +54,9 @@ def overrides(*, loop: int = 1, enabled: bool = True, policy: str | None = None,
         out.append(f"{da}.sources={policy}")
     if stride is not None:
         out.append(f"{da}.stride={stride}")
-    out += [f"{da}.window={window}", f"{da}.mix={mix}"]
+    if window:  # a knob of the strided policy only
+        out.append(f"{da}.window={window}")
+    out.append(f"{da}.mix={mix}")
     return out + list(extra)
 
 

@@ -1,6 +1,7 @@
 """Config resolution: presets, dotlist overrides, typed values, and one-line errors."""
 
 import pytest
+from omegaconf import OmegaConf
 
 from looped import ConfigError, load_config
 
@@ -43,6 +44,21 @@ def test_struct_mode_rejects_new_keys_after_loading():
     (["loop"], "key=value"),
     (["model.injection=none", "model.init_state=zeros"], "only zeros"),
     (["model.head_dim=7"], "even"),
+    # each component's knobs are checked against its own dataclass
+    (["task=chain", "task.n_chains=3"],
+     "unknown config key 'task.n_chains' (task 'chain' has knobs: hops, n_distractors)"),
+    (["task=chain", "task.eval.n_chains=3"], "task.eval.n_chains"),
+    (["exit.criterion=kl", "exit.after=3"], "exit criterion 'kl' has knobs: threshold"),
+    (["loop=4", "model.depth_attention.window=1"], "policy 'same_layer' has knobs: none"),
+    (["model.cross_layer.method=attn_res", "model.cross_layer.streams=2"],
+     "cross-layer method 'attn_res' has knobs: block_size"),
+    (["train.loops.sampler=fixed", "train.loops.min_loops=2"], "'fixed' has knobs: none"),
+    (["exit.criterion=max_loops", "exit.after=0"], "exit.after must be >= 1"),
+    (["task=nothing"], "or a registered task: roots, chain"),
+    # renamed keys point at their new names
+    (["model.cross_layer.max_loops=8"], "is now 'model.cross_layer.param_loops'"),
+    (["train.loops.max_loops=8"], "is now 'train.loops.cap'"),
+    (["exit.max_loops=2"], "is now 'exit.after'"),
 ])
 def test_bad_input_is_one_line_config_error(overrides, fragment):
     with pytest.raises(ConfigError) as err:
@@ -50,3 +66,47 @@ def test_bad_input_is_one_line_config_error(overrides, fragment):
     message = str(err.value)
     assert fragment in message
     assert "\n" not in message
+
+
+def test_a_components_knobs_join_its_node():
+    cfg = load_config(["task=phop", "task.eval.hops=8", "exit.criterion=kl",
+                       "train.loops.sampler=poisson_lognormal", "train.loops.cap=12"])
+    assert dict(cfg.task) == {"name": "phop", "hops": 4, "length": 64, "alphabet": 4,
+                              "eval": {"hops": 8, "length": None, "alphabet": None}}
+    assert dict(cfg.exit) == {"criterion": "kl", "threshold": 1e-3}
+    cross = load_config(["model.cross_layer.method=denseformer", "model.cross_layer.dilation=2"])
+    assert dict(cross.model.cross_layer) == {"method": "denseformer", "param_loops": 0,
+                                             "dilation": 2, "period": 1}
+    assert dict(cfg.train.loops) == {"sampler": "poisson_lognormal", "min_loops": 1,
+                                     "mean": 0.0, "sigma": 0.5, "cap": 12}
+    # the last selection wins, and only its knobs are in the node
+    assert dict(load_config(["task=chain", "task=roots"]).task)["name"] == "roots"
+
+
+OLD_RUN_CONFIG = """
+loop: 4
+model:
+  depth_attention: {enabled: true, sources: strided, stride: 2, window: 1, mix: mixed}
+  cross_layer: {method: none, max_loops: 0, dilation: 1, period: 1, learnable: false,
+                block_size: 0, streams: 4, sinkhorn_iters: 20}
+train:
+  loops: {sampler: uniform, min_loops: 2, mean: 0.0, sigma: 0.5, max_loops: 0}
+task: {name: chain, n_chains: 4, chain_len: 6, n_queries: 8, hops: 3, n_distractors: 2,
+       length: 64, alphabet: 4, digits: 5, corpus: shakespeare, text_field: text, seq_len: 256,
+       tokenizer: byte, bpe_vocab: 1024, held_out: 0.05,
+       eval: {chain_len: null, hops: 6, digits: null, length: null}}
+exit: {criterion: entropy, threshold: null, max_loops: 1}
+"""
+
+
+def test_a_run_saved_with_the_flat_knobs_of_older_versions_loads_unchanged(tmp_path):
+    from looped.config import load_config_file
+
+    (tmp_path / "config.yaml").write_text(OLD_RUN_CONFIG)
+    old = load_config_file(tmp_path / "config.yaml")
+    new = load_config(["loop=4", "model.depth_attention.sources=strided",
+                       "model.depth_attention.stride=2", "model.depth_attention.window=1",
+                       "train.loops.min_loops=2", "task=chain", "task.hops=3",
+                       "task.eval.hops=6", "exit.criterion=entropy"])
+    for node in ("model.depth_attention", "model.cross_layer", "train.loops", "task", "exit"):
+        assert OmegaConf.select(old, node) == OmegaConf.select(new, node), node

@@ -23,7 +23,7 @@ from conftest import (CLI_TINY_MODEL, LOOPED_MODEL, VOCAB, decode_logits, make_m
                       rand_ids)
 
 from looped import ConfigError, LoopedLM, load_config
-from looped.config import CrossLayerConfig
+from looped.components import component_config
 from looped.errors import ShapeError
 from looped.model.attention import DepthStep
 from looped.model.cache import ActivationStore
@@ -63,7 +63,7 @@ def method_model(name: str, shape: str = "plain", seed: int = 0, perturb: bool =
 
 def vanilla_like(model) -> torch.nn.Module:
     """A model without the method holding the same block weights."""
-    vanilla = LoopedLM(dataclasses.replace(model.cfg, cross_layer=CrossLayerConfig()),
+    vanilla = LoopedLM(dataclasses.replace(model.cfg, cross_layer=component_config("model.cross_layer", "none")),
                        loop=model.loop).eval()
     missing, unexpected = vanilla.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("cross_layer.") for k in unexpected)
@@ -334,14 +334,14 @@ def test_fewer_loops_use_the_slots_of_the_iterations_they_run():
             assert changed == used, slot
 
 
-def test_per_position_methods_run_up_to_max_loops():
+def test_per_position_methods_run_up_to_param_loops():
     model = method_model("denseformer", "looped")
     ids = rand_ids(1, 6)
     with pytest.raises(ShapeError, match="up to 3 iterations"):
         model(ids, loops=4)
     assert not model.supports_loops(4) and model.supports_loops(2)
-    wider = method_model("denseformer", "looped", extra=(f"{CL}.max_loops=5",))
-    assert wider.max_loops == 5 and wider(ids, loops=5).logits.shape == (1, 6, VOCAB)
+    wider = method_model("denseformer", "looped", extra=(f"{CL}.param_loops=5",))
+    assert wider.param_loops == 5 and wider(ids, loops=5).logits.shape == (1, 6, VOCAB)
     # without per-position parameters any loop count runs
     fixed = method_model("value_residual", "looped")
     assert fixed(ids, loops=7).logits.shape == (1, 6, VOCAB)
@@ -359,10 +359,10 @@ def test_exit_with_a_cross_layer_method_is_refused():
     ([f"{CL}.method=densformer"], "choose one of: none, denseformer"),
     ([f"{CL}.method=mhc", f"{CL}.streams=1"], "streams must be in [2, 64]"),
     ([f"{CL}.method=attn_res", "train.loops.sampler=poisson_lognormal"],
-     "set model.cross_layer.max_loops=16"),
-    ([f"{CL}.max_loops=3"], "max_loops must be 0 (= loop) or >= loop=8"),
-    ([f"{CL}.max_loops=9", "model.share_weights=false", "train.loops.sampler=fixed"],
-     "max_loops must be 0 or 8"),
+     "set model.cross_layer.param_loops=16"),
+    ([f"{CL}.param_loops=3"], "param_loops must be 0 (= loop) or >= loop=8"),
+    ([f"{CL}.param_loops=9", "model.share_weights=false", "train.loops.sampler=fixed"],
+     "param_loops must be 0 or 8"),
 ])
 def test_bad_cross_layer_configs(overrides, fragment):
     with pytest.raises(ConfigError) as e:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from looped.config import ExitConfig
+from looped import load_config
 from looped.errors import ConfigError
 from looped.model import lm as lm_mod
 from looped.model.exit import (EXIT_CRITERIA, EntropyExit, ExitCriterion, GateExit,
@@ -42,7 +42,7 @@ def exit_model(variant: str, seed: int):
 
 def make_exit(name: str, threshold: float):
     if name == "max_loops":
-        return MaxLoopsExit(max_loops=int(threshold))
+        return MaxLoopsExit(after=int(threshold))
     return EXIT_CRITERIA[name](threshold=threshold)
 
 
@@ -200,23 +200,22 @@ def test_gate_exit_is_cumulative_halting_probability():
 
 
 def test_max_loops_exit_definition():
-    crit = MaxLoopsExit(max_loops=3)
+    crit = MaxLoopsExit(after=3)
     state = torch.ones(2, 3, 4)
     got = [bool(crit.check(_view(r, state, state)).all()) for r in range(5)]
     assert got == [False, False, True, True, True]
 
 
 def test_build_exit_from_config():
-    cfg = OmegaConf.structured(ExitConfig)
-    assert build_exit(cfg) is None
-    cfg.criterion, cfg.threshold = "kl", 0.25
-    crit = build_exit(cfg)
+    def exit_cfg(*overrides):
+        return load_config(["model.exit_gate=true", *overrides]).exit
+
+    assert build_exit(exit_cfg()) is None
+    crit = build_exit(exit_cfg("exit.criterion=kl", "exit.threshold=0.25"))
     assert isinstance(crit, KLExit) and crit.threshold == 0.25
-    cfg.criterion, cfg.threshold = "entropy", None
-    assert build_exit(cfg).threshold == EntropyExit().threshold
-    cfg.criterion, cfg.max_loops = "max_loops", 3
-    assert build_exit(cfg).max_loops == 3
-    cfg.criterion = "nope"
+    assert build_exit(exit_cfg("exit.criterion=entropy")).threshold == EntropyExit().threshold
+    assert build_exit(exit_cfg("exit.criterion=max_loops", "exit.after=3")).after == 3
+    cfg = OmegaConf.create({"criterion": "nope"})
     with pytest.raises(ConfigError, match="nope"):
         build_exit(cfg)
 
@@ -314,7 +313,7 @@ def test_all_tokens_exit_in_prefill_breaks_early(skip_calls):
     model = exit_model("same_layer", seed=66)
     ids = rand_ids(2, 7, seed=66)
     with torch.no_grad():
-        out = model(ids, exit=MaxLoopsExit(max_loops=1), return_states=True)
+        out = model(ids, exit=MaxLoopsExit(after=1), return_states=True)
         one = model(ids, loops=1)
     assert torch.equal(out.iterations, torch.ones(2, 7, dtype=torch.long))
     assert len(out.states) == 1 and skip_calls == [(0, R, "ActivationStore")]

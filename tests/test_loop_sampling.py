@@ -60,8 +60,8 @@ def test_uniform_varies_within_min_loops_and_loop(min_loops):
 
 
 @pytest.mark.parametrize("kw,low,high", [
-    (dict(), 1, 8),  # max_loops 0: clipped at 2 * loop
-    (dict(max_loops=5, min_loops=2), 2, 5),
+    (dict(), 1, 8),  # cap 0: clipped at 2 * loop
+    (dict(cap=5, min_loops=2), 2, 5),
     (dict(mean=12.0), 1, 8),  # a large mean piles up at the clip
 ])
 def test_poisson_lognormal_stays_in_range(kw, low, high):
@@ -75,7 +75,7 @@ def test_poisson_lognormal_stays_in_range(kw, low, high):
 @pytest.mark.parametrize("loop,mean", [(4, 0.0), (4, 2.5), (8, 0.0)])
 def test_poisson_lognormal_mean_is_one_plus_mean(loop, mean):
     """E[R] = 1 + m (m = mean, or loop - 1 when mean is 0), with the clip out of the way."""
-    cfg, _ = loops_cfg(loop=loop, sampler="poisson_lognormal", mean=mean, max_loops=1000)
+    cfg, _ = loops_cfg(loop=loop, sampler="poisson_lognormal", mean=mean, cap=1000)
     m = mean if mean > 0 else loop - 1
     got = torch.tensor(draws(cfg, loop, 2, range(3000)), dtype=torch.float64)
     # sd of R: Var = m + m^2 (e^{sigma^2} - 1) for sigma 0.5 -> standard error ~ sd / sqrt(3000)

@@ -10,21 +10,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import CLI_TINY_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 
 USER_TASK = '''
+from dataclasses import dataclass
+
 import torch
 from looped.data import IGNORE, Batch, Task, register_task
 
 
 @register_task("first_token")
 class FirstToken(Task):
-    """Every position after the first predicts the first token."""
+    """Every position after the first predicts the first token; sequences of 4 * span."""
 
-    def __init__(self, **_):
-        self.vocab_size, self.seq_len = 16, 12
+    @dataclass
+    class Config:
+        span: int = 2  # the task's own knob: sequence length / 4
+
+    def __init__(self, span: int = Config.span, **_):
+        self.vocab_size, self.seq_len = 16, 4 * span
 
     def sample(self, batch_size, generator):
         x = torch.randint(0, 16, (batch_size, self.seq_len), generator=generator)
@@ -32,7 +39,7 @@ class FirstToken(Task):
         targets[:, 1:] = x[:, :1]
         return Batch(x, targets)
 '''
-ARGS = CLI_TINY_MODEL + ["task.name=first_token", "train.steps=4", "train.batch_size=8",
+ARGS = CLI_TINY_MODEL + ["task=first_token", "task.span=3", "train.steps=4", "train.batch_size=8",
                          "eval.n_samples=16", "train.eval_every=4"]
 
 
@@ -49,8 +56,11 @@ def test_a_task_from_a_user_file_trains_and_evaluates_through_the_cli(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "task=first_token" in proc.stdout and "held-out accuracy by loop count" in proc.stdout
     run = tmp_path / "runs" / "mine"
-    # the saved config names the plugin by absolute path, so any directory can load the run
-    assert str(tmp_path / "my_tasks.py") in (run / "config.yaml").read_text()
+    # the saved config names the plugin by absolute path, so any directory can load the run,
+    # and holds the task's own knob
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["imports"] == [str(tmp_path / "my_tasks.py")]
+    assert saved["task"] == {"name": "first_token", "span": 3, "eval": {"span": None}}
     ev = cli("-m", "looped.evaluate", f"ckpt={run}", "loops=[1,2]", "n_samples=16",
              "threads=1", cwd=ROOT)
     assert ev.returncode == 0, ev.stderr[-2000:]
@@ -76,5 +86,19 @@ def test_a_module_on_the_python_path_is_a_plugin_too(tmp_path):
 ])
 def test_bad_imports_are_one_line(tmp_path, imports, fragment):
     proc = cli(ROOT / "train.py", imports, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("task.spam=3", "unknown config key 'task.spam' (task 'first_token' has knobs: span); "
+                    "did you mean task.span"),
+    ("task.span=x", "bad value in 'task.span=x'"),
+    ("task=second_token", "unknown task preset 'second_token'"),
+])
+def test_a_plugin_task_knob_is_validated_against_its_own_dataclass(tmp_path, override, fragment):
+    (tmp_path / "my_tasks.py").write_text(USER_TASK)
+    proc = cli(ROOT / "train.py", "imports=[my_tasks.py]", "task=first_token", override,
+               cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import CLI_TINY_MODEL
 
-from looped.study.spec import expand, load_study
+from looped.study.spec import check_run_config, expand, load_study
 from looped.study.stats import incomplete_beta, spread, t_cdf, t_quantile
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,8 +26,10 @@ BASE = [o for o in CLI_TINY_MODEL if not o.startswith("threads=")] + [
     "train.steps=6", "train.batch_size=8", "train.eval_every=3", "eval.n_samples=16"]
 
 
-def write_study(path: Path, out: Path, variants: dict, seeds=(0, 1), extra: str = "") -> Path:
-    lines = [f"description: a tiny study", f"base: [{', '.join(BASE)}]", "variants:"]
+def write_study(path: Path, out: Path, variants: dict, seeds=(0, 1), extra: str = "",
+                base_extra=()) -> Path:
+    lines = [f"description: a tiny study", f"base: [{', '.join([*BASE, *base_extra])}]",
+             "variants:"]
     lines += [f"  {name}: [{', '.join(o)}]" for name, o in variants.items()]
     lines += [f"seeds: {list(seeds)}", "reference: vanilla", "metric: loss",
               "eval: {loops: [1, 2, 3], n_samples: 32}", f"out: {out}", extra]
@@ -222,6 +224,22 @@ def test_grid_expands_every_combination_into_its_own_directory(tmp_path):
     assert runs[2].overrides[-2:] == ("task=chain", "train.lr=0.001")
     assert runs[2].train_argv()[-4:] == ["seed=0", f"out_dir={Path(runs[2].run_dir).parent}",
                                          "name=seed0", "threads=1"]
+
+
+def test_a_grid_value_brings_its_own_overrides(tmp_path):
+    """Each task has its own knobs, so a grid over tasks sets each task's knobs with it."""
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS,
+                       extra="grid: {task: {roots: [task.chain_len=3], chain: [task.hops=2]}}")
+    runs = expand(load_study(path, ["only=[da]", "seeds=[0]"]))
+    assert [r.grid_label for r in runs] == ["task=roots", "task=chain"]
+    assert runs[0].overrides[-2:] == ("task=roots", "task.chain_len=3")
+    assert runs[1].overrides[-2:] == ("task=chain", "task.hops=2")
+    assert [check_run_config(r) for r in runs] == [None, None]
+    # the same knob in the base fits one task only: the other run is reported, in one line
+    shared = write_study(tmp_path / "b.yaml", tmp_path / "out2", VARIANTS,
+                         extra="grid: {task: [roots, chain]}", base_extra=["task.hops=2"])
+    problems = [check_run_config(r) for r in expand(load_study(shared, ["only=[da]"]))]
+    assert problems[0].startswith("unknown config key 'task.hops' (task 'roots' has knobs")
 
 
 def test_t_quantiles_and_spread():

@@ -4,6 +4,8 @@ importable from here too, for task authors."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from looped.data.base import IGNORE, TASKS, Batch, Task, knob_error, register_task
@@ -21,7 +23,14 @@ class RootsTask(Task):
     Following one pointer per step, a query at depth d needs d steps.
     """
 
-    def __init__(self, n_chains: int = 4, chain_len: int = 6, n_queries: int = 8, **_):
+    @dataclass
+    class Config:
+        n_chains: int = 4  # trees in the forest
+        chain_len: int = 6  # nodes per chain (the deepest query is chain_len - 1 hops)
+        n_queries: int = 8  # questions per sequence
+
+    def __init__(self, n_chains: int = Config.n_chains, chain_len: int = Config.chain_len,
+                 n_queries: int = Config.n_queries, **_):
         self.n_chains, self.chain_len, self.n_queries = n_chains, chain_len, n_queries
         self.n_nodes = n_chains * chain_len
         self.sep = self.n_nodes
@@ -74,7 +83,13 @@ class ChainTask(Task):
     N_CONSTS = 5
     MIN_POOL = 24
 
-    def __init__(self, hops: int = 4, n_distractors: int = 2, **_):
+    @dataclass
+    class Config:
+        hops: int = 4  # assignments to follow
+        n_distractors: int = 2  # chains besides the queried one
+
+    def __init__(self, hops: int = Config.hops, n_distractors: int = Config.n_distractors,
+                 **_):
         if hops < 1:
             raise knob_error("chain", f"hops must be >= 1, got {hops}")
         if n_distractors < 0:
@@ -126,7 +141,14 @@ class PHopTask(Task):
     Needs length >= hops + 2. seq_len = length, vocab_size = alphabet.
     """
 
-    def __init__(self, hops: int = 4, length: int = 32, alphabet: int = 8, **_):
+    @dataclass
+    class Config:
+        hops: int = 4  # p
+        length: int = 64  # sequence length (long enough that p hops rarely run out of room)
+        alphabet: int = 4  # tokens in the sequence's alphabet
+
+    def __init__(self, hops: int = Config.hops, length: int = Config.length,
+                 alphabet: int = Config.alphabet, **_):
         if hops < 1:
             raise knob_error("phop", f"hops must be >= 1, got {hops}")
         if alphabet < 2:
@@ -181,7 +203,11 @@ class AdditionTask(Task):
 
     PLUS, EQ = 10, 11
 
-    def __init__(self, digits: int = 5, **_):
+    @dataclass
+    class Config:
+        digits: int = 5  # digits per operand
+
+    def __init__(self, digits: int = Config.digits, **_):
         if digits < 1:
             raise knob_error("addition", f"digits must be >= 1, got {digits}")
         self.digits = digits

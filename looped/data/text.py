@@ -381,9 +381,21 @@ class TextTask(Task):
     """Next-token prediction on windows of seq_len + 1 tokens; split="eval" samples held-out
     text. Every position is an answer (exact-match accuracy = next-token accuracy)."""
 
-    def __init__(self, corpus: str = SHAKESPEARE, text_field: str = "text", seq_len: int = 256,
-                 tokenizer: str = "byte", bpe_vocab: int = 1024, held_out: float = 0.05,
-                 split: str = "train", **_):
+    @dataclass
+    class Config:
+        # shakespeare (built in) | a local .txt/.md/.json/.jsonl/.csv/.parquet file or directory |
+        # a hub dataset
+        corpus: str = SHAKESPEARE
+        text_field: str = "text"  # the column that holds the text (json, jsonl, csv, parquet, hub)
+        seq_len: int = 256  # window length in tokens
+        tokenizer: str = "byte"  # byte | bpe (needs pip install tokenizers)
+        bpe_vocab: int = 1024  # BPE vocabulary size
+        held_out: float = 0.05  # fraction of documents held out
+
+    def __init__(self, corpus: str = Config.corpus, text_field: str = Config.text_field,
+                 seq_len: int = Config.seq_len, tokenizer: str = Config.tokenizer,
+                 bpe_vocab: int = Config.bpe_vocab, held_out: float = Config.held_out,
+                 split: str = "train"):
         if tokenizer not in TOKENIZERS:
             raise ConfigError(f"unknown task.tokenizer '{tokenizer}'; choose one of: "
                               f"{', '.join(TOKENIZERS)}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -89,7 +89,21 @@ def default_stride(layout: DepthLayout) -> int:
     return max(1, layout.n_distinct_layers // 2)
 
 
-@register_source_policy("strided")
+@dataclass
+class StridedKnobs:
+    stride: Optional[int] = None  # every stride-th position; None: n_layers // 2 (the authors')
+    window: int = 0  # also attend to the w most recent depth positions
+
+    def check(self, cfg) -> None:
+        from looped.errors import ConfigError
+
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"model.depth_attention.stride must be >= 1, got {self.stride}")
+        if self.window < 0:
+            raise ConfigError(f"model.depth_attention.window must be >= 0, got {self.window}")
+
+
+@register_source_policy("strided", config=StridedKnobs)
 def _strided(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
     stride = cfg.stride or default_stride(layout)
     picked = {j for j in range(p) if j % stride == 0}

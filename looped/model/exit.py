@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from looped.errors import ConfigError
 from looped.registry import Registry
 
 
@@ -45,6 +46,7 @@ class ExitCriterion:
 
 EXIT_CRITERIA = Registry("exit criterion")
 register_exit = EXIT_CRITERIA.register
+register_exit("none")(None)  # every token runs all iterations
 
 
 @register_exit("kl")
@@ -52,7 +54,11 @@ class KLExit(ExitCriterion):
     """Stop when KL(p_r || p_{r-1}) between successive iterations' next-token distributions
     falls below the threshold."""
 
-    def __init__(self, threshold: float = 1e-3, **_):
+    @dataclass
+    class Config:
+        threshold: float = 1e-3  # exit when the KL falls below this
+
+    def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
 
     def init(self) -> None:
@@ -71,7 +77,11 @@ class KLExit(ExitCriterion):
 class EntropyExit(ExitCriterion):
     """Stop when the entropy (nats) of the next-token distribution falls below the threshold."""
 
-    def __init__(self, threshold: float = 0.1, **_):
+    @dataclass
+    class Config:
+        threshold: float = 0.1  # exit when the entropy (nats) falls below this
+
+    def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
 
     def check(self, it: IterationView) -> torch.Tensor:
@@ -84,7 +94,11 @@ class LatentExit(ExitCriterion):
     """Stop when the relative change of the state ||s_r - s_{r-1}|| / ||s_r|| falls below the
     threshold."""
 
-    def __init__(self, threshold: float = 1e-2, **_):
+    @dataclass
+    class Config:
+        threshold: float = 1e-2  # exit when the relative change falls below this
+
+    def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
 
     def check(self, it: IterationView) -> torch.Tensor:
@@ -96,7 +110,16 @@ class GateExit(ExitCriterion):
     """A learned exit gate (model.exit_gate=true): stop once the cumulative halting probability
     1 - prod_{j<=r} (1 - lambda_j) reaches the threshold."""
 
-    def __init__(self, threshold: float = 0.5, **_):
+    @dataclass
+    class Config:
+        threshold: float = 0.5  # exit when the halting probability reaches this
+
+        def check(self, cfg) -> None:
+            if not cfg.model.exit_gate:
+                raise ConfigError("exit.criterion=gate needs a model trained with "
+                                  "model.exit_gate=true")
+
+    def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
 
     def init(self) -> None:
@@ -112,13 +135,21 @@ class GateExit(ExitCriterion):
 
 @register_exit("max_loops")
 class MaxLoopsExit(ExitCriterion):
-    """Stop every token after max_loops iterations."""
+    """Stop every token after `after` iterations."""
 
-    def __init__(self, max_loops: int = 1, **_):
-        self.max_loops = max_loops
+    @dataclass
+    class Config:
+        after: int = 1  # iterations every token runs
+
+        def check(self, cfg) -> None:
+            if self.after < 1:
+                raise ConfigError(f"exit.after must be >= 1, got {self.after}")
+
+    def __init__(self, after: int = Config.after):
+        self.after = after
 
     def check(self, it: IterationView) -> torch.Tensor:
-        done = it.r + 1 >= self.max_loops
+        done = it.r + 1 >= self.after
         return torch.full(it.state.shape[:2], done, dtype=torch.bool, device=it.state.device)
 
 
@@ -128,14 +159,12 @@ def relative_change(state: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
 
 
 def build_exit(cfg) -> Optional[ExitCriterion]:
-    """The criterion named by an ExitConfig (criterion, threshold, max_loops); None for 'none'."""
-    if cfg.criterion == "none":
-        return None
+    """The criterion an exit config names, built with its knobs; None for 'none'."""
     criterion_cls = EXIT_CRITERIA.lookup(cfg.criterion)
-    kwargs = {"max_loops": cfg.max_loops}
-    if cfg.threshold is not None:
-        kwargs["threshold"] = cfg.threshold
-    return criterion_cls(**kwargs)
+    if criterion_cls is None:
+        return None
+    knobs = criterion_cls.Config.__dataclass_fields__ if hasattr(criterion_cls, "Config") else {}
+    return criterion_cls(**{k: getattr(cfg, k) for k in knobs})
 
 
 # ---------------------------------------------------------------------------------------------

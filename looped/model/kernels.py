@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from looped.errors import KernelUnavailableError
+from looped.registry import Registry
 
 Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
@@ -98,7 +99,9 @@ def _xformers(q, k, v, q_offset: int, need_weights: bool):
     return out.transpose(1, 2), None
 
 
-KERNELS: dict[str, Kernel] = {"sdpa": _sdpa, "eager": _eager, "xformers": _xformers}
+KERNELS = Registry("attention kernel")  # name -> Kernel
+for _name, _kernel in (("sdpa", _sdpa), ("eager", _eager), ("xformers", _xformers)):
+    KERNELS.register(_name)(_kernel)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: str = "sdpa",

@@ -72,9 +72,9 @@ class LoopedLM(nn.Module):
         self.policy = resolve_policy(cfg.depth_attention, looped=loop > 1)
         self._sources: dict[int, list[tuple[int, ...]]] = {}
         # how hidden states travel between depth positions (a plain residual stream by default)
-        self.max_loops = cfg.cross_layer.max_loops or loop
+        self.param_loops = cfg.cross_layer.param_loops or loop
         self.cross_layer: CrossLayer = build_cross_layer(
-            cfg.cross_layer, cfg.d_model, self.layout(self.max_loops).n_positions,
+            cfg.cross_layer, cfg.d_model, self.layout(self.param_loops).n_positions,
             cfg.n_kv_heads * cfg.head_dim)
         self.cross_layer.injected_before = self.injection_slots()
         self._init_weights()
@@ -106,14 +106,14 @@ class LoopedLM(nn.Module):
     def position_slots(self, loops: int) -> list[int]:
         """Per depth position of a run with `loops` iterations, the slot of the cross-layer
         method's parameters: the same index, except that the coda keeps the slots it has at
-        max_loops iterations."""
+        param_loops iterations."""
         n = self.layout(loops).n_positions
         coda_start = n - self.cfg.n_coda
-        shift = (self.max_loops - loops) * self.cfg.n_layers
+        shift = (self.param_loops - loops) * self.cfg.n_layers
         return [p if p < coda_start else p + shift for p in range(n)]
 
     def injection_slots(self) -> frozenset[int]:
-        """Slots (at max_loops iterations) before which the loop's input injection changes the
+        """Slots (at param_loops iterations) before which the loop's input injection changes the
         input: every iteration after the first unless injection=none, and the first unless its
         input is the prelude output itself."""
         c, first = self.cfg, self.cfg.n_prelude
@@ -122,17 +122,17 @@ class LoopedLM(nn.Module):
                 (c.init_state == "embed" and c.injection == "none")):
             out.add(first)
         if c.injection != "none":
-            out.update(first + r * c.n_layers for r in range(1, self.max_loops))
+            out.update(first + r * c.n_layers for r in range(1, self.param_loops))
         return frozenset(out)
 
     def supports_loops(self, loops: int) -> bool:
         if not self.cfg.share_weights:
             return loops == self.loop
-        return loops >= 1 and (not self.cross_layer.per_position or loops <= self.max_loops)
+        return loops >= 1 and (not self.cross_layer.per_position or loops <= self.param_loops)
 
     def runnable_loops(self, loops: list[int]) -> list[int]:
         """The loop counts of `loops` this model can be scored at: an unrolled model only at
-        its own R (whatever the list), per-position cross-layer parameters up to max_loops."""
+        its own R (whatever the list), per-position cross-layer parameters up to param_loops."""
         if not self.cfg.share_weights:
             return [self.loop]
         return [r for r in loops if self.supports_loops(r)]
@@ -141,10 +141,10 @@ class LoopedLM(nn.Module):
         loops = self.loop if loops is None else loops
         if loops < 1:
             raise ShapeError(f"loops must be >= 1, got {loops}")
-        if self.cross_layer.per_position and loops > self.max_loops:
+        if self.cross_layer.per_position and loops > self.param_loops:
             raise ShapeError(f"cross_layer.method={self.cfg.cross_layer.method} has parameters "
-                             f"per depth position for up to {self.max_loops} iterations; cannot "
-                             f"run loops={loops} (train with model.cross_layer.max_loops)")
+                             f"per depth position for up to {self.param_loops} iterations; cannot "
+                             f"run loops={loops} (train with model.cross_layer.param_loops)")
         if not self.cfg.share_weights and loops != self.loop:
             raise ShapeError(f"an unrolled model (share_weights=false) has exactly {self.loop} "
                              f"copies of its core; cannot run loops={loops}")

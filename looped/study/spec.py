@@ -7,13 +7,15 @@
       vanilla: [model.depth_attention.enabled=false]
       depth_attention: []
     grid: {task: [roots, chain]}                      # optional axes: every combination
+    # a grid value may carry its own overrides, e.g. a task's knobs (each task has its own):
+    # grid: {task: {roots: [task.chain_len=4], chain: [task.hops=3]}}
     seeds: [0, 1, 2]
     reference: vanilla                                # paired differences are against it
     metric: bits_per_byte                             # accuracy | loss | bits_per_byte
     eval: {loops: [1], n_samples: 1024}               # the looped.evaluate sweep of each run
 
 Each (grid point, variant, seed) is one run: `python -m looped.train <base> <grid point>
-<variant> seed=<k>` in `<out>/[<grid point>/]<variant>/seed<k>`, then `python -m looped.evaluate`
+<grid point's overrides> <variant> seed=<k>` in `<out>/[<grid point>/]<variant>/seed<k>`, then `python -m looped.evaluate`
 on it. `python -m looped.study FILE key=value ...` overrides the study's own keys (seeds, jobs,
 out, ...; `extra=[...]` adds train.py overrides to every run).
 """
@@ -60,7 +62,8 @@ class StudySpec:
     description: str = ""
     base: list[str] = field(default_factory=list)
     variants: dict[str, list[str]] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
+    # axis -> values, or value -> the overrides that come with it (normalised to the latter)
+    grid: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     reference: Optional[str] = None  # default: the first variant
     metric: str = "accuracy"
@@ -160,17 +163,26 @@ def _validate(spec: StudySpec, path: Path) -> None:
          "eval.n_samples and eval.batch_size must be >= 1")
     reserved = ("seed", "out_dir", "name", "threads", "resume", "resume_from")
     for key, values in spec.grid.items():
-        need(bool(values), f"grid axis '{key}' has no values")
+        need(isinstance(values, (list, dict)) and bool(values), f"grid axis '{key}' has no values")
         need(key not in reserved, f"grid axis '{key}': the study sets it itself")
         need(len({str(v) for v in values}) == len(values),
-             f"grid axis '{key}' repeats a value: {values}")
+             f"grid axis '{key}' repeats a value: {list(values)}")
         need(all(v is not None and "/" not in str(v) and not isinstance(v, (dict, list))
                  for v in values),
-             f"grid axis '{key}': values must be plain scalars without '/', got {values}")
+             f"grid axis '{key}': values must be plain scalars without '/', got {list(values)}")
+        if isinstance(values, dict):
+            need(all(isinstance(o, list) and all(isinstance(i, str) for i in o)
+                     for o in values.values()),
+                 f"grid axis '{key}': each value maps to a list of key=value overrides")
+        else:
+            spec.grid[key] = {v: [] for v in values}
+        spec.grid[key] = {str(v): list(o or []) for v, o in spec.grid[key].items()}
     for name in spec.variants:
         need(name and "/" not in name and not name.startswith("."),
              f"variant name '{name}' must be a plain directory name")
-    for item in [*spec.base, *spec.extra, *(o for v in spec.variants.values() for o in v)]:
+    grid_items = [o for axis in spec.grid.values() for ovs in axis.values() for o in ovs]
+    for item in [*spec.base, *spec.extra, *grid_items,
+                 *(o for v in spec.variants.values() for o in v)]:
         need(not item.startswith(tuple(f"{k}=" for k in reserved)),
              f"'{item}': the study sets seed, out_dir, name, threads and resume itself")
 
@@ -182,7 +194,7 @@ def jobs_for(spec: StudySpec) -> int:
 def expand(spec: StudySpec) -> list[RunSpec]:
     """Every run of the study: grid point by grid point, seed by seed, variant by variant."""
     keys = list(spec.grid)
-    points = [tuple(zip(keys, map(str, combo)))
+    points = [tuple(zip(keys, combo))
               for combo in itertools.product(*(spec.grid[k] for k in keys))]
     out = Path(spec.out).resolve()
     runs = []
@@ -194,7 +206,8 @@ def expand(spec: StudySpec) -> list[RunSpec]:
                 if spec.only and variant not in spec.only:
                     continue
                 # the grid point comes before the variant: a variant may override what it sets
-                args = (*spec.base, *(f"{k}={v}" for k, v in point), *overrides, *spec.extra)
+                args = (*spec.base, *(f"{k}={v}" for k, v in point),
+                        *(o for k, v in point for o in spec.grid[k][v]), *overrides, *spec.extra)
                 runs.append(RunSpec(variant, seed, point, tuple(args),
                                     str(where / variant / f"seed{seed}"), spec.threads,
                                     tuple(spec.eval.loops), spec.eval.n_samples,

@@ -20,12 +20,15 @@ Extra parameters: d S.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looped.errors import ConfigError
 from looped.model.cross_layer.base import CrossLayer, LayerCall
 from looped.model.depth import SOFTMAX_FLOPS
 
@@ -48,6 +51,15 @@ def _norm(v: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class AttnRes(CrossLayer):
+    @dataclass
+    class Config:
+        block_size: int = 0  # 0: full; k > 0: the block variant, blocks of k positions
+
+        def check(self, cfg) -> None:
+            if self.block_size < 0:
+                raise ConfigError(f"model.cross_layer.block_size must be >= 0, "
+                                  f"got {self.block_size}")
+
     position_params = True
 
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int, eps: float = 1e-6):
@@ -113,7 +125,7 @@ class AttnRes(CrossLayer):
     # -- accounting --------------------------------------------------------------------------
 
     def _aggregation_sizes(self) -> list[int]:
-        """Vectors each of the S + 1 aggregations attends over, at max_loops iterations, with
+        """Vectors each of the S + 1 aggregations attends over, at param_loops iterations, with
         the injections the model makes (`injected_before`)."""
         sizes, n_values, partial, block = [], 1, False, None
         for s in range(self.n_slots + 1):

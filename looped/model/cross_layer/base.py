@@ -10,7 +10,7 @@ applications in the unrolled order: prelude, core x R, coda). The model hands it
     h = method.read(stream)                 # the current hidden state (B, T, d)
 
 Parameters that belong to a depth position are indexed by its *slot*: the position in the layout
-of the model's own `loop` (or `cross_layer.max_loops`). A run with fewer iterations uses the
+of the model's own `loop` (or `cross_layer.param_loops`). A run with fewer iterations uses the
 slots of the iterations it runs, and the coda keeps its own slots.
 
 Every method works per token, so cached decoding needs nothing but the KV cache; what a method
@@ -43,7 +43,7 @@ class CrossLayer(nn.Module):
     """Base class. Subclasses override the hooks they change; the defaults are a plain residual
     stream, so `CrossLayer` itself is the vanilla model (method `none`)."""
 
-    # True when the method has parameters per depth position: runs are limited to max_loops
+    # True when the method has parameters per depth position: runs are limited to param_loops
     # iterations (a method whose answer depends on its config overrides has_position_params)
     position_params = False
 

@@ -15,9 +15,12 @@ dilation = period = 1.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
+from looped.errors import ConfigError
 from looped.model.cross_layer.base import CrossLayer, LayerCall
 
 
@@ -30,6 +33,17 @@ class _History:
 
 
 class DenseFormer(CrossLayer):
+    @dataclass
+    class Config:
+        dilation: int = 1  # average every dilation-th earlier output
+        period: int = 1  # an average after every period-th block
+
+        def check(self, cfg) -> None:
+            for name in ("dilation", "period"):
+                if getattr(self, name) < 1:
+                    raise ConfigError(f"model.cross_layer.{name} must be >= 1, "
+                                      f"got {getattr(self, name)}")
+
     position_params = True
 
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):

@@ -22,12 +22,15 @@ Extra parameters per depth position: n d (2n + n^2) + (2n + n^2) + 3.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from looped.errors import ConfigError
 from looped.model.cross_layer.base import CrossLayer, LayerCall
 
 DYNAMIC_SCALE_INIT = 0.01  # a_pre, a_post, a_res
@@ -42,6 +45,16 @@ class _Streams:
 
 
 class HyperConnections(CrossLayer):
+    @dataclass
+    class Config:
+        streams: int = 4  # residual streams
+
+        def check(self, cfg) -> None:
+            # mhc's initial read weights give every other stream 0.01 and must leave a rest
+            if not 2 <= self.streams <= 64:
+                raise ConfigError(f"model.cross_layer.streams must be in [2, 64], "
+                                  f"got {self.streams}")
+
     position_params = True
     weight_matrices = ("phi",)  # per-slot projections: weight-decayed (looped.optim)
 

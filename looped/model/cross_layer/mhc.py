@@ -16,8 +16,11 @@ Extra parameters: as hyper-connections.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from looped.errors import ConfigError
 from looped.model.cross_layer.hyper_connections import HyperConnections
 
 READ_EPS = 0.01  # initial read weight of the streams other than the position's own
@@ -35,6 +38,16 @@ def sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
 
 
 class ManifoldHyperConnections(HyperConnections):
+    @dataclass
+    class Config(HyperConnections.Config):
+        sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations
+
+        def check(self, cfg) -> None:
+            super().check(cfg)
+            if self.sinkhorn_iters < 1:
+                raise ConfigError(f"model.cross_layer.sinkhorn_iters must be >= 1, "
+                                  f"got {self.sinkhorn_iters}")
+
     def static_init(self, slot: int):
         n = self.n
         read = torch.full((n,), READ_EPS)

@@ -12,11 +12,14 @@ exactly the cache's V entry at depth position 0 (no depth source precedes it).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from looped.errors import ConfigError
 from looped.model.cross_layer.base import CrossLayer, _Residual
 
 FIXED_LAMBDA = 0.5
@@ -31,6 +34,10 @@ class _ValueStream(_Residual):
 
 
 class ValueResidual(CrossLayer):
+    @dataclass
+    class Config:
+        learnable: bool = False  # learnable lambdas per position (init 0.5 / 0.5), else fixed
+
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int):
         super().__init__(cfg, d_model, n_slots, kv_dim)
         # row s - 1 holds (lambda_1, lambda_2) of depth position s >= 1

@@ -1,0 +1,175 @@
+"""Per-component configuration: each registered component declares its own knobs.
+
+Five parts of a run are chosen by name from a registry, and each names a node of the config:
+
+    slot                   selector    registry
+    task                   name        looped.data.TASKS
+    model.depth_attention  sources     looped.model.depth.SOURCE_POLICIES
+    model.cross_layer      method      looped.model.cross_layer.CROSS_LAYER_METHODS
+    train.loops            sampler     looped.loop_sampling.LOOP_SAMPLERS
+    exit                   criterion   looped.model.exit.EXIT_CRITERIA
+
+A component registers with its knobs as a small dataclass next to it (`register(name,
+config=MyKnobs)`, or a nested `Config` class). The node's schema is then the slot's shared fields
+(`slot.base`, e.g. `method` and `param_loops` for a cross-layer method) plus the chosen
+component's knobs, so `task.n_nodes=5` is checked against the chosen task's dataclass, and a new
+component needs no edit of `looped/config.py`. A knobs dataclass may define `check(self, cfg)`
+(cfg: the whole resolved config) to validate its values; that is their one home.
+
+For tasks, the node also holds `eval`: the held-out split's difficulty, the task's own knobs
+again, each optional (None keeps the training value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+
+
+@dataclass
+class NoKnobs:
+    """The knobs of a component that has none."""
+
+
+def knobs_of(obj: Any, config: Optional[type] = None) -> type:
+    """The knobs dataclass a component registers with: `config`, else its nested `Config`."""
+    knobs = config or getattr(obj, "Config", None) or NoKnobs
+    if not dataclasses.is_dataclass(knobs):
+        raise TypeError(f"{obj!r}: the knobs {knobs!r} must be a dataclass")
+    missing = [f.name for f in dataclasses.fields(knobs)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise TypeError(f"{obj!r}: every knob needs a default, {', '.join(missing)} has none")
+    return knobs
+
+
+@dataclass(frozen=True)
+class Slot:
+    path: str  # where the node sits in the config, e.g. "model.cross_layer"
+    selector: str  # the field that names the component, e.g. "method"
+    base: type  # the dataclass of the fields every component of the slot shares
+    registry: Callable[[], Any]  # the Registry (a callable, so importing this module is cheap)
+    # the component a selector value means (None for depth_attention.sources picks by `loop`)
+    resolve: Callable[[Any, Any], str] = lambda value, loose: value
+
+    @property
+    def kind(self) -> str:
+        return self.registry().kind
+
+    def component(self, loose) -> str:
+        """The component a loosely merged config (a DictConfig without schema) chooses."""
+        from omegaconf import OmegaConf
+
+        default = getattr(self.base(), self.selector)
+        value = OmegaConf.select(loose, f"{self.path}.{self.selector}", default=default)
+        return self.resolve(value, loose)
+
+
+def _schema_name(base: type, component: str) -> str:
+    return f"{base.__name__}__{''.join(c if c.isalnum() else '_' for c in component)}"
+
+
+def schema(slot: Slot, component: str) -> type:
+    """The node's dataclass for `component`: the slot's shared fields, then the component's knobs
+    (and, for tasks, `eval`). Unknown components keep the shared fields alone, so a bad name
+    fails with the registry's own message at validation."""
+    registry = slot.registry()
+    knobs = registry.configs.get(component, NoKnobs)
+    name = _schema_name(slot.base, component)
+    module = sys.modules[__name__]
+    cached = getattr(module, name, None)
+    if cached is not None and getattr(cached, "__knobs__", None) is knobs:
+        return cached
+    extra = []
+    if slot.path == "task":
+        held_out = held_out_schema(knobs)
+        extra = [("eval", held_out, field(default_factory=held_out))]
+    cls = dataclasses.make_dataclass(name, extra, bases=(knobs, slot.base))
+    # module-level and named, so configs holding it pickle and copy like any dataclass
+    cls.__module__, cls.__qualname__, cls.__knobs__ = __name__, name, knobs
+    setattr(module, name, cls)
+    return cls
+
+
+def held_out_schema(knobs: type) -> type:
+    """Every knob of `knobs` again, optional, default None (= as trained)."""
+    hints = typing.get_type_hints(knobs)
+    fields = [(f.name, Optional[hints[f.name]], None) for f in dataclasses.fields(knobs)]
+    name = f"{knobs.__name__}__held_out"
+    cls = dataclasses.make_dataclass(name, fields)
+    cls.__module__, cls.__qualname__, cls.__held_out_of__ = __name__, name, knobs
+    setattr(sys.modules[__name__], name, cls)
+    return cls
+
+
+def component_config(slot_path: str, component: str, **values):
+    """A node's dataclass instance built in code, e.g. component_config("model.cross_layer",
+    "denseformer", dilation=2): what the config loader would make of those keys."""
+    slot = slots()[slot_path]
+    if component not in slot.registry():
+        slot.registry().lookup(component)  # the registry's one-line error
+    return schema(slot, component)(**{slot.selector: component}, **values)
+
+
+def check(slot: Slot, node, cfg) -> None:
+    """Validate a resolved node: a known component, then the shared and the component's checks."""
+    from omegaconf import OmegaConf
+
+    name = getattr(node, slot.selector)
+    if name is not None:
+        slot.registry().lookup(name)
+    values = OmegaConf.to_object(node)  # the dataclass, so checks may use its methods
+    for cls in (slot.base, slot.registry().configs.get(name)):
+        if cls is not None and hasattr(cls, "check"):
+            cls.check(values, cfg)
+
+
+def unknown_knob_hint(key: str, loose) -> str:
+    """', which task 'roots' does not have (its knobs: ...)' for a key inside a slot's node."""
+    for slot in slots().values():
+        if key.startswith(slot.path + "."):
+            component = slot.component(loose)
+            knobs = slot.registry().configs.get(component)
+            if knobs is None:
+                return ""
+            names = [f.name for f in dataclasses.fields(knobs)] or ["none"]
+            return f" ({slot.kind} '{component}' has knobs: {', '.join(names)})"
+    return ""
+
+
+def _depth_policy(value, loose) -> str:
+    """depth_attention.sources: None means `same_layer` for a looped model, else `strided`."""
+    if value is not None:
+        return value
+    from omegaconf import OmegaConf
+
+    return "same_layer" if OmegaConf.select(loose, "loop", default=1) > 1 else "strided"
+
+
+@functools.cache
+def slots() -> dict[str, Slot]:
+    """The slots by path (built on first use: config.py defines their base dataclasses)."""
+    from looped import config as c
+
+    def lazy(module: str, name: str) -> Callable[[], Any]:
+        def get():
+            import importlib
+
+            return getattr(importlib.import_module(module), name)
+        return get
+
+    return {s.path: s for s in (
+        Slot("task", "name", c.TaskConfig, lazy("looped.data", "TASKS")),
+        Slot("model.depth_attention", "sources", c.DepthAttentionConfig,
+             lazy("looped.model.depth", "SOURCE_POLICIES"), _depth_policy),
+        Slot("model.cross_layer", "method", c.CrossLayerConfig,
+             lazy("looped.model.cross_layer", "CROSS_LAYER_METHODS")),
+        Slot("train.loops", "sampler", c.LoopSamplingConfig,
+             lazy("looped.loop_sampling", "LOOP_SAMPLERS")),
+        Slot("exit", "criterion", c.ExitConfig, lazy("looped.model.exit", "EXIT_CRITERIA")),
+    )}
