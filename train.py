@@ -3,7 +3,7 @@
 import sys
 
 from looped.errors import cli_main
-from looped.train import main
+from looped.tools.train import main
 
 if __name__ == "__main__":
     cli_main(main, sys.argv[1:])

@@ -213,7 +213,7 @@ def presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-NOT_PRESETS = ("study",)  # configs/study/ holds study files (looped.study), not config presets
+NOT_PRESETS = ("study",)  # configs/study/ holds study files (`looped study`), not presets
 
 
 def preset_groups() -> list[str]:

@@ -56,17 +56,28 @@ def _rows(cls: type, node, prefix: str) -> list[tuple[str, str, str]]:
     return rows
 
 
+def _key_lines(rows) -> list[str]:
+    width = max(len(k) + len(v) for k, v, _ in rows) + 3
+    return [f"  {f'{k}={v}':<{width}} {h}".rstrip() for k, v, h in rows]
+
+
+def tool_help(doc: str, cls: type) -> str:
+    """A key=value tool's help: its docstring, then one line per key of its arguments
+    dataclass, with the default and the field's comment."""
+    rows = _rows(cls, OmegaConf.structured(cls), "")
+    return "\n".join([doc.strip(), "", "keys (key=default  help):", *_key_lines(rows)])
+
+
 def config_help() -> str:
     """The help text: presets, then one line per key."""
     from looped.config import Config, load_config, preset_groups, presets
 
     cfg = load_config([])
     rows = _rows(Config, cfg, "")
-    width = max(len(k) + len(v) for k, v, _ in rows) + 3
     choices = [f"  {g}=NAME   NAME in: {', '.join(presets(g))}" for g in preset_groups()]
     lines = ["usage: python train.py [key=value ...]   (defaults: configs/defaults.yaml's)",
              "", "presets:", *choices, "", "keys (key=default  help):"]
-    lines += [f"  {f'{k}={v}':<{width}} {h}".rstrip() for k, v, h in rows]
+    lines += _key_lines(rows)
     return "\n".join(lines + ["", *_components()])
 
 

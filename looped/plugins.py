@@ -5,7 +5,7 @@ criterion, a loop sampler, a cross-layer method) from outside the package.
     python train.py imports=[my_pkg.tasks] task.name=mine         # a module on the Python path
 
 `imports` is imported before the config resolves, so the registrations exist when the config
-names them; the run's config.yaml keeps the list, so `looped.evaluate` and `load_run` import the
+names them; the run's config.yaml keeps the list, so `looped eval` and `load_run` import the
 same modules again. Installed packages can instead declare an entry point in the group
 `looped.plugins`; those load every time a config resolves.
 """

@@ -28,7 +28,7 @@ from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier,
                                 load_optimizer_state, local_batch_size, loss_weight, setup,
                                 shard_batch, to_float, wrap_model)
 from looped.errors import ConfigError, NonFiniteError
-from looped.evaluate_tasks import task_accuracy
+from looped.scoring import task_accuracy
 from looped.loop_sampling import sample_loops, step_generator
 from looped.losses import compute_loss
 from looped.model.exit import build_exit, relative_change

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import looped.checkpoint as checkpoint  # noqa: E402
 import looped.trainer as trainer  # noqa: E402
 from looped.errors import cli_main  # noqa: E402
-from looped.train import main  # noqa: E402
+from looped.tools.train import main  # noqa: E402
 
 NAN_AT = "LOOPED_TEST_NAN_AT_STEP"
 PAUSE_AT = "LOOPED_TEST_PAUSE_IN_SAVE"

@@ -126,7 +126,7 @@ def test_resume_continues_exactly(tmp_path):
 def test_evaluate_writes_csv_json_and_png(tmp_path):
     _train("train.steps=2", "train.eval_every=2", f"out_dir={tmp_path}", "name=run")
     out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "looped.evaluate", f"ckpt={tmp_path / 'run'}",
+    proc = subprocess.run([sys.executable, "-m", "looped", "eval", f"ckpt={tmp_path / 'run'}",
                            "loops=[1,3]", "n_samples=16", f"out={out}", "threads=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

@@ -63,7 +63,8 @@ def method_model(name: str, shape: str = "plain", seed: int = 0, perturb: bool =
 
 def vanilla_like(model) -> torch.nn.Module:
     """A model without the method holding the same block weights."""
-    vanilla = LoopedLM(dataclasses.replace(model.cfg, cross_layer=component_config("model.cross_layer", "none")),
+    plain = component_config("model.cross_layer", "none")
+    vanilla = LoopedLM(dataclasses.replace(model.cfg, cross_layer=plain),
                        loop=model.loop).eval()
     missing, unexpected = vanilla.load_state_dict(model.state_dict(), strict=False)
     assert not missing and all(k.startswith("cross_layer.") for k in unexpected)
@@ -386,7 +387,7 @@ def test_trains_through_the_cli_with_one_key(method, tmp_path):
     assert (tmp_path / "run" / "ckpt" / "latest").exists()
     if method == "denseformer":  # sweeps skip the R its per-position parameters cannot run
         sweep = subprocess.run(
-            [sys.executable, "-m", "looped.evaluate", f"ckpt={tmp_path / 'run'}", "loops=[1,2,4]",
+            [sys.executable, "-m", "looped", "eval", f"ckpt={tmp_path / 'run'}", "loops=[1,2,4]",
              "n_samples=8", f"out={tmp_path / 'sweep'}", "threads=1"], cwd=ROOT,
             capture_output=True, text=True, timeout=300)
         assert sweep.returncode == 0, sweep.stderr[-2000:]

@@ -22,7 +22,7 @@ NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # read by tests/faulty_train.py
 def run(*args, env=None, module=None, timeout=300):
     """The real CLI; with `env`, tests/faulty_train.py, which injects the faults it names."""
     entry = "tests/faulty_train.py" if env else "train.py"
-    cmd = [sys.executable, "-m", module] if module else [sys.executable, entry]
+    cmd = [sys.executable, "-m", *module.split()] if module else [sys.executable, entry]
     return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
@@ -97,7 +97,7 @@ def test_at_least_twenty_bad_inputs():
 
 def test_evaluate_bad_inputs_are_one_line(tmp_path):
     for args in (["ckpt=/nowhere"], ["ckt=runs"], ["loops=[0]", "ckpt=/x"]):
-        proc = run(*args, module="looped.evaluate")
+        proc = run(*args, module="looped eval")
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
 

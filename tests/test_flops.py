@@ -1,4 +1,4 @@
-"""Paper-scale presets (built on the meta device) and the accounting of `python -m looped.flops`:
+"""Paper-scale presets (built on the meta device) and the accounting of `python -m looped flops`:
 parameter counts from a closed formula, forward FLOPs equal to torch's FlopCounterMode on real
 tiny models, the methods' extra parameters equal to the built models', and the paper's claim
 that Depth-Attention adds under 0.01% FLOPs at 1.5B and 3B."""
@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from looped import build_model, load_config
-from looped.flops import account
+from looped.tools.flops import account
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,13 +91,13 @@ def test_method_rows_match_built_models():
 
 
 def test_cli_prints_the_table():
-    proc = subprocess.run([sys.executable, "-m", "looped.flops", "model=3b"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "looped", "flops", "model=3b"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     for row in ("depth_attention", "denseformer", "value_residual", "attn_res", "mhc",
                 "hyper_connections", "KV cache"):
         assert row in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "looped.flops", "context=many"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "looped", "flops", "context=many"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "context must be an integer" in bad.stderr

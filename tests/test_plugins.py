@@ -61,7 +61,7 @@ def test_a_task_from_a_user_file_trains_and_evaluates_through_the_cli(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["imports"] == [str(tmp_path / "my_tasks.py")]
     assert saved["task"] == {"name": "first_token", "span": 3, "eval": {"span": None}}
-    ev = cli("-m", "looped.evaluate", f"ckpt={run}", "loops=[1,2]", "n_samples=16",
+    ev = cli("-m", "looped", "eval", f"ckpt={run}", "loops=[1,2]", "n_samples=16",
              "threads=1", cwd=ROOT)
     assert ev.returncode == 0, ev.stderr[-2000:]
     sweep = json.loads((run / "eval" / "loop_sweep.json").read_text())

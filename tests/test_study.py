@@ -1,4 +1,4 @@
-"""The study runner (`python -m looped.study`), on a tiny grid of 2 variants x 2 seeds plus a
+"""The study runner (`python -m looped study`), on a tiny grid of 2 variants x 2 seeds plus a
 variant that fails: it completes, reruns skip finished runs, a killed run resumes to the same
 result, a failing variant is reported while the others complete, the summary's statistics match
 a hand computation, the markdown renders, and the submitit path runs under its debug executor."""
@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import CLI_TINY_MODEL
 
-from looped.study.spec import check_run_config, expand, load_study
-from looped.study.stats import incomplete_beta, spread, t_cdf, t_quantile
+from looped.tools.study.spec import check_run_config, expand, load_study
+from looped.tools.study.stats import incomplete_beta, spread, t_cdf, t_quantile
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = [o for o in CLI_TINY_MODEL if not o.startswith("threads=")] + [
@@ -42,7 +42,7 @@ VARIANTS = {"vanilla": ["model.depth_attention.enabled=false"], "da": [],
 
 
 def study(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "looped.study", *map(str, args)], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "looped", "study", *map(str, args)], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -152,7 +152,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert study(ref).returncode == 0
     path = write_study(tmp_path / "kill.yaml", tmp_path / "kill", variants, seeds=(0,),
                        extra=longer)
-    proc = subprocess.Popen([sys.executable, "-m", "looped.study", str(path)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "looped", "study", str(path)], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     run = tmp_path / "kill" / "vanilla" / "seed0"
@@ -277,7 +277,7 @@ def test_changed_overrides_are_refused_and_failed_runs_retried(tmp_path):
 
 
 def test_paired_difference_pairs_only_shared_seeds(tmp_path):
-    from looped.study.aggregate import paired
+    from looped.tools.study.aggregate import paired
 
     def row(variant, seed, acc):
         return {"grid": "", "variant": variant, "seed": seed, "R": 2, "trained_loop": 2,

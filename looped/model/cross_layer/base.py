@@ -14,7 +14,7 @@ of the model's own `loop` (or `cross_layer.param_loops`). A run with fewer itera
 slots of the iterations it runs, and the coda keeps its own slots.
 
 Every method works per token, so cached decoding needs nothing but the KV cache; what a method
-holds per token while a forward pass runs is its `extra_state_vectors` (see looped.flops).
+holds per token while a forward pass runs is its `extra_state_vectors` (see looped.tools.flops).
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class CrossLayer(nn.Module):
         """A function applied to the layer's value (B, Hkv, T, D) before Depth-Attention."""
         return None
 
-    # -- accounting (looped.flops) -----------------------------------------------------------
+    # -- accounting (looped.tools.flops) --------------------------------------------------------
 
     def extra_flops_per_token(self) -> float:
         """Arithmetic FLOPs per token the method adds to a vanilla forward pass."""

@@ -1,7 +1,7 @@
-"""Benchmarks that report ratios against a baseline timed in the same run.
+"""`looped bench depth`: Depth-Attention against vanilla, same weights, timed in the same run.
 
-    python -m looped.bench                      # Depth-Attention vs vanilla, d_model 512, 8 layers
-    python -m looped.bench --steps 5 --decode-tokens 64
+    looped bench depth                          # d_model 512, 8 layers
+    looped bench depth steps=5 decode_tokens=64
 
 This machine is noisy, so the two models are timed in alternation (A B A B ...) and each figure
 is the median over repeats; only the ratios are meant to be compared across machines.
@@ -9,24 +9,27 @@ is the median over repeats; only the ratios are meant to be compared across mach
 
 from __future__ import annotations
 
-import argparse
 import gc
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from looped import build_model, load_config
-from looped.errors import cli_main
+from looped.config import parse_tool_args
+from looped.config_help import tool_help
+from looped.errors import ConfigError, cli_main
 
 BENCH_MODEL = ["model=bench", "loop=1"]  # configs/model/bench.yaml: d_model 512, 8 layers
 
 
 def _models(args) -> dict[str, torch.nn.Module]:
+    longest = max(1024, args.seq_len, args.prompt_len + args.decode_tokens)
     base = BENCH_MODEL + [f"model.vocab_size={args.vocab}", f"model.kernel={args.kernel}",
-                          f"model.max_seq_len={max(1024, args.seq_len, args.prompt_len + args.decode_tokens)}"]
+                          f"model.max_seq_len={longest}"]
     vanilla = build_model(load_config(base + ["model.depth_attention.enabled=false"]))
     depth = build_model(load_config(base + [f"model.depth_attention.sources={args.sources}"]))
     depth.load_state_dict(vanilla.state_dict())  # same weights: only the value mixing differs
@@ -98,21 +101,29 @@ def kv_cache_bytes(models, args) -> dict[str, int]:
     return {k: m.new_cache(1, args.seq_len).nbytes for k, m in models.items()}
 
 
+@dataclass
+class BenchDepthArgs:
+    seq_len: int = 256  # training sequence length
+    batch: int = 4  # training batch
+    vocab: int = 256  # vocabulary size
+    sources: str = "strided"  # Depth-Attention source policy
+    kernel: str = "sdpa"  # sequence-attention kernel
+    steps: int = 16  # timed training steps per model
+    prompt_len: int = 128  # decode prompt length
+    decode_tokens: int = 128  # new tokens (prompt + new = 256 by default)
+    repeats: int = 3  # decode runs per model
+    threads: int = 0  # torch threads; 0: default
+
+
+def help_text(argv: list[str] = ()) -> str:
+    return tool_help(__doc__, BenchDepthArgs)
+
+
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m looped.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--sources", default="strided", help="Depth-Attention source policy")
-    ap.add_argument("--kernel", default="sdpa")
-    ap.add_argument("--steps", type=int, default=16, help="timed training steps per model")
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--decode-tokens", type=int, default=128,
-                    help="new tokens; prompt + new = 256 by default")
-    ap.add_argument("--repeats", type=int, default=3, help="decode runs per model")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    args = ap.parse_args(argv)
+    args: BenchDepthArgs = parse_tool_args(BenchDepthArgs, argv)
+    for name in ("seq_len", "batch", "vocab", "steps", "prompt_len", "decode_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

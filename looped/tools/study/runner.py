@@ -1,9 +1,9 @@
-"""One run of a study: train (or resume, or skip), then the looped.evaluate sweep.
+"""One run of a study: train (or resume, or skip), then the `looped eval` sweep.
 
 A run directory holds, besides what train.py writes:
     study_run.json   what the run is (overrides, seed) and the wall time of each training attempt
     train.log        the training subprocess's output (appended on every attempt)
-    eval/            looped.evaluate's loop_sweep.csv / .json / .png
+    eval/            `looped eval`'s loop_sweep.csv / .json / .png
     result.json      written last: the run is finished, and a rerun of the study skips it as
                      long as it was made with the same overrides and evaluation settings
     error.txt        the one-line reason of the last failed attempt (removed on success)
@@ -26,7 +26,7 @@ from typing import Optional
 
 from looped.checkpoint import CKPT_DIR, LATEST
 from looped.config import eval_loops, load_config
-from looped.study.spec import RunSpec
+from looped.tools.study.spec import RunSpec
 
 RESULT = "result.json"
 RECORD = "study_run.json"
@@ -137,7 +137,7 @@ def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
     elif record.get("settings") != settings(run):
         return _fail(run, f"{d} holds a checkpoint of a run with other overrides than the "
                           f"study's now; move it away or give the study another out=")
-    cmd = [sys.executable, "-m", "looped.train", *run.train_argv()]
+    cmd = [sys.executable, "-m", "looped", "train", *run.train_argv()]
     t0 = time.perf_counter()
     code, output = _run(cmd + (["resume=true"] if resumed else []), d / "train.log")
     record["attempt_seconds"].append(round(time.perf_counter() - t0, 1))
@@ -146,7 +146,7 @@ def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
         return _fail(run, _last_error(output, code), resumed)
     # default: the loop counts training scored (eval.loops, or its default for the run's loop)
     loops = run.eval_loops or eval_loops(load_config([*run.overrides, f"seed={run.seed}"]))
-    cmd = [sys.executable, "-m", "looped.evaluate", f"ckpt={d}", f"out={d / 'eval'}",
+    cmd = [sys.executable, "-m", "looped", "eval", f"ckpt={d}", f"out={d / 'eval'}",
            f"n_samples={run.eval_n_samples}", f"batch_size={run.eval_batch_size}",
            f"threads={run.threads}", f"loops=[{','.join(map(str, loops))}]"]
     code, output = _run(cmd, d / "eval.log")

@@ -1,8 +1,8 @@
 """FLOP, parameter and state accounting for any config, and every cross-layer method on it.
 
-    python -m looped.flops model=3b                       # the paper's 3B decoder
-    python -m looped.flops model=1.5b context=4096 bytes=2
-    python -m looped.flops loop=8                         # the main job's looped model
+    python -m looped flops model=3b                       # the paper's 3B decoder
+    python -m looped flops model=1.5b context=4096 bytes=2
+    python -m looped flops loop=8                         # the main job's looped model
 
 Arguments are config overrides as for train.py, plus `context` (tokens each token attends over;
 default model.max_seq_len) and `bytes` (bytes per element of activations and cache; default 2,
@@ -133,6 +133,11 @@ def format_table(title: str, a: Accounting) -> str:
 
 def _bytes(n: float) -> str:
     return "0" if n == 0 else f"{n / 1024:,.1f} KiB"
+
+
+def help_text(argv: list[str] = ()) -> str:
+    return __doc__.strip() + "\n\nKeys: every train.py config key (see `looped train --help`), " \
+        "plus context and bytes."
 
 
 def parse(argv: list[str]) -> tuple[list[str], int | None, int]:

@@ -1,22 +1,23 @@
-"""Benchmarks of a trained looped checkpoint, each against a baseline from the same run.
+"""`looped bench loop`: a trained looped checkpoint, each figure against a baseline from the
+same run.
 
-    python -m looped.bench_looped --ckpt runs/main
+    looped bench loop ckpt=runs/main
 
 1. Adaptive exit vs fixed R. Every held-out sequence is decoded token by token with the KV
    cache at batch size 1, so a token that exits really skips its remaining iterations (in a
    batch, rows share iterations until all have exited, which flatters exit). For each
    criterion, the threshold is calibrated on one held-out set (the largest saving whose
-   accuracy stays within `--tolerance` of fixed R) and then reported on a fresh one.
-2. Cached decode vs recompute: seconds for `--new-tokens` greedy tokens with the KV cache and
+   accuracy stays within `tolerance` of fixed R) and then reported on a fresh one.
+2. Cached decode vs recompute: seconds for `new_tokens` greedy tokens with the KV cache and
    with a full forward per token.
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ import torch
 from looped import build_model
 from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
 from looped.data import IGNORE, build_task
+from looped.config import parse_tool_args
+from looped.config_help import tool_help
 from looped.errors import ConfigError, cli_main
 from looped.model.exit import EXIT_CRITERIA
 from looped.model.lm import LoopedLM
@@ -107,15 +110,25 @@ def bench_decode_vs_recompute(model, task, loops: int, new_tokens: int) -> None:
           f"speed-up {times[False] / times[True]:.1f}x (goal >= 10x); same tokens: {same}")
 
 
+@dataclass
+class BenchLoopArgs:
+    ckpt: str = ""  # a run dir or checkpoint dir (required)
+    sequences: int = 100  # held-out sequences per setting
+    tolerance: float = 0.005  # accuracy drop allowed when calibrating exit thresholds
+    new_tokens: int = 256  # greedy tokens for cached decode vs recompute
+    threads: int = 0  # torch threads; 0: default
+
+
+def help_text(argv: list[str] = ()) -> str:
+    return tool_help(__doc__, BenchLoopArgs)
+
+
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m looped.bench_looped", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ckpt", required=True, help="a run dir or checkpoint dir")
-    ap.add_argument("--sequences", type=int, default=100, help="held-out sequences per setting")
-    ap.add_argument("--tolerance", type=float, default=0.005, help="accuracy drop allowed")
-    ap.add_argument("--new-tokens", type=int, default=256)
-    ap.add_argument("--threads", type=int, default=0)
-    args = ap.parse_args(argv)
+    args: BenchLoopArgs = parse_tool_args(BenchLoopArgs, argv)
+    if not args.ckpt:
+        raise ConfigError("give the checkpoint: looped bench loop ckpt=runs/NAME")
+    if args.sequences < 1 or args.new_tokens < 1 or args.tolerance < 0:
+        raise ConfigError("sequences and new_tokens must be >= 1, tolerance >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(Path(args.ckpt))

@@ -15,8 +15,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from looped.errors import ConfigError
-from looped.study.runner import RunStatus, run_one
-from looped.study.spec import RunSpec, StudySpec, jobs_for
+from looped.tools.study.runner import RunStatus, run_one
+from looped.tools.study.spec import RunSpec, StudySpec, jobs_for
 
 Report = Callable[[RunStatus], None]
 

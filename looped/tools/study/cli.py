@@ -1,12 +1,12 @@
-"""`python -m looped.study configs/study/NAME.yaml [key=value ...]`: run a study, then aggregate.
+"""`looped study configs/study/NAME.yaml [key=value ...]`: run a study, then aggregate it.
 
 Finished runs are skipped, interrupted ones resume from their checkpoints, failed ones are tried
 again; a failing run is reported and the others go on. Exit code 0 when every run finished, 1
 when some failed (their errors are listed), 2 for a bad study file or argument.
 
-    python -m looped.study configs/study/text_plain.yaml                 # all of it
-    python -m looped.study configs/study/text_plain.yaml jobs=1 seeds=[0] # a part
-    python -m looped.study configs/study/text_plain.yaml dry_run=true     # what is done, what not
+    python -m looped study configs/study/text_plain.yaml                 # all of it
+    python -m looped study configs/study/text_plain.yaml jobs=1 seeds=[0] # a part
+    python -m looped study configs/study/text_plain.yaml dry_run=true     # what is done, what not
 """
 
 from __future__ import annotations
@@ -18,25 +18,32 @@ import time
 
 from looped.config import CONFIG_DIR
 from looped.errors import ConfigError, cli_main
-from looped.study.aggregate import write_all
-from looped.study.launchers import launch
-from looped.study.runner import RunStatus, run_state
-from looped.study.spec import check_run_config, expand, jobs_for, load_study
+from looped.tools.study.aggregate import write_all
+from looped.tools.study.launchers import launch
+from looped.tools.study.runner import RunStatus, run_state
+from looped.tools.study.spec import check_run_config, expand, jobs_for, load_study
+
+
+def help_text(argv: list[str] = ()) -> str:
+    from looped.config_help import tool_help
+    from looped.tools.study.spec import StudySpec
+
+    return tool_help(__doc__, StudySpec)
 
 
 def main(argv: list[str]) -> int:
     if argv and argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
+        print(help_text())
         return 0
     if not argv or "=" in argv[0]:
         known = sorted(str(p.relative_to(CONFIG_DIR.parent)) for p in
                        (CONFIG_DIR / "study").glob("*.yaml"))
-        raise ConfigError(f"give a study file first: python -m looped.study FILE [key=value ...];"
+        raise ConfigError(f"give a study file first: python -m looped study FILE [key=value ...];"
                           f" the project's: {', '.join(known)}")
     path, overrides = argv[0], argv[1:]
     spec = load_study(path, overrides)
     runs = expand(spec)
-    command = shlex.join(["python", "-m", "looped.study", path, *overrides])
+    command = shlex.join(["python", "-m", "looped", "study", path, *overrides])
     failed: dict[str, str] = {}
     todo, states = [], []
     for run in runs:

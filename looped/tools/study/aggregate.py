@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Optional
 
 from looped.checkpoint import METRICS_FILE
-from looped.plots import plot_bands
-from looped.study.runner import ERROR, finished_result
-from looped.study.spec import METRICS, RunSpec, StudySpec
-from looped.study.stats import Spread, paired_difference, paired_values, spread
+from looped.tools.plots import plot_bands
+from looped.tools.study.runner import ERROR, finished_result
+from looped.tools.study.spec import METRICS, RunSpec, StudySpec
+from looped.tools.study.stats import Spread, paired_difference, paired_values, spread
 
 TRAINED = "trained"  # the R column that means "each run at the R it was trained with"
 

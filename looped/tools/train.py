@@ -1,4 +1,4 @@
-"""`python train.py loop=8 ...`: train a looped Depth-Attention model on a built-in task.
+"""`python train.py loop=8 ...` (or `looped train ...`): train a looped Depth-Attention model.
 
 Under `torchrun --nproc_per_node=N train.py ...` it trains data-parallel (DDP, or FSDP2 with
 train.parallel=fsdp) on N processes; rank 0 alone writes and prints. See looped.distributed."""
@@ -15,7 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from looped.config import eval_loops, load_config
 from looped.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
 from looped.errors import EXIT_BAD_INPUT, ConfigError, LoopedError, cli_main
-from looped.plots import plot_metric_vs_loops
+from looped.tools.plots import plot_metric_vs_loops
 from looped.trainer import Trainer
 
 
@@ -35,11 +35,15 @@ class _NoWriter:
         pass
 
 
+def help_text(argv: list[str] = ()) -> str:
+    from looped.config_help import config_help
+
+    return config_help()
+
+
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        from looped.config_help import config_help
-
-        print(config_help())
+        print(help_text())
         return 0
     env = DistEnv.from_environ()
     if not env.enabled:

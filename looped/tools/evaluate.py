@@ -1,7 +1,7 @@
 """Loop-count sweeps of trained runs: held-out accuracy and loss at each R, as CSV, JSON and PNG.
 
-    python -m looped.evaluate ckpt=runs/my-run loops=[1,2,4,8,16,32]
-    python -m looped.evaluate ckpt=[runs/looped,runs/unrolled,runs/vanilla] out=runs/compare
+    python -m looped eval ckpt=runs/my-run loops=[1,2,4,8,16,32]
+    python -m looped eval ckpt=[runs/looped,runs/unrolled,runs/vanilla] out=runs/compare
 
 Each run is scored on its own task's held-out split. A shared-core model runs at every R, also
 past the R it was trained with; an unrolled model (share_weights=false) only at its own R.
@@ -21,23 +21,28 @@ import torch
 from looped import build_model
 from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
 from looped.config import parse_tool_args
+from looped.config_help import tool_help
 from looped.data import build_task
 from looped.errors import ConfigError, cli_main
-from looped.evaluate_tasks import task_accuracy
 from looped.model.exit import build_exit
-from looped.plots import plot_metric_vs_loops
+from looped.scoring import task_accuracy
+from looped.tools.plots import plot_metric_vs_loops
 
 
 @dataclass
 class EvaluateArgs:
-    ckpt: list[str] = field(default_factory=list)  # run dirs or checkpoint dirs
-    loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
-    out: Optional[str] = None  # default: <first run>/eval
-    n_samples: int = 1024
-    batch_size: int = 256
+    ckpt: list[str] = field(default_factory=list)  # run dirs or checkpoint dirs (required)
+    loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # R values to score
+    out: Optional[str] = None  # the output directory; default: <first run>/eval
+    n_samples: int = 1024  # held-out sequences per R
+    batch_size: int = 256  # held-out sequences per forward
     exit: Optional[str] = None  # an exit criterion to apply (kl, entropy, latent, gate, ...)
-    threshold: Optional[float] = None
-    threads: int = 0
+    threshold: Optional[float] = None  # the exit criterion's threshold; null: its default
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+def help_text(argv: list[str] = ()) -> str:
+    return tool_help(__doc__, EvaluateArgs)
 
 
 def parse_args(argv: list[str]) -> EvaluateArgs:
@@ -90,7 +95,8 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [evaluate_run(p, args) for p in args.ckpt]
-    out = Path(args.out) if args.out else run_dir_of(resolve_checkpoint(Path(args.ckpt[0]))) / "eval"
+    first_run = run_dir_of(resolve_checkpoint(Path(args.ckpt[0])))
+    out = Path(args.out) if args.out else first_run / "eval"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "loop_sweep.csv", "w", newline="") as f:
         w = csv.writer(f)

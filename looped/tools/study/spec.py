@@ -12,12 +12,12 @@
     seeds: [0, 1, 2]
     reference: vanilla                                # paired differences are against it
     metric: bits_per_byte                             # accuracy | loss | bits_per_byte
-    eval: {loops: [1], n_samples: 1024}               # the looped.evaluate sweep of each run
+    eval: {loops: [1], n_samples: 1024}               # the `looped eval` sweep of each run
 
-Each (grid point, variant, seed) is one run: `python -m looped.train <base> <grid point>
-<grid point's overrides> <variant> seed=<k>` in `<out>/[<grid point>/]<variant>/seed<k>`, then `python -m looped.evaluate`
-on it. `python -m looped.study FILE key=value ...` overrides the study's own keys (seeds, jobs,
-out, ...; `extra=[...]` adds train.py overrides to every run).
+Each (grid point, variant, seed) is one run: `python -m looped train <base> <grid point>
+<grid point's overrides> <variant> seed=<k>` in `<out>/[<grid point>/]<variant>/seed<k>`, then
+`python -m looped eval` on it. `looped study FILE key=value ...` overrides the study's own keys
+(seeds, jobs, out, ...; `extra=[...]` adds train.py overrides to every run).
 """
 
 from __future__ import annotations
@@ -42,31 +42,31 @@ LAUNCHERS = ("local", "slurm", "submitit_local", "submitit_debug")
 @dataclass
 class StudyEval:
     loops: list[int] = field(default_factory=list)  # empty: the training default for its loop
-    n_samples: int = 1024
-    batch_size: int = 256
+    n_samples: int = 1024  # held-out sequences per R
+    batch_size: int = 256  # held-out sequences per forward
 
 
 @dataclass
 class SlurmOptions:
-    partition: Optional[str] = None
-    timeout_min: int = 240
-    mem_gb: float = 8.0
+    partition: Optional[str] = None  # the SLURM partition; null: the cluster's default
+    timeout_min: int = 240  # per run
+    mem_gb: float = 8.0  # per run
     cpus_per_task: int = 0  # 0: the study's threads
-    gpus_per_node: int = 0
+    gpus_per_node: int = 0  # GPUs per run
     # more submitit parameters, e.g. {slurm_account: x, slurm_qos: y}
     parameters: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class StudySpec:
-    description: str = ""
-    base: list[str] = field(default_factory=list)
-    variants: dict[str, list[str]] = field(default_factory=dict)
+    description: str = ""  # what the study asks (shown in its summary.md)
+    base: list[str] = field(default_factory=list)  # train.py overrides of every run
+    variants: dict[str, list[str]] = field(default_factory=dict)  # name -> overrides on base
     # axis -> values, or value -> the overrides that come with it (normalised to the latter)
     grid: dict[str, Any] = field(default_factory=dict)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every variant at each seed
     reference: Optional[str] = None  # default: the first variant
-    metric: str = "accuracy"
+    metric: str = "accuracy"  # accuracy | loss | bits_per_byte
     # R values the markdown table reports (default: every evaluated R)
     report_loops: list[int] = field(default_factory=list)
     eval: StudyEval = field(default_factory=StudyEval)
@@ -74,7 +74,7 @@ class StudySpec:
     results: str = ""  # CSVs, markdown, figures; default <out>/results
     threads: int = 1  # torch threads per run; results are reproducible at a fixed value
     jobs: int = 0  # runs at a time on the local launcher; 0: cores // threads
-    launcher: str = "local"
+    launcher: str = "local"  # local | slurm | submitit_local | submitit_debug
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     extra: list[str] = field(default_factory=list)  # appended to every run's overrides
     only: list[str] = field(default_factory=list)  # run only these variants

@@ -1,0 +1,121 @@
+"""The `looped` command: every subcommand's help, one-line errors, and `looped generate`, whose
+printed tokens must equal the model's own generate() on the same run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLI_TINY_MODEL
+
+from looped.tools.cli import SUBCOMMANDS
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def looped(*args, cwd=ROOT, timeout=300):
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "looped", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_help_lists_every_subcommand_and_each_lists_its_keys():
+    top = looped("--help")
+    assert top.returncode == 0
+    for name in SUBCOMMANDS:
+        assert f"  {name} " in top.stdout
+    keys = {"train": "model.d_model=", "eval": "n_samples=1024", "study": "seeds=[0, 1, 2]",
+            "flops": "context", "generate": "temperature=0.8"}
+    for name, fragment in keys.items():
+        proc = looped(name, "--help")
+        assert proc.returncode == 0 and proc.stderr == "", name
+        assert fragment in proc.stdout, name
+    for bench, fragment in (("depth", "decode_tokens=128"), ("loop", "tolerance=0.005")):
+        proc = looped("bench", bench, "--help")
+        assert proc.returncode == 0 and fragment in proc.stdout
+    # `python train.py --help` is `looped train --help`
+    script = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert script.stdout == looped("train", "--help").stdout
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["nope"], "unknown subcommand 'nope'; choose one of: train, eval, study"),
+    (["bench"], "name the benchmark first, got none; choose one of: depth, loop"),
+    (["bench", "depth", "steps=0"], "steps must be >= 1"),
+    (["bench", "depth", "--steps", "5"], "argument '--steps' is not of the form key=value"),
+    (["bench", "loop"], "give the checkpoint: looped bench loop ckpt="),
+    (["generate"], "give the run to sample from"),
+    (["generate", "run=/no/such/run"], "/no/such/run"),
+    (["generate", "run=x", "temperature=-1"], "temperature must be >= 0"),
+])
+def test_bad_input_is_one_line(args, fragment):
+    proc = looped(*args)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _train(tmp_path, *args) -> Path:
+    proc = subprocess.run([sys.executable, "train.py", *CLI_TINY_MODEL, "train.steps=3",
+                           "train.batch_size=4", "train.eval_every=3", "eval.n_samples=8",
+                           f"out_dir={tmp_path}", "name=run", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return tmp_path / "run"
+
+
+def _reference(run: Path, prompt: torch.Tensor, n: int, **kw) -> torch.Tensor:
+    from looped import load_run
+
+    _, model = load_run(run)
+    with torch.no_grad():
+        return model.generate(prompt, n, temperature=0, **kw)[0, prompt.shape[1]:]
+
+
+@pytest.mark.slow
+def test_generate_prints_the_models_greedy_text(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"ROMEO: line {i} of a play, said twice.\n" for i in range(300)))
+    run = _train(tmp_path, "task=text", f"task.corpus={corpus}", "task.seq_len=32",
+                 "model.vocab_size=256", "model.max_seq_len=64", "train.loss=final",
+                 "train.loops.sampler=fixed")
+    proc = looped("generate", f"run={run}", "prompt=ROMEO: line", "max_new_tokens=12",
+                  "temperature=0", "loops=3")
+    assert proc.returncode == 0, proc.stderr
+    from looped.data.text import ByteTokenizer
+
+    tok = ByteTokenizer()
+    prompt = tok.encode("ROMEO: line").long()[None]
+    expected = tok.decode(_reference(run, prompt, 12, loops=3))
+    assert proc.stdout == "ROMEO: line" + expected + "\n"
+    # sampling: the same seed gives the same text, several samples are numbered
+    sampled = [looped("generate", f"run={run}", "prompt=ROMEO:", "max_new_tokens=8",
+                      "samples=2", "seed=3") for _ in range(2)]
+    assert sampled[0].returncode == 0 and sampled[0].stdout == sampled[1].stdout
+    assert sampled[0].stdout.count("--- sample ") == 2
+
+
+@pytest.mark.slow
+def test_generate_on_a_token_task_continues_a_held_out_row(tmp_path):
+    run = _train(tmp_path, "task=addition", "task.digits=2", "model.vocab_size=12",
+                 "model.max_seq_len=16")
+    proc = looped("generate", f"run={run}", "max_new_tokens=3", "temperature=0",
+                  "exit.criterion=max_loops", "exit.after=1")
+    assert proc.returncode == 0, proc.stderr
+    lines = dict(line.split(":", 1) for line in proc.stdout.splitlines())
+    prompt = torch.tensor([[int(t) for t in lines["prompt"].split()]])
+    got = [int(t) for t in lines["generated"].split()]
+    assert len(lines["held out"].split()) == 3  # 2 + 2 digits: the first answer follows '='
+    from looped.model.exit import MaxLoopsExit
+
+    assert got == _reference(run, prompt, 3, exit=MaxLoopsExit(after=1)).tolist()
+    assert "mean iterations per token: 1.00" in proc.stderr
+    bad = looped("generate", f"run={run}", "prompt=1 2 x")
+    assert bad.returncode == 2 and "space-separated token ids (0..11)" in bad.stderr
+    wide = looped("generate", f"run={run}", "prompt=1 2 40")
+    assert wide.returncode == 2 and "token ids must be in 0..11" in wide.stderr
