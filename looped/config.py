@@ -58,7 +58,7 @@ class CrossLayerConfig:
 
     def check(self, cfg) -> None:
         from looped.loop_sampling import max_sampled_loops
-        from looped.model.cross_layer import CROSS_LAYER_METHODS
+        from looped.model.cross_layer import CROSS_LAYER_METHODS, exit_conflict
 
         loop = cfg.loop
         _require(self.param_loops == 0 or self.param_loops >= loop,
@@ -67,9 +67,8 @@ class CrossLayerConfig:
         _require(cfg.model.share_weights or self.param_loops in (0, loop),
                  f"an unrolled model (share_weights=false) runs exactly loop={loop} iterations; "
                  f"model.cross_layer.param_loops must be 0 or {loop}")
-        _require(self.method == "none" or cfg.exit.criterion == "none",
-                 f"adaptive exit freezes the plain residual state; cross_layer.method="
-                 f"{self.method} keeps other state, so use exit.criterion=none")
+        if cfg.exit.criterion != "none":
+            _require(not exit_conflict(self.method), exit_conflict(self.method))
         if CROSS_LAYER_METHODS[self.method].has_position_params(self):
             top = max_sampled_loops(cfg.train.loops, loop)
             _require(top <= (self.param_loops or loop),

@@ -25,7 +25,7 @@ from conftest import (CLI_TINY_MODEL, LOOPED_MODEL, VOCAB, decode_logits, make_m
 from looped import ConfigError, LoopedLM, load_config
 from looped.components import component_config
 from looped.errors import ShapeError
-from looped.model.attention import DepthStep
+from looped.model.attention import DepthContext, DepthPosition
 from looped.model.cache import ActivationStore
 from looped.model.cross_layer import CROSS_LAYER_METHODS, sinkhorn
 from looped.model.exit import build_exit
@@ -120,12 +120,11 @@ def _layers(model, ids):
     x0 = model.embed(ids)
     if model.pos_embed is not None:
         x0 = x0 + model.pos_embed(torch.arange(ids.shape[1]))
-    store = ActivationStore()
+    ctx = DepthContext(ActivationStore(), model.rope)
     calls = []
     for p, block in enumerate(model.core):
         def call(x, block=block, p=p, branch=False):
-            step = DepthStep(p, (), store)
-            return (block.branch if branch else block)(x, model.rope, step)
+            return (block.branch if branch else block)(x, ctx, DepthPosition(p))
         calls.append(call)
     return x0, calls
 
@@ -405,13 +404,13 @@ def _depth_blocks(model, ids):
     """x0 and, in depth order (prelude, core per iteration, coda), a function running each
     position's block (Depth-Attention off)."""
     x0 = model.embed(ids)
-    store = ActivationStore()
+    ctx = DepthContext(ActivationStore(), model.rope)
     blocks = list(model.prelude) + [model.core_block(r, j) for r in range(model.loop)
                                     for j in range(model.cfg.n_layers)] + list(model.coda)
 
     def runner(p, block):
         def call(x, branch=False):
-            return (block.branch if branch else block)(x, model.rope, DepthStep(p, (), store))
+            return (block.branch if branch else block)(x, ctx, DepthPosition(p))
         return call
     return x0, [runner(p, b) for p, b in enumerate(blocks)]
 

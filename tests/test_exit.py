@@ -228,13 +228,13 @@ def test_build_exit_from_config():
 def skip_calls(monkeypatch):
     """Counts the all-tokens-exited early breaks (`skip_core_iterations`)."""
     calls = []
-    original = lm_mod._PositionRunner.skip_core_iterations
+    original = lm_mod.DepthPass.skip_core_iterations
 
     def spy(self, last, loops):
-        calls.append((last, loops, type(self.store).__name__))
+        calls.append((last, loops, type(self.ctx.store).__name__))
         return original(self, last, loops)
 
-    monkeypatch.setattr(lm_mod._PositionRunner, "skip_core_iterations", spy)
+    monkeypatch.setattr(lm_mod.DepthPass, "skip_core_iterations", spy)
     return calls
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looped.model.attention import Attention, DepthStep
+from looped.model.attention import Attention, DepthContext, DepthPosition
 from looped.model.norm import RMSNorm
 
 
@@ -29,12 +31,14 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope, step: DepthStep) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, step)
+    def forward(self, x: torch.Tensor, ctx: DepthContext, pos: DepthPosition,
+                value_hook: Optional[Callable] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx, pos, value_hook)
         return x + self.mlp(self.mlp_norm(x))
 
-    def branch(self, x: torch.Tensor, rope, step: DepthStep) -> torch.Tensor:
+    def branch(self, x: torch.Tensor, ctx: DepthContext, pos: DepthPosition,
+               value_hook: Optional[Callable] = None) -> torch.Tensor:
         """forward(x) - x without the rounding of a subtraction: for cross-layer methods that
         accumulate layer outputs themselves."""
-        a = self.attn(self.attn_norm(x), rope, step)
+        a = self.attn(self.attn_norm(x), ctx, pos, value_hook)
         return a + self.mlp(self.mlp_norm(x + a))

@@ -7,7 +7,7 @@ position reads the same token's keys and mixed values at earlier positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.errors import ConfigError, ShapeError
-from looped.model.attention import DepthStep
+from looped.model.attention import DepthContext, DepthPosition, Recorder
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
-from looped.model.cross_layer import CrossLayer, LayerCall, build_cross_layer
+from looped.model.cross_layer import CrossLayer, LayerCall, build_cross_layer, exit_conflict
 from looped.model.depth import (DepthLayout, DepthSlot, DepthWeights, resolve_policy,
                                 sources_for_layout)
 from looped.model.exit import ExitCriterion, IterationView
@@ -151,7 +151,11 @@ class LoopedLM(nn.Module):
         return loops
 
     def core_block(self, iteration: int, layer: int) -> Block:
-        return self.core[layer] if self.cfg.share_weights else self.core[iteration][layer]
+        return self.core_blocks(iteration)[layer]
+
+    def core_blocks(self, iteration: int) -> nn.ModuleList:
+        """The core's layers at an iteration: shared, or that iteration's untied copy."""
+        return self.core if self.cfg.share_weights else self.core[iteration]
 
     # -- forward -----------------------------------------------------------------------------
 
@@ -189,6 +193,28 @@ class LoopedLM(nn.Module):
         exit: an adaptive-exit criterion; exited tokens freeze (see looped.model.exit).
         grad_loops: truncated backprop, only the last k iterations carry gradient.
         """
+        b, t, start, loops = self._check_call(input_ids, loops, cache, exit, grad_loops)
+        layout = self.layout(loops)
+        if cache is not None:
+            cache.begin(t, layout.n_positions, b)
+        recorder = Recorder(return_depth_weights, return_attn_weights)
+        run = DepthPass(self, cache if cache is not None else ActivationStore(), loops, recorder)
+
+        x = self.embed(input_ids)  # (B, T, d)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + t, device=input_ids.device))
+        e = run.stack(self.prelude, run.start(x))  # the prelude's output, injected every iteration
+        core = self._loop(run, e, loops, exit, grad_loops, return_states)
+        x = run.stack(self.coda, core.state)
+        if cache is not None:
+            cache.commit()
+        return LMOutput(self.head(x), layout,
+                        recorder.depth_weights if return_depth_weights else None,
+                        recorder.attn_weights if return_attn_weights else None,
+                        core.iterations, core.states if return_states else None,
+                        core.gate_logits)
+
+    def _check_call(self, input_ids, loops, cache, exit, grad_loops):
         if input_ids.dim() != 2:
             raise ShapeError(f"input_ids must be (batch, tokens), got shape "
                              f"{tuple(input_ids.shape)}")
@@ -196,77 +222,54 @@ class LoopedLM(nn.Module):
         loops = self._check_loops(loops)
         if grad_loops is not None and grad_loops < 1:
             raise ShapeError(f"grad_loops must be >= 1 (None: every iteration), got {grad_loops}")
-        layout = self.layout(loops)
         start = cache.length if cache is not None else 0
         if start + t > self.cfg.max_seq_len:
             raise ShapeError(f"sequence of {start + t} tokens exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}")
-        if exit is not None and type(self.cross_layer) is not CrossLayer:
-            raise ConfigError(f"adaptive exit freezes the plain residual state; "
-                              f"cross_layer.method={self.cfg.cross_layer.method} keeps other state")
-        if cache is not None:
-            cache.begin(t, layout.n_positions, b)
-        run = _PositionRunner(self, cache if cache is not None else ActivationStore(), loops,
-                              return_depth_weights, return_attn_weights)
-
-        x = self.embed(input_ids)  # (B, T, d)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + t, device=input_ids.device))
-        stream = run.stream = self.cross_layer.start(x)
-        for block in self.prelude:
-            run(block)
-        iterations, states, gate_logits = self._run_core(run, loops, exit, grad_loops,
-                                                         return_states)
-        for block in self.coda:
-            run(block)
-        if cache is not None:
-            cache.commit()
-        return LMOutput(self.head(self.cross_layer.read(stream)), layout,
-                        run.depth_weights if return_depth_weights else None,
-                        run.attn_weights if return_attn_weights else None,
-                        iterations, states if return_states else None, gate_logits)
+        if exit is not None and exit_conflict(self.cfg.cross_layer.method):
+            raise ConfigError(exit_conflict(self.cfg.cross_layer.method))
+        return b, t, start, loops
 
     def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if r == 0 and self.cfg.init_state == "zeros" and self.cfg.injection == "add":
             return e  # zeros + e, exactly; the same tensor tells methods nothing changed
         return self._inject(state, e)
 
-    def _run_core(self, run: "_PositionRunner", loops: int, exit: Optional[ExitCriterion],
-                  grad_loops: Optional[int], return_states: bool):
-        method, stream = self.cross_layer, run.stream
-        e = method.read(stream)  # the prelude's output, injected into every iteration
+    def _loop(self, run: "DepthPass", e: torch.Tensor, loops: int,
+              exit: Optional[ExitCriterion], grad_loops: Optional[int],
+              return_states: bool) -> "_CoreResult":
+        """s_0 = init_state(e); s_{r+1} = core(inject(s_r, e)) for r < loops, where a token that
+        an exit criterion stops keeps its state (and, in the cache, its entries)."""
         b, t, _ = e.shape
-        state = self._initial_state(e)
+        s = self._initial_state(e)
         done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
-        iterations = torch.full((b, t), loops, dtype=torch.long, device=e.device)
-        states, gates = [], []
-        no_grad_loops = 0 if grad_loops is None else max(0, loops - grad_loops)
+        out = _CoreResult(s, torch.full((b, t), loops, dtype=torch.long, device=e.device))
+        first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
         if exit is not None:
             exit.init()
         for r in range(loops):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and r >= no_grad_loops):
-                method.set_input(stream, self._core_input(r, state, e))
-                for layer in range(self.cfg.n_layers):
-                    run(self.core_block(r, layer), frozen=done)
-                if done is not None:  # exit runs only on the plain residual stream
-                    stream.x = torch.where(done.unsqueeze(-1), state, stream.x)
-            prev, state = state, method.read(stream)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and r >= first_with_grad):
+                x = run.inject(self._core_input(r, s, e))
+                x = run.stack(self.core_blocks(r), x, frozen=done)
+                if done is not None:  # exited tokens keep their state
+                    x = torch.where(done.unsqueeze(-1), s, x)
+            prev, s = s, x
             if return_states:
-                states.append(state)
+                out.states.append(s)
                 if self.exit_gate is not None:
-                    gates.append(self.gate_logit(state))
+                    out.gates.append(self.gate_logit(s))
             if exit is None:
                 continue
-            stop = exit.check(IterationView(r, state, prev, self.head,
+            stop = exit.check(IterationView(r, s, prev, self.head,
                                             self.gate_logit if self.exit_gate else None))
             stop = stop if done is None else stop & ~done
-            iterations = torch.where(stop, r + 1, iterations)
+            out.iterations = torch.where(stop, r + 1, out.iterations)
             done = stop if done is None else done | stop
             if bool(done.all()) and r + 1 < loops:
                 run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
                 break
-        gate_logits = torch.stack(gates) if gates else None
-        return iterations, states, gate_logits
+        out.state = s
+        return out
 
     def gate_logit(self, state: torch.Tensor) -> torch.Tensor:
         """Halting logit of the exit gate for a state (B, T, d) -> (B, T)."""
@@ -311,43 +314,74 @@ class LoopedLM(nn.Module):
         return tokens
 
 
-class _PositionRunner:
-    """Runs blocks at consecutive depth positions and collects what they report."""
+@dataclass
+class _CoreResult:
+    """What the loop hands back to the forward pass."""
 
-    def __init__(self, model: LoopedLM, store, loops: int, want_depth: bool, want_attn: bool):
-        self.model, self.store, self.loops = model, store, loops
+    state: torch.Tensor  # (B, T, d) after the last iteration
+    iterations: torch.Tensor  # (B, T) iterations each token used
+    states: list[torch.Tensor] = field(default_factory=list)  # with return_states: each s_r
+    gates: list[torch.Tensor] = field(default_factory=list)  # halting logits, each (B, T)
+
+    @property
+    def gate_logits(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.gates) if self.gates else None
+
+
+class DepthPass:
+    """One forward pass through the depth positions, in order: it numbers them, gives each its
+    Depth-Attention sources, and runs the layers, on the plain residual path (`x = block(x)`)
+    or, for a model with a cross-layer method, through the method's stream."""
+
+    def __init__(self, model: LoopedLM, store, loops: int, recorder: Recorder):
+        self.model, self.loops = model, loops
+        self.ctx = DepthContext(store, model.rope, model.cfg.depth_attention.mix == "raw",
+                                recorder)
         self.layout = model.layout(loops)
         self.sources = model.depth_sources(loops)
         self.slots = model.position_slots(loops)
-        self.method = model.cross_layer
-        self.stream = None  # the cross-layer method's state of this forward pass
-        self.raw = model.cfg.depth_attention.mix == "raw"
-        self.want_depth, self.want_attn = want_depth, want_attn
-        self.depth_weights: dict[int, DepthWeights] = {}
-        self.attn_weights: dict[int, torch.Tensor] = {}
+        plain = type(model.cross_layer) is CrossLayer
+        self.method = None if plain else model.cross_layer
+        self.stream = None  # the method's state of this forward pass
         self.p = 0  # the next depth position
 
-    def __call__(self, block: Block, frozen: Optional[torch.Tensor] = None) -> None:
-        p, slot = self.p, self.slots[self.p]
-        # an exited token keeps the key and mixed value of the same layer's previous iteration
-        frozen_from = p - self.model.cfg.n_layers if frozen is not None else None
-        step = DepthStep(p, self.sources[p], self.store, self.raw, self.want_depth,
-                         self.want_attn, frozen=frozen, frozen_from=frozen_from,
-                         value_hook=self.method.value_hook(self.stream, slot))
-        self.method.apply(self.stream, slot, LayerCall(block, self.model.rope, step))
-        if step.depth_weights is not None:
-            self.depth_weights[p] = step.depth_weights
-        if step.attn_weights is not None:
-            self.attn_weights[p] = step.attn_weights
-        self.p += 1
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding output, before the first layer."""
+        if self.method is not None:
+            self.stream = self.method.start(x)
+        return x
+
+    def inject(self, x: torch.Tensor) -> torch.Tensor:
+        """The loop's input to the next iteration."""
+        if self.method is not None:
+            self.method.set_input(self.stream, x)
+        return x
+
+    def stack(self, blocks, x: torch.Tensor,
+              frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run blocks at the next depth positions; the hidden state after them (B, T, d). A
+        method's stream already holds x."""
+        for block in blocks:
+            p, self.p = self.p, self.p + 1
+            # an exited token keeps the key and mixed value of the same layer one iteration back
+            pos = DepthPosition(p, self.sources[p], frozen,
+                                None if frozen is None else p - self.model.cfg.n_layers)
+            if self.method is None:
+                x = block(x, self.ctx, pos)
+            else:
+                slot = self.slots[p]
+                hook = self.method.value_hook(self.stream, slot)
+                self.method.apply(self.stream, slot, LayerCall(block, self.ctx, pos, hook))
+        return x if self.method is None else self.method.read(self.stream)
 
     def skip_core_iterations(self, last: int, loops: int) -> None:
         """All tokens exited after iteration `last`: later iterations' positions get copies."""
         n = self.model.cfg.n_layers
+        store = self.ctx.store
         for r in range(last + 1, loops):
             for layer in range(n):
                 src = self.layout.position(DepthSlot("core", layer, last))
-                self.store.copy_position(src, self.layout.position(DepthSlot("core", layer, r)))
+                store.copy_position(src, self.layout.position(DepthSlot("core", layer, r)))
         self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + n
 
 

@@ -19,8 +19,18 @@ CROSS_LAYER_METHODS.register("mhc")(ManifoldHyperConnections)
 CROSS_LAYER_METHODS.register("hyper_connections")(HyperConnections)
 
 
+def exit_conflict(method: str) -> str:
+    """Why adaptive exit cannot run with `method` ('' when it can): the one home of the rule,
+    checked by the config and by the model."""
+    if method == "none":
+        return ""
+    return (f"adaptive exit freezes the plain residual state; cross_layer.method={method} keeps "
+            f"other state, so use exit.criterion=none")
+
+
 def build_cross_layer(cfg, d_model: int, n_slots: int, kv_dim: int) -> CrossLayer:
     return CROSS_LAYER_METHODS.lookup(cfg.method)(cfg, d_model, n_slots, kv_dim)
 
 
-__all__ = ["CROSS_LAYER_METHODS", "CrossLayer", "LayerCall", "build_cross_layer", "sinkhorn"]
+__all__ = ["CROSS_LAYER_METHODS", "CrossLayer", "LayerCall", "build_cross_layer", "exit_conflict",
+           "sinkhorn"]

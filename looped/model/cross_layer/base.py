@@ -1,8 +1,9 @@
 """The interface every cross-layer method implements, and the plain residual stream it replaces.
 
 A cross-layer method decides how hidden states travel between depth positions (layer
-applications in the unrolled order: prelude, core x R, coda). The model hands it each layer as a
-`LayerCall` and never touches the hidden state itself:
+applications in the unrolled order: prelude, core x R, coda). On the plain path the model keeps
+the residual state itself (`x = block(x)`); a model with a method instead hands the method each
+layer as a `LayerCall`, and the method keeps the state in its own stream:
 
     stream = method.start(x0)               # x0: the embedding output (B, T, d)
     method.apply(stream, slot, layer)       # once per depth position, in order
@@ -26,22 +27,23 @@ from torch import nn
 
 
 class LayerCall:
-    """One layer application: the whole block (x + attention + MLP) or only its residual branch
-    (attention + MLP, for methods that do their own accumulation)."""
+    """One layer application at its depth position: the whole block (x + attention + MLP) or
+    only its residual branch (attention + MLP, for methods that do their own accumulation)."""
 
-    def __init__(self, block, rope, step):
-        self.block, self.rope, self.step = block, rope, step
+    def __init__(self, block, ctx, pos, value_hook=None):
+        self.block, self.ctx, self.pos, self.value_hook = block, ctx, pos, value_hook
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x, self.rope, self.step)
+        return self.block(x, self.ctx, self.pos, self.value_hook)
 
     def branch(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block.branch(x, self.rope, self.step)
+        return self.block.branch(x, self.ctx, self.pos, self.value_hook)
 
 
 class CrossLayer(nn.Module):
     """Base class. Subclasses override the hooks they change; the defaults are a plain residual
-    stream, so `CrossLayer` itself is the vanilla model (method `none`)."""
+    stream, so `CrossLayer` itself is the vanilla model (method `none`, which the model runs on
+    its own plain path; the hooks here define what every method reduces to)."""
 
     # True when the method has parameters per depth position: runs are limited to param_loops
     # iterations (a method whose answer depends on its config overrides has_position_params)
