@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 
 from looped import load_config
 from looped.errors import ConfigError
-from looped.model import lm as lm_mod
+from looped.model.depth_pass import DepthPass
 from looped.model.exit import (EXIT_CRITERIA, EntropyExit, ExitCriterion, GateExit,
                                IterationView, KLExit, LatentExit, MaxLoopsExit, build_exit,
                                gate_loss, halting_distribution)
@@ -228,13 +228,13 @@ def test_build_exit_from_config():
 def skip_calls(monkeypatch):
     """Counts the all-tokens-exited early breaks (`skip_core_iterations`)."""
     calls = []
-    original = lm_mod.DepthPass.skip_core_iterations
+    original = DepthPass.skip_core_iterations
 
     def spy(self, last, loops):
         calls.append((last, loops, type(self.ctx.store).__name__))
         return original(self, last, loops)
 
-    monkeypatch.setattr(lm_mod.DepthPass, "skip_core_iterations", spy)
+    monkeypatch.setattr(DepthPass, "skip_core_iterations", spy)
     return calls
 
 

@@ -7,7 +7,7 @@ position reads the same token's keys and mixed values at earlier positions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.errors import ConfigError, ShapeError
-from looped.model.attention import DepthContext, DepthPosition, Recorder
+from looped.model.attention import Recorder
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
-from looped.model.cross_layer import CrossLayer, LayerCall, build_cross_layer, exit_conflict
-from looped.model.depth import (DepthLayout, DepthSlot, DepthWeights, resolve_policy,
-                                sources_for_layout)
+from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
+from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
+from looped.model.depth_pass import CoreResult, DepthPass
 from looped.model.exit import ExitCriterion, IterationView
 from looped.model.norm import RMSNorm
 from looped.model.rope import RotaryEmbedding
@@ -235,15 +235,15 @@ class LoopedLM(nn.Module):
             return e  # zeros + e, exactly; the same tensor tells methods nothing changed
         return self._inject(state, e)
 
-    def _loop(self, run: "DepthPass", e: torch.Tensor, loops: int,
+    def _loop(self, run: DepthPass, e: torch.Tensor, loops: int,
               exit: Optional[ExitCriterion], grad_loops: Optional[int],
-              return_states: bool) -> "_CoreResult":
+              return_states: bool) -> CoreResult:
         """s_0 = init_state(e); s_{r+1} = core(inject(s_r, e)) for r < loops, where a token that
         an exit criterion stops keeps its state (and, in the cache, its entries)."""
         b, t, _ = e.shape
         s = self._initial_state(e)
         done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
-        out = _CoreResult(s, torch.full((b, t), loops, dtype=torch.long, device=e.device))
+        out = CoreResult(s, torch.full((b, t), loops, dtype=torch.long, device=e.device))
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
         if exit is not None:
             exit.init()
@@ -312,77 +312,6 @@ class LoopedLM(nn.Module):
         if return_iterations:
             return tokens, torch.stack(used, dim=1)
         return tokens
-
-
-@dataclass
-class _CoreResult:
-    """What the loop hands back to the forward pass."""
-
-    state: torch.Tensor  # (B, T, d) after the last iteration
-    iterations: torch.Tensor  # (B, T) iterations each token used
-    states: list[torch.Tensor] = field(default_factory=list)  # with return_states: each s_r
-    gates: list[torch.Tensor] = field(default_factory=list)  # halting logits, each (B, T)
-
-    @property
-    def gate_logits(self) -> Optional[torch.Tensor]:
-        return torch.stack(self.gates) if self.gates else None
-
-
-class DepthPass:
-    """One forward pass through the depth positions, in order: it numbers them, gives each its
-    Depth-Attention sources, and runs the layers, on the plain residual path (`x = block(x)`)
-    or, for a model with a cross-layer method, through the method's stream."""
-
-    def __init__(self, model: LoopedLM, store, loops: int, recorder: Recorder):
-        self.model, self.loops = model, loops
-        self.ctx = DepthContext(store, model.rope, model.cfg.depth_attention.mix == "raw",
-                                recorder)
-        self.layout = model.layout(loops)
-        self.sources = model.depth_sources(loops)
-        self.slots = model.position_slots(loops)
-        plain = type(model.cross_layer) is CrossLayer
-        self.method = None if plain else model.cross_layer
-        self.stream = None  # the method's state of this forward pass
-        self.p = 0  # the next depth position
-
-    def start(self, x: torch.Tensor) -> torch.Tensor:
-        """The embedding output, before the first layer."""
-        if self.method is not None:
-            self.stream = self.method.start(x)
-        return x
-
-    def inject(self, x: torch.Tensor) -> torch.Tensor:
-        """The loop's input to the next iteration."""
-        if self.method is not None:
-            self.method.set_input(self.stream, x)
-        return x
-
-    def stack(self, blocks, x: torch.Tensor,
-              frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run blocks at the next depth positions; the hidden state after them (B, T, d). A
-        method's stream already holds x."""
-        for block in blocks:
-            p, self.p = self.p, self.p + 1
-            # an exited token keeps the key and mixed value of the same layer one iteration back
-            pos = DepthPosition(p, self.sources[p], frozen,
-                                None if frozen is None else p - self.model.cfg.n_layers)
-            if self.method is None:
-                x = block(x, self.ctx, pos)
-            else:
-                slot = self.slots[p]
-                hook = self.method.value_hook(self.stream, slot)
-                self.method.apply(self.stream, slot, LayerCall(block, self.ctx, pos, hook))
-        return x if self.method is None else self.method.read(self.stream)
-
-    def skip_core_iterations(self, last: int, loops: int) -> None:
-        """All tokens exited after iteration `last`: later iterations' positions get copies."""
-        n = self.model.cfg.n_layers
-        store = self.ctx.store
-        for r in range(last + 1, loops):
-            for layer in range(n):
-                src = self.layout.position(DepthSlot("core", layer, last))
-                store.copy_position(src, self.layout.position(DepthSlot("core", layer, r)))
-        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + n
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],

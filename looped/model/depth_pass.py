@@ -1,0 +1,90 @@
+"""One forward pass through the depth positions of a LoopedLM (looped.model.lm), and what its
+loop hands back.
+
+DepthPass numbers the layer applications in depth order (prelude, core x R, coda), gives each
+its Depth-Attention sources and, for exited tokens, the entries they keep, and runs the layers:
+on the plain residual path `x = block(x)`, or, for a model with a cross-layer method, through
+the method's stream (see looped.model.cross_layer.base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from looped.model.attention import DepthContext, DepthPosition, Recorder
+from looped.model.cross_layer import CrossLayer, LayerCall
+from looped.model.depth import DepthSlot
+
+
+@dataclass
+class CoreResult:
+    """What the loop hands back to the forward pass."""
+
+    state: torch.Tensor  # (B, T, d) after the last iteration
+    iterations: torch.Tensor  # (B, T) iterations each token used
+    states: list[torch.Tensor] = field(default_factory=list)  # with return_states: each s_r
+    gates: list[torch.Tensor] = field(default_factory=list)  # halting logits, each (B, T)
+
+    @property
+    def gate_logits(self) -> Optional[torch.Tensor]:
+        return torch.stack(self.gates) if self.gates else None
+
+
+class DepthPass:
+    """One forward pass through the depth positions, in order: it numbers them, gives each its
+    Depth-Attention sources, and runs the layers, on the plain residual path (`x = block(x)`)
+    or, for a model with a cross-layer method, through the method's stream."""
+
+    def __init__(self, model, store, loops: int, recorder: Recorder):
+        self.model, self.loops = model, loops
+        self.ctx = DepthContext(store, model.rope, model.cfg.depth_attention.mix == "raw",
+                                recorder)
+        self.layout = model.layout(loops)
+        self.sources = model.depth_sources(loops)
+        self.slots = model.position_slots(loops)
+        plain = type(model.cross_layer) is CrossLayer
+        self.method = None if plain else model.cross_layer
+        self.stream = None  # the method's state of this forward pass
+        self.p = 0  # the next depth position
+
+    def start(self, x: torch.Tensor) -> torch.Tensor:
+        """The embedding output, before the first layer."""
+        if self.method is not None:
+            self.stream = self.method.start(x)
+        return x
+
+    def inject(self, x: torch.Tensor) -> torch.Tensor:
+        """The loop's input to the next iteration."""
+        if self.method is not None:
+            self.method.set_input(self.stream, x)
+        return x
+
+    def stack(self, blocks, x: torch.Tensor,
+              frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Run blocks at the next depth positions; the hidden state after them (B, T, d). A
+        method's stream already holds x."""
+        for block in blocks:
+            p, self.p = self.p, self.p + 1
+            # an exited token keeps the key and mixed value of the same layer one iteration back
+            pos = DepthPosition(p, self.sources[p], frozen,
+                                None if frozen is None else p - self.model.cfg.n_layers)
+            if self.method is None:
+                x = block(x, self.ctx, pos)
+            else:
+                slot = self.slots[p]
+                hook = self.method.value_hook(self.stream, slot)
+                self.method.apply(self.stream, slot, LayerCall(block, self.ctx, pos, hook))
+        return x if self.method is None else self.method.read(self.stream)
+
+    def skip_core_iterations(self, last: int, loops: int) -> None:
+        """All tokens exited after iteration `last`: later iterations' positions get copies."""
+        n = self.model.cfg.n_layers
+        store = self.ctx.store
+        for r in range(last + 1, loops):
+            for layer in range(n):
+                src = self.layout.position(DepthSlot("core", layer, last))
+                store.copy_position(src, self.layout.position(DepthSlot("core", layer, r)))
+        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + n
