@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 
-
 @dataclass
 class NoKnobs:
     """The knobs of a component that has none."""
@@ -90,8 +89,10 @@ def schema(slot: Slot, component: str) -> type:
         held_out = held_out_schema(knobs)
         extra = [("eval", held_out, field(default_factory=held_out))]
     cls = dataclasses.make_dataclass(name, extra, bases=(knobs, slot.base))
-    # module-level and named, so configs holding it pickle and copy like any dataclass
-    cls.__module__, cls.__qualname__, cls.__knobs__ = __name__, name, knobs
+    # module-level and named, so configs holding it pickle and copy like any dataclass; a node
+    # built from it knows its component and knobs from its type
+    cls.__module__, cls.__qualname__ = __name__, name
+    cls.__component__, cls.__knobs__ = component, knobs
     setattr(module, name, cls)
     return cls
 
@@ -117,27 +118,30 @@ def component_config(slot_path: str, component: str, **values):
 
 
 def check(slot: Slot, node, cfg) -> None:
-    """Validate a resolved node: a known component, then the shared and the component's checks."""
+    """Validate a resolved node: a known component (the one its schema was made for, so an unset
+    selector that resolves by default is checked too), then the shared and the component's
+    checks."""
     from omegaconf import OmegaConf
 
-    name = getattr(node, slot.selector)
-    if name is not None:
-        slot.registry().lookup(name)
     values = OmegaConf.to_object(node)  # the dataclass, so checks may use its methods
-    for cls in (slot.base, slot.registry().configs.get(name)):
-        if cls is not None and hasattr(cls, "check"):
+    slot.registry().lookup(type(values).__component__)
+    for cls in (slot.base, type(values).__knobs__):
+        if hasattr(cls, "check"):
             cls.check(values, cfg)
 
 
-def unknown_knob_hint(key: str, loose) -> str:
-    """', which task 'roots' does not have (its knobs: ...)' for a key inside a slot's node."""
+def unknown_knob_hint(key: str, cfg) -> str:
+    """' (task 'roots' has knobs: n_chains, ...)' for a key inside a component node of cfg (a
+    config built on the components' schemas); '' elsewhere."""
+    from omegaconf import OmegaConf
+
     for slot in slots().values():
         if key.startswith(slot.path + "."):
-            component = slot.component(loose)
-            knobs = slot.registry().configs.get(component)
-            if knobs is None:
+            schema_cls = OmegaConf.get_type(OmegaConf.select(cfg, slot.path))
+            component = schema_cls.__component__
+            if component not in slot.registry():
                 return ""
-            names = [f.name for f in dataclasses.fields(knobs)] or ["none"]
+            names = [f.name for f in dataclasses.fields(schema_cls.__knobs__)] or ["none"]
             return f" ({slot.kind} '{component}' has knobs: {', '.join(names)})"
     return ""
 

@@ -239,14 +239,14 @@ RENAMED = {
 }
 
 
-def _unknown_key_message(cfg: DictConfig, key: str, loose: Optional[DictConfig] = None) -> str:
+def _unknown_key_message(cfg: DictConfig, key: str) -> str:
     from looped.components import unknown_knob_hint
 
-    if key in RENAMED and RENAMED[key] != key:
+    if key in RENAMED:
         return f"config key '{key}' is now '{RENAMED[key]}'"
     close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
-    own = unknown_knob_hint(key, cfg if loose is None else loose)
+    own = unknown_knob_hint(key, cfg)
     return f"unknown config key '{key}'{own}{hint}"
 
 
@@ -260,12 +260,12 @@ def load_yaml(path: Path) -> DictConfig:
     return node
 
 
-def _merge(cfg: DictConfig, other: DictConfig, source: str, loose=None) -> DictConfig:
+def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(cfg, other)
     except ConfigKeyError as e:
         key = getattr(e, "full_key", None) or str(e)
-        raise ConfigError(f"{source}: {_unknown_key_message(cfg, key, loose)}") from None
+        raise ConfigError(f"{source}: {_unknown_key_message(cfg, key)}") from None
     except ValidationError as e:
         raise ConfigError(f"{source}: {first_line(e)}") from None
 
@@ -312,11 +312,10 @@ def _loose(sources: list[DictConfig], dotlist: list[str]) -> DictConfig:
 
 
 def _resolve(sources: list[tuple[str, DictConfig]], dotlist: list[str]) -> DictConfig:
-    loose = _loose([node for _, node in sources], dotlist)
-    cfg = _schema(loose)
+    cfg = _schema(_loose([node for _, node in sources], dotlist))
     for label, node in sources:
-        cfg = _merge(cfg, node, label, loose)
-    cfg = _apply_dotlist(cfg, dotlist, loose)
+        cfg = _merge(cfg, node, label)
+    cfg = _apply_dotlist(cfg, dotlist)
     # plugin files by absolute path, so a saved run finds them from any directory
     cfg.imports = [str(Path(n).expanduser().resolve()) if str(n).endswith(".py") else n
                    for n in cfg.imports]
@@ -397,7 +396,7 @@ _FLAT_KNOBS = {
              "digits", "corpus", "text_field", "seq_len", "tokenizer", "bpe_vocab", "held_out"},
     "model.depth_attention": {"stride", "window"},
     "model.cross_layer": {"dilation", "period", "learnable", "block_size", "streams",
-                          "sinkhorn_iters", "param_loops"},
+                          "sinkhorn_iters"},
     "train.loops": {"min_loops", "mean", "sigma", "cap"},
     "exit": {"threshold", "after"},
 }
@@ -412,7 +411,7 @@ def _migrate(saved: DictConfig) -> DictConfig:
     for old, new in RENAMED.items():
         parent_path, _, leaf = old.rpartition(".")
         parent = OmegaConf.select(saved, parent_path)
-        if isinstance(parent, DictConfig) and leaf in parent and old != new:
+        if isinstance(parent, DictConfig) and leaf in parent:
             value = parent.pop(leaf)
             parent.setdefault(new.rpartition(".")[2], value)
     loose = _loose([saved], [])
@@ -448,11 +447,11 @@ def parse_tool_args(cls: type, items: list[str]):
     return OmegaConf.to_object(cfg)
 
 
-def _apply_dotlist(cfg: DictConfig, dotlist: list[str], loose=None) -> DictConfig:
+def _apply_dotlist(cfg: DictConfig, dotlist: list[str]) -> DictConfig:
     for item in dotlist:
         key = item.split("=", 1)[0]
         if OmegaConf.select(cfg, key, default=_MISSING) is _MISSING:
-            raise ConfigError(_unknown_key_message(cfg, key, loose))
+            raise ConfigError(_unknown_key_message(cfg, key))
         try:
             cfg.merge_with_dotlist([item])
         except OmegaConfBaseException as e:

@@ -50,6 +50,9 @@ def test_struct_mode_rejects_new_keys_after_loading():
     (["task=chain", "task.eval.n_chains=3"], "task.eval.n_chains"),
     (["exit.criterion=kl", "exit.after=3"], "exit criterion 'kl' has knobs: threshold"),
     (["loop=4", "model.depth_attention.window=1"], "policy 'same_layer' has knobs: none"),
+    # a plain decoder's default policy is strided: its knobs are checked without naming it
+    (["loop=1", "model.depth_attention.window=-1"], "window must be >= 0, got -1"),
+    (["task.name=nope", "task.hops=3"], "unknown config key 'task.hops'; did you mean"),
     (["model.cross_layer.method=attn_res", "model.cross_layer.streams=2"],
      "cross-layer method 'attn_res' has knobs: block_size"),
     (["train.loops.sampler=fixed", "train.loops.min_loops=2"], "'fixed' has knobs: none"),

@@ -39,7 +39,7 @@ class DepthPass:
     or, for a model with a cross-layer method, through the method's stream."""
 
     def __init__(self, model, store, loops: int, recorder: Recorder):
-        self.model, self.loops = model, loops
+        self.model = model
         self.ctx = DepthContext(store, model.rope, model.cfg.depth_attention.mix == "raw",
                                 recorder)
         self.layout = model.layout(loops)

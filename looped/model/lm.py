@@ -226,8 +226,9 @@ class LoopedLM(nn.Module):
         if start + t > self.cfg.max_seq_len:
             raise ShapeError(f"sequence of {start + t} tokens exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}")
-        if exit is not None and exit_conflict(self.cfg.cross_layer.method):
-            raise ConfigError(exit_conflict(self.cfg.cross_layer.method))
+        conflict = exit_conflict(self.cfg.cross_layer.method) if exit is not None else ""
+        if conflict:
+            raise ConfigError(conflict)
         return b, t, start, loops
 
     def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:

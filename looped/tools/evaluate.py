@@ -95,8 +95,10 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [evaluate_run(p, args) for p in args.ckpt]
-    first_run = run_dir_of(resolve_checkpoint(Path(args.ckpt[0])))
-    out = Path(args.out) if args.out else first_run / "eval"
+    if args.out:
+        out = Path(args.out)
+    else:  # beside the first run
+        out = run_dir_of(resolve_checkpoint(Path(args.ckpt[0]))) / "eval"
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "loop_sweep.csv", "w", newline="") as f:
         w = csv.writer(f)

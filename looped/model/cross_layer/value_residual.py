@@ -19,7 +19,6 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from looped.errors import ConfigError
 from looped.model.cross_layer.base import CrossLayer, _Residual
 
 FIXED_LAMBDA = 0.5
