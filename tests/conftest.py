@@ -163,8 +163,11 @@ def _ref_softmax(s, dim):
     return e / e.sum(dim, keepdim=True)
 
 
-def _ref_block(blk, x, p, srcs, mix, store, cfg, W, alphas, frozen=None, frozen_from=None):
-    """One layer application at depth position p, token by token."""
+def _ref_block(blk, x, p, srcs, mix, store, cfg, W, alphas, frozen=None, frozen_from=None,
+               past=None):
+    """One layer application at depth position p, token by token. past: the (unrotated key,
+    mixed value) (B, t0, Hkv, D) of t0 earlier tokens that sequence attention also reads; the
+    chunk's tokens then sit at positions t0, t0 + 1, ..."""
     import math
 
     b_sz, t_sz, _ = x.shape
@@ -200,13 +203,16 @@ def _ref_block(blk, x, p, srcs, mix, store, cfg, W, alphas, frozen=None, frozen_
 
     # causal sequence attention with RoPE, one query token at a time (all heads together)
     theta = cfg.rope_theta
+    k_seq, v_seq = (k, v_mix) if past is None else (torch.cat([past[0], k], 1),
+                                                    torch.cat([past[1], v_mix], 1))
+    t0 = k_seq.shape[1] - t_sz
     outs = []
     for bi in range(b_sz):
-        k_rot = [_ref_rope(k[bi, s], s, theta) for s in range(t_sz)]  # each (Hkv, D)
-        for ti in range(t_sz):
-            qr = _ref_rope(q[bi, ti], ti, theta)  # (H, D)
+        k_rot = [_ref_rope(k_seq[bi, s], s, theta) for s in range(t0 + t_sz)]  # each (Hkv, D)
+        for ti in range(t0, t0 + t_sz):
+            qr = _ref_rope(q[bi, ti - t0], ti, theta)  # (H, D)
             ks = torch.stack(k_rot[:ti + 1]).repeat_interleave(grp, dim=1)  # (ti+1, H, D)
-            vs = v_mix[bi, :ti + 1].repeat_interleave(grp, dim=1)
+            vs = v_seq[bi, :ti + 1].repeat_interleave(grp, dim=1)
             wts = _ref_softmax((ks * qr).sum(-1) / math.sqrt(d), 0)  # (ti+1, H)
             outs.append((wts.unsqueeze(-1) * vs).sum(0))
     out = torch.stack(outs).view(b_sz, t_sz, h_n * d)
@@ -246,12 +252,14 @@ class RefExit:
 
 
 def naive_looped(model, ids, *, sources, loops=None, exit: "RefExit | None" = None,
-                 no_grad_loops: int = 0, grad: bool = False):
+                 no_grad_loops: int = 0, grad: bool = False, past=None):
     """float64 reference forward of any LoopedLM built with init_state zeros|embed.
 
     Returns a dict: logits, iterations (B, T), states (per iteration), gate_logits (R, B, T) or
-    None, alphas {p: (weights (B, T, Hkv, S + 1), sources + own)}. grad=True keeps the graph to
-    the model's parameters; the first no_grad_loops iterations run under torch.no_grad."""
+    None, alphas {p: (weights (B, T, Hkv, S + 1), sources + own)}, store (each position's key
+    and mixed value). grad=True keeps the graph to the model's parameters; the first
+    no_grad_loops iterations run under torch.no_grad. past: {p: (k, v_mix)} of earlier tokens
+    that sequence attention at p reads before ids (see naive_cached)."""
     import contextlib
 
     cfg = model.cfg
@@ -273,12 +281,14 @@ def naive_looped(model, ids, *, sources, loops=None, exit: "RefExit | None" = No
             return (_ref_rms(s, None, eps) @ W(model.exit_gate.weight).T
                     + W(model.exit_gate.bias)).squeeze(-1)
 
+    past = past or {}
+    t0 = next(iter(past.values()))[0].shape[1] if past else 0
     x = emb[ids]
     if model.pos_embed is not None:
-        x = x + W(model.pos_embed.weight)[:t_sz]
+        x = x + W(model.pos_embed.weight)[t0:t0 + t_sz]
     p = 0
     for blk in model.prelude:
-        x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas)
+        x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas, past=past.get(p))
         p += 1
     e = x
     state = {"zeros": torch.zeros_like(e), "embed": e}[cfg.init_state]
@@ -300,7 +310,7 @@ def naive_looped(model, ids, *, sources, loops=None, exit: "RefExit | None" = No
                 blk = model.core[layer] if cfg.share_weights else model.core[r][layer]
                 x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas,
                                frozen=done if bool(done.any()) else None,
-                               frozen_from=p - cfg.n_layers)
+                               frozen_from=p - cfg.n_layers, past=past.get(p))
                 p += 1
             x = torch.where(done[..., None], state, x)
         prev, state = state, x
@@ -313,11 +323,50 @@ def naive_looped(model, ids, *, sources, loops=None, exit: "RefExit | None" = No
             done = done | stop
     x = state
     for blk in model.coda:
-        x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas)
+        x = _ref_block(blk, x, p, sources[p], mix, store, cfg, W, alphas, past=past.get(p))
         p += 1
     assert p == len(sources)
     return dict(logits=head(x), iterations=iterations, states=states,
-                gate_logits=torch.stack(gates) if gates else None, alphas=alphas)
+                gate_logits=torch.stack(gates) if gates else None, alphas=alphas, store=store)
+
+
+def naive_cached(model, ids, chunks: tuple[int, ...], *, kv: str, loops=None,
+                 exit: "RefExit | None" = None):
+    """float64 reference of decoding through a cache of policy kv, from the policies'
+    descriptions: the prompt in the given chunks, then one token at a time. Within a chunk the
+    tokens read each other at the same depth position. Earlier tokens are read
+    - per_iteration: at the same depth position;
+    - last: a core layer reads the same layer at the earlier tokens' final iteration (where an
+      exited token's frozen entries end up); prelude and coda layers as per_iteration.
+    Returns (logits, iterations)."""
+    c = model.cfg
+    loops = model.loop if loops is None else loops
+    sources = model_sources(model, loops)
+    core = range(c.n_prelude, c.n_prelude + c.n_layers * loops)
+    last_iteration = c.n_prelude + (loops - 1) * c.n_layers
+
+    def read_from(p):
+        if kv == "last" and p in core:
+            return last_iteration + (p - c.n_prelude) % c.n_layers
+        assert kv in ("per_iteration", "last"), kv
+        return p
+
+    t = ids.shape[1]
+    steps = list(chunks) + [1] * (t - sum(chunks))
+    hist, logits, iters, start = {}, [], [], 0
+    for n in steps:
+        past = {p: hist[read_from(p)] for p in range(len(sources))} if hist else None
+        out = naive_looped(model, ids[:, start:start + n], sources=sources, loops=loops,
+                           exit=exit, past=past)
+        store = out["store"]
+        for p in range(len(sources)):
+            new = (store["k"][p], store["v_mix"][p])
+            hist[p] = new if p not in hist else tuple(torch.cat([h, x], 1)
+                                                      for h, x in zip(hist[p], new))
+        logits.append(out["logits"])
+        iters.append(out["iterations"])
+        start += n
+    return torch.cat(logits, 1), torch.cat(iters, 1)
 
 
 def model_sources(model, loops=None):
@@ -330,10 +379,11 @@ def model_sources(model, loops=None):
 
 
 def decode_run(model, ids: torch.Tensor, chunks: tuple[int, ...], *, loops=None, exit=None,
-               cache_len: int | None = None):
-    """Like decode_logits, also under an exit criterion: (logits, iterations, cache)."""
+               cache_len: int | None = None, kv: str = "per_iteration"):
+    """Like decode_logits, also under an exit criterion and a cache policy:
+    (logits, iterations, cache)."""
     b, t = ids.shape
-    cache = model.new_cache(b, cache_len or t, loops)
+    cache = model.new_cache(b, cache_len or t, loops, kv)
     logits, iters, pos = [], [], 0
     steps = list(chunks) + [1] * (t - sum(chunks))
     for n in steps:

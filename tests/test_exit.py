@@ -302,7 +302,7 @@ def test_exit_at_extrapolated_loops_decodes_like_full_forward(name):
     with torch.no_grad():
         full = model(ids, loops=6, exit=crit)
         logits, iters, cache = decode_run(model, ids, (3,), loops=6, exit=crit)
-    assert cache.n_positions == 1 + 2 * 6 + 1
+    assert cache.n_slots == 1 + 2 * 6 + 1
     assert len(full.iterations.unique()) > 1 and (full.iterations < 6).any()
     assert crit.margins and min(crit.margins) > 1e-4
     assert torch.equal(iters, full.iterations)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from looped import KVCache
+from looped.model.depth import DepthLayout
 from looped.errors import ShapeError
 
 from conftest import (HEADS, LOOPED_MODEL, VARIANTS, decode_logits, make_model, max_diff,
@@ -222,13 +223,14 @@ def test_cache_reset_allows_reuse():
 
 
 def test_kvcache_direct_capacity_check():
-    cache = KVCache(n_positions=2, batch_size=1, n_kv_heads=1, max_len=3, head_dim=4)
-    cache.begin(3, 2, 1)
+    two = DepthLayout(2, 0, 1, 0)
+    cache = KVCache(2, batch_size=1, n_kv_heads=1, max_len=3, head_dim=4)
+    cache.begin(3, two, 1)
     cache.commit()
     with pytest.raises(ShapeError):
-        cache.begin(1, 2, 1)
-    with pytest.raises(ShapeError):
-        KVCache(2, 1, 1, 8, 4).begin(1, 3, 1)  # more depth positions than it holds
+        cache.begin(1, two, 1)
+    with pytest.raises(ShapeError):  # more depth positions than it holds
+        KVCache(2, 1, 1, 8, 4).begin(1, DepthLayout(3, 0, 1, 0), 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,7 +199,7 @@ def test_shared_core_extrapolates_to_more_loops_with_cache(injection, dtype):
         six = model(ids, loops=6)
         two = model(ids)
         logits, iters, cache = decode_run(model, ids, (3,), loops=6)
-    assert six.layout.n_positions == 1 + 2 * 6 + 1 == cache.n_positions
+    assert six.layout.n_positions == 1 + 2 * 6 + 1 == cache.n_slots
     assert torch.equal(six.iterations, torch.full((2, 8), 6))
     assert torch.equal(iters, six.iterations)
     assert max_diff(logits, six.logits) <= tol_for(dtype)

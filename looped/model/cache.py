@@ -4,8 +4,9 @@
 - Depth-Attention at position p reads the entries of the *same* tokens at earlier positions.
 
 `ActivationStore` holds one forward pass's tensors (training, no cache). `KVCache` is the
-inference cache: preallocated (K, mixed V) per depth position, exactly the size of a vanilla
-KV cache, because the mixed value lives in the ordinary V slot and nothing else is kept.
+inference cache: preallocated (K, mixed V) per storage slot, exactly the size of a vanilla
+KV cache, because the mixed value lives in the ordinary V slot and nothing else is kept. Its
+cache policy says which depth positions share a slot (looped.model.cache_policy).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Optional
 import torch
 
 from looped.errors import ShapeError
+from looped.model.cache_policy import CachePolicy, cache_policy
+from looped.model.depth import DepthLayout
 
 
 class ActivationStore:
@@ -53,29 +56,40 @@ class ActivationStore:
 
 
 class KVCache:
-    """Preallocated (K, mixed V) of shape (P, B, Hkv, max_len, D) for P depth positions.
+    """Preallocated (K, mixed V) of shape (S, B, Hkv, max_len, D) for S storage slots.
 
-    A forward pass over a chunk of T new tokens calls `begin(T)`, writes each position's entries
-    for those tokens, and `commit()`s. Depth-Attention for the chunk reads the cache's own entries
-    of the chunk's tokens at earlier positions, so decoding needs no state beyond this cache.
+    A cache policy (looped.model.cache_policy) maps each depth position to a slot: one slot per
+    position (`per_iteration`, exact) or one per distinct layer (`last`, independent of R).
+    A forward pass over a chunk of T new tokens calls `begin(T, layout, B)`, writes each
+    position's entries for those tokens, and `commit()`s. Depth-Attention for the chunk reads
+    the chunk's own entries at earlier positions: from the slots when every position has its
+    own, else from a scratch buffer that lives for that forward pass only. Either way decoding
+    needs no state between calls beyond the slots.
     """
 
-    def __init__(self, n_positions: int, batch_size: int, n_kv_heads: int, max_len: int,
-                 head_dim: int, *, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, layout: DepthLayout | int, batch_size: int, n_kv_heads: int,
+                 max_len: int, head_dim: int, *, policy: str | CachePolicy = "per_iteration",
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        if isinstance(layout, int):  # a plain stack of that many layers
+            layout = DepthLayout(layout, 0, 1, 0)
+        self.layout = layout  # the layout the cache was made for
+        self.policy = cache_policy(policy) if isinstance(policy, str) else policy
+        n_slots = self.policy.n_slots(layout)
         # K and V share one buffer so that Depth-Attention gathers both in one indexing op
-        self.kv = torch.zeros((n_positions, 2, batch_size, n_kv_heads, max_len, head_dim),
+        self.kv = torch.zeros((n_slots, 2, batch_size, n_kv_heads, max_len, head_dim),
                               dtype=dtype, device=device)
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: (P, B, Hkv, max_len, D)
+        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: (S, B, Hkv, max_len, D)
         self.length = 0  # tokens committed
         self.offset = 0  # first token of the chunk being written
         self._end = 0
+        self._slot: list[int] = []  # this forward pass's slot per depth position
+        self._scratch: Optional[torch.Tensor] = None  # (P, 2, B, Hkv, T, D) chunk entries
         self._raw_v: dict[int, torch.Tensor] = {}  # only for mix=raw: this chunk's raw values
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
         self._k_written: Optional[torch.Tensor] = None  # skips rewriting an unchanged key
 
     @property
-    def n_positions(self) -> int:
+    def n_slots(self) -> int:
         return self.k.shape[0]
 
     @property
@@ -88,25 +102,32 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes kept between forward passes (the scratch of one pass is not counted)."""
         return self.kv.nbytes
 
-    def begin(self, n_tokens: int, n_positions: int, batch_size: int) -> None:
+    def begin(self, n_tokens: int, layout: DepthLayout, batch_size: int) -> None:
         if batch_size != self.batch_size:
             raise ShapeError(f"cache holds batch size {self.batch_size}, got {batch_size}")
-        if n_positions != self.n_positions:
+        if not self.policy.serves(self.layout, layout):
             # another loop count would put the coda at other positions than earlier tokens
-            raise ShapeError(f"cache holds {self.n_positions} depth positions, the forward pass "
-                             f"has {n_positions}; make the cache with the same loops "
+            raise ShapeError(f"a {self.policy.name} cache made for {self.layout.loops} loop(s) "
+                             f"cannot serve {layout.loops}; make the cache with the same loops "
                              f"(model.new_cache(..., loops=R))")
         if self.length + n_tokens > self.max_len:
             raise ShapeError(f"cache holds {self.max_len} tokens; {self.length} are used and "
                              f"{n_tokens} more do not fit")
         self.offset, self._end = self.length, self.length + n_tokens
         self._raw_v = {}
+        self._slot = self.policy.slots(layout)
+        self._scratch = None
+        if len(set(self._slot)) < len(self._slot):  # slots are shared: keep the chunk aside
+            _, _, b, h, _, d = self.kv.shape
+            self._scratch = self.kv.new_empty((len(self._slot), 2, b, h, n_tokens, d))
 
     def commit(self) -> None:
         self.length = self._end
-        self._raw_v = {}  # raw values live only for their own forward pass
+        self._raw_v = {}  # raw values and the scratch live only for their own forward pass
+        self._scratch = None
 
     def reset(self) -> None:
         self.length = self.offset = self._end = 0
@@ -124,7 +145,11 @@ class KVCache:
         # Decoding one token is bound by per-op overhead, hence the fewest ops here.
         self.put(p, k, v)
         self._k_written = k
-        gathered = self.kv[:, :, :, :, self.offset:self._end][self._positions(sources + (p,))]
+        if self._scratch is None:
+            slots = tuple(self._slot[j] for j in sources + (p,))
+            gathered = self.kv[:, :, :, :, self.offset:self._end][self._positions(slots)]
+        else:
+            gathered = self._scratch[self._positions(sources + (p,))]
         k_stack, v_stack = gathered[:, 0], gathered[:, 1]  # (S + 1, B, Hkv, T, D)
         if raw:
             v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
@@ -132,24 +157,36 @@ class KVCache:
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
             raw_v: Optional[torch.Tensor] = None) -> None:
+        s, sl = self._slot[p], slice(self.offset, self._end)
         if k is not self._k_written:
-            self.k[p, :, :, self.offset:self._end] = k
+            self.k[s, :, :, sl] = k
+            if self._scratch is not None:
+                self._scratch[p, 0] = k
         self._k_written = None
-        self.v[p, :, :, self.offset:self._end] = v
+        self.v[s, :, :, sl] = v
+        if self._scratch is not None:
+            self._scratch[p, 1] = v
         if raw_v is not None:
             self._raw_v[p] = raw_v
 
     def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.k[p, :, :, :self._end], self.v[p, :, :, :self._end]
+        s = self._slot[p]
+        return self.k[s, :, :, :self._end], self.v[s, :, :, :self._end]
 
     def entries(self, p: int):
         """This chunk's (k, mixed v, raw v or None) at position p."""
-        sl = slice(self.offset, self._end)
-        return self.k[p, :, :, sl], self.v[p, :, :, sl], self._raw_v.get(p)
+        if self._scratch is not None:
+            return self._scratch[p, 0], self._scratch[p, 1], self._raw_v.get(p)
+        s, sl = self._slot[p], slice(self.offset, self._end)
+        return self.k[s, :, :, sl], self.v[s, :, :, sl], self._raw_v.get(p)
 
     def copy_position(self, src: int, dst: int) -> None:
-        sl = slice(self.offset, self._end)
-        self.k[dst, :, :, sl] = self.k[src, :, :, sl]
-        self.v[dst, :, :, sl] = self.v[src, :, :, sl]
-        if src in self._raw_v:
-            self._raw_v[dst] = self._raw_v[src]
+        k, v, raw = self.entries(src)
+        if self._scratch is not None:
+            self._scratch[dst] = self._scratch[src]
+        if self._slot[dst] != self._slot[src]:
+            sl = slice(self.offset, self._end)
+            self.k[self._slot[dst], :, :, sl] = k
+            self.v[self._slot[dst], :, :, sl] = v
+        if raw is not None:
+            self._raw_v[dst] = raw

@@ -160,11 +160,14 @@ class LoopedLM(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def new_cache(self, batch_size: int, max_len: Optional[int] = None,
-                  loops: Optional[int] = None) -> KVCache:
+                  loops: Optional[int] = None, kv: str = "per_iteration") -> KVCache:
+        """An empty cache for `loops` iterations (default: the config's loop). kv names the
+        cache policy: `per_iteration` (exact) or `last` (one slot per layer, any R); see
+        looped.model.cache_policy."""
         c = self.cfg
         ref = self.embed.weight
-        return KVCache(self.layout(self._check_loops(loops)).n_positions, batch_size,
-                       c.n_kv_heads, max_len or c.max_seq_len, c.head_dim, dtype=ref.dtype,
+        return KVCache(self.layout(self._check_loops(loops)), batch_size, c.n_kv_heads,
+                       max_len or c.max_seq_len, c.head_dim, policy=kv, dtype=ref.dtype,
                        device=ref.device)
 
     def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
@@ -196,7 +199,7 @@ class LoopedLM(nn.Module):
         b, t, start, loops = self._check_call(input_ids, loops, cache, exit, grad_loops)
         layout = self.layout(loops)
         if cache is not None:
-            cache.begin(t, layout.n_positions, b)
+            cache.begin(t, layout, b)
         recorder = Recorder(return_depth_weights, return_attn_weights)
         run = DepthPass(self, cache if cache is not None else ActivationStore(), loops, recorder)
 
@@ -287,8 +290,10 @@ class LoopedLM(nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: Optional[int] = None, use_cache: bool = True,
                  loops: Optional[int] = None, exit: Optional[ExitCriterion] = None,
-                 generator: Optional[torch.Generator] = None, return_iterations: bool = False):
+                 generator: Optional[torch.Generator] = None, return_iterations: bool = False,
+                 kv: str = "per_iteration"):
         """Append max_new_tokens sampled tokens to input_ids (B, T). temperature=0 is greedy.
+        kv: the cache policy (see new_cache).
 
         With return_iterations, also returns the loop iterations each new token's prediction
         used, (B, max_new_tokens). Under adaptive exit with B > 1 the rows share iterations
@@ -297,7 +302,7 @@ class LoopedLM(nn.Module):
         if t + max_new_tokens > self.cfg.max_seq_len:
             raise ShapeError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"model.max_seq_len={self.cfg.max_seq_len}")
-        cache = self.new_cache(b, t + max_new_tokens, loops) if use_cache else None
+        cache = self.new_cache(b, t + max_new_tokens, loops, kv) if use_cache else None
         tokens, used = input_ids, []
         out = self(tokens, loops=loops, cache=cache, exit=exit)
         for i in range(max_new_tokens):
