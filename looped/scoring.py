@@ -17,9 +17,13 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 
 @torch.no_grad()
 def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int, seed: int,
-                  exit: Optional[ExitCriterion] = None) -> dict[str, float]:
+                  exit: Optional[ExitCriterion] = None, kv: Optional[str] = None
+                  ) -> dict[str, float]:
     """Exact-match accuracy and cross-entropy on answer tokens (next-token accuracy for text), mean
-    iterations per answer token, and for text also bits per byte and perplexity."""
+    iterations per answer token, and for text also bits per byte and perplexity.
+
+    kv: score through a cache of this policy, every token decoded one at a time
+    (LoopedLM.cached_forward); None: one full forward per batch."""
     was_training = model.training
     model.eval()
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
@@ -29,7 +33,10 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
     done = 0
     while done < n_samples:
         batch = task.sample(min(batch_size, n_samples - done), gen).to(device)
-        out = model(batch.inputs, loops=loops, exit=exit)
+        if kv is None:
+            out = model(batch.inputs, loops=loops, exit=exit)
+        else:
+            out = model.cached_forward(batch.inputs, kv=kv, loops=loops, exit=exit)
         mask = batch.targets != IGNORE
         correct += (out.logits.argmax(-1)[mask] == batch.targets[mask]).sum().item()
         total += mask.sum().item()
@@ -41,6 +48,6 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
               "loss": nll / max(total, 1)}
     if isinstance(task, TextTask):  # language modelling: loss over whole windows, bits per byte
         lm = lm_metrics(model, task, loops, max_batches=max(1, n_samples // batch_size),
-                        batch_size=batch_size)
+                        batch_size=batch_size, kv=kv)
         result.update({k: lm[k] for k in ("loss", "bits_per_byte", "perplexity")})
     return result

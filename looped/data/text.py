@@ -458,9 +458,11 @@ class TextTask(Task):
 
 @torch.no_grad()
 def lm_metrics(model, task: TextTask, loops: Optional[int] = None,
-               max_batches: Optional[int] = None, batch_size: int = 32) -> dict:
-    """Language-modelling metrics of `model` (a LoopedLM: `model(inputs, loops=loops).logits`)
-    on the task's deterministic held-out windows (whatever the task's own split):
+               max_batches: Optional[int] = None, batch_size: int = 32,
+               kv: Optional[str] = None) -> dict:
+    """Language-modelling metrics of `model` (a LoopedLM: `model(inputs, loops=loops).logits`,
+    or with kv its cached decode of each window, see LoopedLM.cached_forward) on the task's
+    deterministic held-out windows (whatever the task's own split):
     loss (nats per token), bits_per_byte (total nats / (ln 2 * bytes the scored tokens cover)),
     perplexity (exp(loss)), tokens and bytes scored."""
     was_training = model.training
@@ -469,7 +471,9 @@ def lm_metrics(model, task: TextTask, loops: Optional[int] = None,
     nats, tokens, n_bytes = 0.0, 0, 0
     try:
         for batch in task.held_out_batches(batch_size, max_batches):
-            logits = model(batch.inputs.to(device), loops=loops).logits
+            inputs = batch.inputs.to(device)
+            logits = (model(inputs, loops=loops) if kv is None else
+                      model.cached_forward(inputs, kv=kv, loops=loops)).logits
             targets = batch.targets.to(device)
             nats += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
                                     ignore_index=IGNORE, reduction="sum").item()

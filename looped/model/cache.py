@@ -124,6 +124,10 @@ class KVCache:
             _, _, b, h, _, d = self.kv.shape
             self._scratch = self.kv.new_empty((len(self._slot), 2, b, h, n_tokens, d))
 
+    def next_position(self) -> int:
+        """The sequence position of the next token written."""
+        return self.length
+
     def commit(self) -> None:
         self.length = self._end
         self._raw_v = {}  # raw values and the scratch live only for their own forward pass

@@ -2,7 +2,9 @@
 
 All kernels take q (B, H, Tq, D) and k, v (B, Hkv, Tk, D) with H a multiple of Hkv (GQA), and
 treat query i as sitting at absolute position q_offset + i over keys 0..Tk-1, so the same call
-serves a full forward (q_offset = 0, Tq = Tk), a chunked prefill and a one-token decode.
+serves a full forward (q_offset = 0, Tq = Tk), a chunked prefill and a one-token decode. A
+q_offset given as a 0-d tensor (a compiled decode step over a preallocated cache) always masks
+the keys after the query.
 Depth-Attention only changes v, so it works unchanged with every kernel here.
 """
 
@@ -31,9 +33,10 @@ def _sdpa(q, k, v, q_offset: int, need_weights: bool):
         raise ValueError("the sdpa kernel cannot return attention weights; use kernel='eager'")
     tq, tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if tq == 1:  # one new token reads every cached key: no mask needed
+    static = isinstance(q_offset, torch.Tensor)  # a preallocated buffer: keys past it are stale
+    if tq == 1 and not static:  # one new token reads every cached key: no mask needed
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-    elif tq == tk and q_offset == 0:
+    elif not static and tq == tk and q_offset == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
         mask = causal_mask(tq, tk, q_offset, q.device)
@@ -87,6 +90,9 @@ def _xformers(q, k, v, q_offset: int, need_weights: bool):
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     tq, tk = q.shape[2], k.shape[2]
+    if isinstance(q_offset, torch.Tensor):
+        raise KernelUnavailableError("the xformers kernel takes no tensor position (compiled "
+                                     "decode); use model.kernel=sdpa")
     if tq == 1:
         bias = None
     elif tq == tk and q_offset == 0:

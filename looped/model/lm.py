@@ -17,8 +17,10 @@ from torch import nn
 
 from looped.errors import ConfigError, ShapeError
 from looped.model.attention import Recorder
+from looped.model import generation
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
+from looped.model.compiled_decode import CompiledDecoder
 from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
 from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
 from looped.model.depth_pass import CoreResult, DepthPass
@@ -205,7 +207,7 @@ class LoopedLM(nn.Module):
 
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(torch.arange(start, start + t, device=input_ids.device))
+            x = x + self.pos_embed(torch.arange(t, device=input_ids.device) + start)
         e = run.stack(self.prelude, run.start(x))  # the prelude's output, injected every iteration
         core = self._loop(run, e, loops, exit, grad_loops, return_states)
         x = run.stack(self.coda, core.state)
@@ -225,8 +227,9 @@ class LoopedLM(nn.Module):
         loops = self._check_loops(loops)
         if grad_loops is not None and grad_loops < 1:
             raise ShapeError(f"grad_loops must be >= 1 (None: every iteration), got {grad_loops}")
-        start = cache.length if cache is not None else 0
-        if start + t > self.cfg.max_seq_len:
+        start = cache.next_position() if cache is not None else 0
+        # a tensor position comes from a compiled decoder, which checks its capacity itself
+        if isinstance(start, int) and start + t > self.cfg.max_seq_len:
             raise ShapeError(f"sequence of {start + t} tokens exceeds model.max_seq_len="
                              f"{self.cfg.max_seq_len}")
         conflict = exit_conflict(self.cfg.cross_layer.method) if exit is not None else ""
@@ -284,49 +287,27 @@ class LoopedLM(nn.Module):
         x = self.norm(x)
         return F.linear(x, self.embed.weight) if self.lm_head is None else self.lm_head(x)
 
-    # -- generation --------------------------------------------------------------------------
+    # -- generation (looped.model.generation) ------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
-                 top_k: Optional[int] = None, use_cache: bool = True,
-                 loops: Optional[int] = None, exit: Optional[ExitCriterion] = None,
-                 generator: Optional[torch.Generator] = None, return_iterations: bool = False,
-                 kv: str = "per_iteration"):
-        """Append max_new_tokens sampled tokens to input_ids (B, T). temperature=0 is greedy.
-        kv: the cache policy (see new_cache).
+    def cached_forward(self, input_ids: torch.Tensor, **kw) -> LMOutput:
+        """Teacher-forced logits as a cached decode computes them; see
+        looped.model.generation.cached_forward."""
+        return generation.cached_forward(self, input_ids, **kw)
 
-        With return_iterations, also returns the loop iterations each new token's prediction
-        used, (B, max_new_tokens). Under adaptive exit with B > 1 the rows share iterations
-        until all of them exit, so measure exit savings at batch size 1."""
-        b, t = input_ids.shape
-        if t + max_new_tokens > self.cfg.max_seq_len:
-            raise ShapeError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"model.max_seq_len={self.cfg.max_seq_len}")
-        cache = self.new_cache(b, t + max_new_tokens, loops, kv) if use_cache else None
-        tokens, used = input_ids, []
-        out = self(tokens, loops=loops, cache=cache, exit=exit)
-        for i in range(max_new_tokens):
-            used.append(out.iterations[:, -1])
-            nxt = sample(out.logits[:, -1], temperature, top_k, generator)  # (B, 1)
-            tokens = torch.cat([tokens, nxt], dim=1)
-            if i == max_new_tokens - 1:
-                break
-            if cache is not None:
-                out = self(nxt, loops=loops, cache=cache, exit=exit)
-            else:
-                out = self(tokens, loops=loops, exit=exit)
-        if return_iterations:
-            return tokens, torch.stack(used, dim=1)
-        return tokens
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kw):
+        """Append max_new_tokens sampled tokens to input_ids (B, T); see
+        looped.model.generation.generate for the options (temperature, top_k, loops, exit,
+        kv, compile, ...)."""
+        return generation.generate(self, input_ids, max_new_tokens, **kw)
 
-
-def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """One token per row of logits (B, V): greedy when temperature == 0."""
-    if temperature == 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    def compiled_decoder(self, batch_size: int, max_len: int, loops: Optional[int] = None,
+                         kv: str = "per_iteration"):
+        """A CompiledDecoder for these shapes, built once and kept: every new decoder is a
+        new graph to compile. max_len is rounded up to a power of two (at least 64, at most
+        max_seq_len), so generations of similar lengths share one."""
+        bucket = min(self.cfg.max_seq_len, max(64, 1 << (max_len - 1).bit_length()))
+        key = (batch_size, bucket, self._check_loops(loops), kv)
+        decoders = self.__dict__.setdefault("_compiled_decoders", {})
+        if key not in decoders:
+            decoders[key] = CompiledDecoder(self, batch_size, bucket, loops=key[2], kv=kv)
+        return decoders[key]

@@ -16,10 +16,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int) -> torch.Tensor:
-        """Rotate x (B, H, T, D) whose tokens sit at positions offset .. offset + T - 1."""
+    def forward(self, x: torch.Tensor, offset: int | torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, H, T, D) whose tokens sit at positions offset .. offset + T - 1; offset
+        may be a 0-d tensor (a compiled decode step, where a Python int would be baked in)."""
         t = x.shape[-2]
-        cos = self.cos[offset:offset + t].to(x.dtype)
-        sin = self.sin[offset:offset + t].to(x.dtype)
+        if isinstance(offset, torch.Tensor):
+            idx = offset + torch.arange(t, device=offset.device)
+            cos, sin = self.cos.index_select(0, idx), self.sin.index_select(0, idx)
+        else:
+            cos, sin = self.cos[offset:offset + t], self.sin[offset:offset + t]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin

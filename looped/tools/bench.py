@@ -3,6 +3,7 @@ the same run (never absolute speeds alone).
 
     looped bench depth                 # Depth-Attention vs vanilla: train step, decode, KV bytes
     looped bench loop ckpt=runs/main   # a looped run: adaptive exit vs fixed R, cache vs recompute
+    looped bench cache ckpt=[runs/a,runs/b]  # cache policies: bytes and held-out quality vs R
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import importlib
 
 from looped.errors import ConfigError
 
-BENCHES = {"depth": "looped.tools.bench_depth", "loop": "looped.tools.bench_loop"}
+BENCHES = {"depth": "looped.tools.bench_depth", "loop": "looped.tools.bench_loop",
+           "cache": "looped.tools.bench_cache"}
 
 
 def _bench(argv: list[str]):

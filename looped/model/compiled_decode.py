@@ -1,0 +1,177 @@
+"""Compiled decoding: a static-shape one-token step that torch.compile captures once.
+
+The eager cache slices its buffers at Python-int positions, so every decode step would be a new
+graph. Here the cache keeps the position as a 0-d tensor: writes go through index_copy_, and
+sequence attention reads the whole preallocated buffer under a mask, so every step has the same
+shapes and one compiled graph serves them all (on CUDA, `mode="reduce-overhead"` replays it as
+a CUDA graph). The decoder keeps the Python-side count and checks capacity outside the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from looped.errors import ConfigError, ShapeError
+from looped.model.cache import KVCache
+from looped.model.depth import DepthLayout
+
+
+class StaticKVCache(KVCache):
+    """A KVCache whose chunk position is a tensor (`pos`), for a step compiled once."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pos = torch.zeros((), dtype=torch.long, device=self.kv.device)
+        self._idx: Optional[torch.Tensor] = None  # (T,) the chunk's sequence positions
+
+    def next_position(self) -> torch.Tensor:
+        return self.pos
+
+    def begin(self, n_tokens: int, layout: DepthLayout, batch_size: int) -> None:
+        # only checks of values that are the same at every step: no Python int that moves
+        if batch_size != self.batch_size or not self.policy.serves(self.layout, layout):
+            raise ShapeError("a compiled decoder's cache serves only the batch size and loop "
+                             "count it was made for")
+        self.offset = self.pos
+        self._idx = self.pos + torch.arange(n_tokens, device=self.kv.device)
+        self._raw_v = {}
+        self._slot = self.policy.slots(layout)
+        self._scratch = None
+        if len(set(self._slot)) < len(self._slot):
+            _, _, b, h, _, d = self.kv.shape
+            self._scratch = self.kv.new_empty((len(self._slot), 2, b, h, n_tokens, d))
+
+    def commit(self) -> None:
+        # the decoder advances length and pos outside the compiled graph
+        self._raw_v = {}
+        self._scratch = None
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+        self.pos.fill_(self.length)
+
+    def reset(self) -> None:
+        super().reset()
+        self.pos.zero_()
+
+    def depth_sources(self, p, sources, k, v, raw):
+        self.put(p, k, v)
+        self._k_written = k
+        if self._scratch is None:
+            slots = tuple(self._slot[j] for j in sources + (p,))
+            gathered = self.kv.index_select(4, self._idx)[self._positions(slots)]
+        else:
+            gathered = self._scratch[self._positions(sources + (p,))]
+        k_stack, v_stack = gathered[:, 0], gathered[:, 1]  # (S + 1, B, Hkv, T, D)
+        if raw:
+            v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
+        return k_stack, v_stack
+
+    def put(self, p, k, v, raw_v=None) -> None:
+        s = self._slot[p]
+        if k is not self._k_written:
+            self.k[s].index_copy_(2, self._idx, k)
+            if self._scratch is not None:
+                self._scratch[p, 0] = k
+        self._k_written = None
+        self.v[s].index_copy_(2, self._idx, v)
+        if self._scratch is not None:
+            self._scratch[p, 1] = v
+        if raw_v is not None:
+            self._raw_v[p] = raw_v
+
+    def history(self, p):
+        """The whole buffer: keys after the query's position are masked by the kernel."""
+        s = self._slot[p]
+        return self.k[s], self.v[s]
+
+    def entries(self, p):
+        if self._scratch is not None:
+            return self._scratch[p, 0], self._scratch[p, 1], self._raw_v.get(p)
+        s = self._slot[p]
+        return (self.k[s].index_select(2, self._idx), self.v[s].index_select(2, self._idx),
+                self._raw_v.get(p))
+
+    def copy_position(self, src, dst) -> None:
+        k, v, raw = self.entries(src)
+        if self._scratch is not None:
+            self._scratch[dst] = self._scratch[src]
+        if self._slot[dst] != self._slot[src]:
+            self.k[self._slot[dst]].index_copy_(2, self._idx, k)
+            self.v[self._slot[dst]].index_copy_(2, self._idx, v)
+        if raw is not None:
+            self._raw_v[dst] = raw
+
+
+class CompiledDecoder:
+    """Prefill (eager) and one-token decode steps (compiled once) of a LoopedLM through a
+    StaticKVCache of max_len tokens. Reuse one decoder for many generations (`reset()`): each
+    new decoder is a new graph to compile.
+
+    mode: torch.compile's mode; None picks "reduce-overhead" (CUDA graphs) on CUDA and the
+    default elsewhere. compile=False runs the same static step eagerly (the reference)."""
+
+    def __init__(self, model, batch_size: int, max_len: int, *, loops: Optional[int] = None,
+                 kv: str = "per_iteration", compile: bool = True, mode: Optional[str] = None):
+        cfg = model.cfg
+        if max_len > cfg.max_seq_len:
+            raise ShapeError(f"max_len {max_len} exceeds model.max_seq_len={cfg.max_seq_len}")
+        if cfg.kernel == "xformers":
+            raise ConfigError("compiled decode runs sequence attention with sdpa or eager; "
+                              "use model.kernel=sdpa")
+        self.model, self.loops = model, model._check_loops(loops)
+        ref = model.embed.weight
+        self.cache = StaticKVCache(model.layout(self.loops), batch_size, cfg.n_kv_heads, max_len,
+                                   cfg.head_dim, policy=kv, dtype=ref.dtype, device=ref.device)
+        # the step's input lives in one buffer too: any strides or address of the caller's
+        # tensor would otherwise be a new graph
+        self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=ref.device)
+        on_cuda = ref.device.type == "cuda"
+        self.clone_outputs = False
+        if compile:
+            mode = mode or ("reduce-overhead" if on_cuda else None)
+            # CUDA graphs need the cache at one address: it is mutated in place at every step
+            torch._dynamo.mark_static_address(self.cache.kv)
+            torch._dynamo.mark_static_address(self.cache.pos)
+            torch._dynamo.mark_static_address(self.tokens)
+            self._step = torch.compile(self._forward_step, fullgraph=True, dynamic=False,
+                                       mode=mode)
+            self.clone_outputs = mode == "reduce-overhead"  # a replay overwrites its outputs
+        else:
+            self._step = self._forward_step
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens, loops=self.loops, cache=self.cache).logits
+
+    def _forward_step(self) -> torch.Tensor:
+        return self._forward(self.tokens)
+
+    def _reserve(self, n_tokens: int) -> None:
+        if self.cache.length + n_tokens > self.cache.max_len:
+            raise ShapeError(f"the decoder holds {self.cache.max_len} tokens; "
+                             f"{self.cache.length} are used and {n_tokens} more do not fit")
+
+    @torch.no_grad()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, V) of the prompt, run eagerly through the same cache."""
+        self._reserve(input_ids.shape[1])
+        logits = self._forward(input_ids)
+        self.cache.advance(input_ids.shape[1])
+        return logits
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, V) of one new token per row, tokens (B, 1)."""
+        self._reserve(1)
+        if tokens.shape != self.tokens.shape:
+            raise ShapeError(f"a decode step takes tokens of shape {tuple(self.tokens.shape)}, "
+                             f"got {tuple(tokens.shape)}")
+        self.tokens.copy_(tokens)
+        logits = self._step()
+        self.cache.advance(1)
+        return logits.clone() if self.clone_outputs else logits
+
+    def reset(self) -> None:
+        self.cache.reset()

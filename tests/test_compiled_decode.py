@@ -1,0 +1,107 @@
+"""Compiled decode: the static-shape step (a tensor position, a masked preallocated cache)
+equals the eager cached decode under every cache policy, torch.compile captures it once, and
+later steps and longer generations reuse that graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+
+from looped.errors import ConfigError, ShapeError
+from looped.model.compiled_decode import CompiledDecoder
+from looped.model.exit import MaxLoopsExit
+
+from conftest import LOOPED_MODEL, make_model, max_diff, rand_ids
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MODELS = {
+    "plain-strided": dict(loop=1, policy="strided", stride=2),
+    "plain-vanilla": dict(loop=1, enabled=False),
+    "looped-same_layer": dict(loop=3, policy="same_layer", **LOOPED_MODEL),
+    "looped-dense-raw": dict(loop=3, policy="dense", mix="raw", injection="none",
+                             init_state="embed", **LOOPED_MODEL),
+    "looped-learned-positions": dict(loop=2, policy="same_layer", pos_embedding="true",
+                                     **LOOPED_MODEL),
+}
+
+
+def decode_static(decoder: CompiledDecoder, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    outs = [decoder.prefill(ids[:, :prefill])]
+    for t in range(prefill, ids.shape[1]):
+        outs.append(decoder.step(ids[:, t:t + 1]))
+    return torch.cat(outs, 1)
+
+
+@pytest.mark.parametrize("kv", ["per_iteration", "last"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_static_step_equals_eager_cached_decode(name, kv):
+    """The static step run eagerly (compile=False): the same logits as the eager cache, with
+    a cache longer than the sequence, so stale keys past the position must be masked."""
+    model = make_model(seed=90, **MODELS[name])
+    ids = rand_ids(2, 10, seed=90)
+    with torch.no_grad():
+        ref = model.cached_forward(ids, kv=kv, prefill=3).logits
+    decoder = CompiledDecoder(model, 2, 16, kv=kv, compile=False)
+    decoder.cache.kv.normal_()  # garbage past the position must not leak into attention
+    assert max_diff(decode_static(decoder, ids, 3), ref) <= 1e-5
+    # a reset decoder decodes another sequence exactly: old entries are masked, not cleared
+    decoder.reset()
+    other = rand_ids(2, 10, seed=91)
+    with torch.no_grad():
+        ref2 = model.cached_forward(other, kv=kv, prefill=5).logits
+    assert max_diff(decode_static(decoder, other, 5), ref2) <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,kv", [("looped-same_layer", "last"),
+                                     ("plain-strided", "per_iteration")])
+def test_compiled_decode_matches_eager_and_never_recompiles(name, kv):
+    torch._dynamo.reset()
+    model = make_model(seed=92, **MODELS[name])
+    prompt = rand_ids(2, 4, seed=92)
+    with torch.no_grad():
+        eager_short = model.generate(prompt, 3, temperature=0, kv=kv, return_iterations=True)
+        eager_long = model.generate(prompt, 20, temperature=0, kv=kv)
+        ids = eager_long[:, :-1]
+        ref = model.cached_forward(ids, kv=kv, prefill=4).logits
+    # the first generation compiles the step once
+    short = model.generate(prompt, 3, temperature=0, kv=kv, compile=True,
+                           return_iterations=True)
+    assert torch.equal(short[0], eager_short[0]) and torch.equal(short[1], eager_short[1])
+    # every later step, and a longer generation on the same decoder, reuses that graph: any
+    # recompilation raises here
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), \
+            torch.compiler.set_stance("fail_on_recompile"):
+        long = model.generate(prompt, 20, temperature=0, kv=kv, compile=True)
+        decoder = model.compiled_decoder(2, 24, kv=kv)
+        decoder.reset()
+        logits = decode_static(decoder, ids, 4)
+    assert torch.equal(long, eager_long)
+    assert max_diff(logits, ref) <= 1e-5
+    assert len(model._compiled_decoders) == 1
+
+
+def test_compiled_decode_errors_are_one_line():
+    model = make_model(seed=93, **MODELS["looped-same_layer"])
+    prompt = rand_ids(1, 4, seed=93)
+    with pytest.raises(ConfigError, match="without adaptive exit"):
+        model.generate(prompt, 2, compile=True, exit=MaxLoopsExit(after=1))
+    with pytest.raises(ConfigError, match="without adaptive exit"):
+        model.generate(prompt, 2, compile=True, use_cache=False)
+    with pytest.raises(ShapeError, match="exceeds model.max_seq_len"):
+        CompiledDecoder(model, 1, 64, compile=False)
+    decoder = CompiledDecoder(model, 1, 5, compile=False)
+    decoder.prefill(prompt)
+    decoder.step(prompt[:, :1])
+    with pytest.raises(ShapeError, match="holds 5 tokens; 5 are used"):
+        decoder.step(prompt[:, :1])
+
+
+def test_decoders_are_kept_per_shape_bucket():
+    model = make_model(seed=94, **MODELS["plain-strided"])
+    a = model.compiled_decoder(1, 10)
+    assert model.compiled_decoder(1, 20) is a  # both round up to the 32-token context
+    assert a.cache.max_len == model.cfg.max_seq_len == 32
+    assert model.compiled_decoder(2, 10) is not a
