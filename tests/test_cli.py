@@ -34,7 +34,8 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
         proc = looped(name, "--help")
         assert proc.returncode == 0 and proc.stderr == "", name
         assert fragment in proc.stdout, name
-    for bench, fragment in (("depth", "decode_tokens=128"), ("loop", "tolerance=0.005")):
+    for bench, fragment in (("depth", "looped_batch=16"), ("loop", "tolerance=0.005"),
+                             ("decode", "recompute_tokens=512"), ("cache", "policies=")):
         proc = looped("bench", bench, "--help")
         assert proc.returncode == 0 and fragment in proc.stdout
     # `python train.py --help` is `looped train --help`

@@ -1,7 +1,8 @@
 """`looped bench NAME [key=value ...]`: benchmarks that report ratios against a baseline timed in
 the same run (never absolute speeds alone).
 
-    looped bench depth                 # Depth-Attention vs vanilla: train step, decode, KV bytes
+    looped bench depth                 # Depth-Attention vs vanilla: train step (plain, looped)
+    looped bench decode                # decode tok/s eager and compiled vs the bandwidth bound
     looped bench loop ckpt=runs/main   # a looped run: adaptive exit vs fixed R, cache vs recompute
     looped bench cache ckpt=[runs/a,runs/b]  # cache policies: bytes and held-out quality vs R
 """
@@ -13,7 +14,7 @@ import importlib
 from looped.errors import ConfigError
 
 BENCHES = {"depth": "looped.tools.bench_depth", "loop": "looped.tools.bench_loop",
-           "cache": "looped.tools.bench_cache"}
+           "cache": "looped.tools.bench_cache", "decode": "looped.tools.bench_decode"}
 
 
 def _bench(argv: list[str]):

@@ -1,7 +1,11 @@
-"""`looped bench depth`: Depth-Attention against vanilla, same weights, timed in the same run.
+"""`looped bench depth`: the training-step cost of Depth-Attention against vanilla, same
+weights, timed in the same run: the plain bench model, and looped models whose every iteration
+adds a depth source (one shared core layer at R = 4, 8, 16, same_layer sources).
 
-    looped bench depth                          # d_model 512, 8 layers
-    looped bench depth steps=5 decode_tokens=64
+    looped bench depth                          # d_model 512 x 8 layers, then the looped models
+    looped bench depth steps=5 looped=[]        # the plain model only
+
+Decoding is benchmarked by `looped bench decode`.
 
 This machine is noisy, so the two models are timed in alternation (A B A B ...) and each figure
 is the median over repeats; only the ratios are meant to be compared across machines.
@@ -13,7 +17,7 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -26,14 +30,15 @@ from looped.errors import ConfigError, cli_main
 BENCH_MODEL = ["model=bench", "loop=1"]  # configs/model/bench.yaml: d_model 512, 8 layers
 
 
-def _models(args) -> dict[str, torch.nn.Module]:
-    longest = max(1024, args.seq_len, args.prompt_len + args.decode_tokens)
-    base = BENCH_MODEL + [f"model.vocab_size={args.vocab}", f"model.kernel={args.kernel}",
-                          f"model.max_seq_len={longest}"]
+def bench_models(vocab: int, kernel: str, sources: str, longest: int,
+                 extra: tuple[str, ...] = ()) -> dict[str, torch.nn.Module]:
+    """The bench model without and with Depth-Attention, same weights, in eval mode."""
+    base = BENCH_MODEL + [f"model.vocab_size={vocab}", f"model.kernel={kernel}",
+                          f"model.max_seq_len={max(1024, longest)}", *extra]
     vanilla = build_model(load_config(base + ["model.depth_attention.enabled=false"]))
-    depth = build_model(load_config(base + [f"model.depth_attention.sources={args.sources}"]))
+    depth = build_model(load_config(base + [f"model.depth_attention.sources={sources}"]))
     depth.load_state_dict(vanilla.state_dict())  # same weights: only the value mixing differs
-    return {"vanilla": vanilla, "depth": depth}
+    return {"vanilla": vanilla.eval(), "depth": depth.eval()}
 
 
 def _alternate(fns: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
@@ -53,9 +58,9 @@ def paired_ratio(num: list[float], den: list[float]) -> float:
     return statistics.median(n / d for n, d in zip(num, den))
 
 
-def bench_train_step(models, args) -> dict[str, float]:
+def bench_train_step(models, batch: int, seq_len: int, args) -> dict[str, list[float]]:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randint(0, args.vocab, (args.batch, args.seq_len + 1), generator=gen)
+    x = torch.randint(0, args.vocab, (batch, seq_len + 1), generator=gen)
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
 
     def step(name):
@@ -72,46 +77,36 @@ def bench_train_step(models, args) -> dict[str, float]:
     return _alternate(fns, args.steps)
 
 
-@torch.no_grad()
-def bench_decode(models, args) -> dict[str, list[float]]:
-    """Seconds per cached one-token decode step after a prompt of prompt_len tokens.
-
-    The models decode token by token in alternation (A B, then B A), each with its own cache,
-    so that both see the same load at nearly the same moment."""
-    gen = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, args.vocab, (1, args.prompt_len), generator=gen)
-    times: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
-    for _ in range(args.repeats):
-        caches = {k: m.new_cache(1, args.prompt_len + args.decode_tokens)
-                  for k, m in models.items()}
-        nxt = {}
-        for k, m in models.items():
-            nxt[k] = m(prompt, cache=caches[k]).logits[:, -1:].argmax(-1)
-        for i in range(args.decode_tokens):
-            for k in names if i % 2 == 0 else names[::-1]:
-                t0 = time.perf_counter()
-                logits = models[k](nxt[k], cache=caches[k]).logits
-                times[k].append(time.perf_counter() - t0)
-                nxt[k] = logits[:, -1:].argmax(-1)
-    return times
-
-
 def kv_cache_bytes(models, args) -> dict[str, int]:
     return {k: m.new_cache(1, args.seq_len).nbytes for k, m in models.items()}
 
 
+LOOPED_MODEL = ("model.d_model=256", "model.n_heads=4", "model.n_kv_heads=2",
+                "model.ffn_dim=768", "model.n_layers=1", "train.loops.sampler=fixed")
+
+
+def looped_models(args, loops: int) -> dict[str, torch.nn.Module]:
+    """One shared 256-wide core layer run `loops` times, without and with same_layer
+    Depth-Attention (every iteration reads the layer's earlier iterations)."""
+    base = ["model=bench", f"loop={loops}", f"model.vocab_size={args.vocab}",
+            f"model.kernel={args.kernel}", *LOOPED_MODEL]
+    vanilla = build_model(load_config(base + ["model.depth_attention.enabled=false"]))
+    depth = build_model(load_config(base + ["model.depth_attention.sources=same_layer"]))
+    depth.load_state_dict(vanilla.state_dict())
+    return {"vanilla": vanilla, "depth": depth}
+
+
 @dataclass
 class BenchDepthArgs:
-    seq_len: int = 256  # training sequence length
-    batch: int = 4  # training batch
+    seq_len: int = 256  # training sequence length (plain model)
+    batch: int = 4  # training batch (plain model)
     vocab: int = 256  # vocabulary size
-    sources: str = "strided"  # Depth-Attention source policy
+    sources: str = "strided"  # Depth-Attention source policy of the plain model
     kernel: str = "sdpa"  # sequence-attention kernel
     steps: int = 16  # timed training steps per model
-    prompt_len: int = 128  # decode prompt length
-    decode_tokens: int = 128  # new tokens (prompt + new = 256 by default)
-    repeats: int = 3  # decode runs per model
+    looped: list[int] = field(default_factory=lambda: [4, 8, 16])  # R of the looped models
+    looped_seq_len: int = 128  # training sequence length (looped models)
+    looped_batch: int = 16  # training batch (looped models)
     threads: int = 0  # torch threads; 0: default
 
 
@@ -121,36 +116,41 @@ def help_text(argv: list[str] = ()) -> str:
 
 def main(argv: list[str]) -> int:
     args: BenchDepthArgs = parse_tool_args(BenchDepthArgs, argv)
-    for name in ("seq_len", "batch", "vocab", "steps", "prompt_len", "decode_tokens", "repeats"):
+    for name in ("seq_len", "batch", "vocab", "steps", "looped_seq_len", "looped_batch"):
         if getattr(args, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if any(r < 1 for r in args.looped):
+        raise ConfigError(f"looped must list loop counts >= 1, got {args.looped}")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gc.disable()  # a collection inside one timed call would land on one model only
-    models = _models(args)
+    models = bench_models(args.vocab, args.kernel, args.sources, args.seq_len)
+    for m in models.values():
+        m.train()
     print(f"model: d_model 512, 8 layers, 8 heads / 4 KV heads, head_dim 64, ffn 1536, "
           f"vocab {args.vocab}; Depth-Attention sources={args.sources}; "
           f"threads={torch.get_num_threads()}", flush=True)
 
     med = statistics.median
-    train = bench_train_step(models, args)
+    train = bench_train_step(models, args.batch, args.seq_len, args)
     print(f"train step (batch {args.batch} x {args.seq_len} tokens): vanilla "
           f"{med(train['vanilla']) * 1e3:.1f} ms, depth {med(train['depth']) * 1e3:.1f} ms "
           f"(medians of {args.steps})", flush=True)
-    decode = bench_decode(models, args)
-    print(f"cached decode (batch 1, prompt {args.prompt_len} + {args.decode_tokens} tokens): "
-          f"vanilla {1 / med(decode['vanilla']):.1f} tok/s, depth "
-          f"{1 / med(decode['depth']):.1f} tok/s (medians of {len(decode['depth'])} steps)",
-          flush=True)
     kv = kv_cache_bytes(models, args)
+    rows = [("plain 8 layers", paired_ratio(train["depth"], train["vanilla"]))]
+    for r in args.looped:
+        looped = looped_models(args, r)
+        t = bench_train_step(looped, args.looped_batch, args.looped_seq_len, args)
+        rows.append((f"looped 1 layer x R={r}", paired_ratio(t["depth"], t["vanilla"])))
+        print(f"looped R={r} (d_model 256, batch {args.looped_batch} x {args.looped_seq_len}): "
+              f"vanilla {med(t['vanilla']) * 1e3:.1f} ms, depth {med(t['depth']) * 1e3:.1f} ms",
+              flush=True)
 
-    print("\nratio                                    value   goal")
-    print(f"train-step time, depth / vanilla         "
-          f"{paired_ratio(train['depth'], train['vanilla']):.3f}   <= 1.03")
-    print(f"cached-decode tok/s, depth / vanilla     "
-          f"{med(decode['vanilla']) / med(decode['depth']):.3f}   >= 0.97")
-    print(f"KV-cache bytes, depth / vanilla          {kv['depth'] / kv['vanilla']:.3f}"
+    print("\ntrain-step time, depth / vanilla         value   goal")
+    for name, ratio in rows:
+        print(f"{name:40s} {ratio:.3f}   <= 1.03")
+    print(f"\nKV-cache bytes, depth / vanilla          {kv['depth'] / kv['vanilla']:.3f}"
           "   == 1.000")
     return 0
 

@@ -24,7 +24,7 @@ SUBCOMMANDS = {
     "train": ("looped.tools.train", "train a model (the main job: looped train loop=8)"),
     "eval": ("looped.tools.evaluate", "score trained runs at several loop counts"),
     "study": ("looped.tools.study.cli", "run a multi-seed study file, then aggregate it"),
-    "bench": ("looped.tools.bench", "benchmarks: `bench depth` and `bench loop`"),
+    "bench": ("looped.tools.bench", "benchmarks: `bench depth`, `bench decode`, `bench loop` and `bench cache`"),
     "flops": ("looped.tools.flops", "FLOPs, parameters, KV cache and extra state per token"),
     "generate": ("looped.tools.generate", "sample from a trained run"),
 }

@@ -1,0 +1,193 @@
+"""`looped bench decode`: one-token decode at batch 1, eager and compiled, vanilla and
+Depth-Attention (same weights), each against the memory-bandwidth bound measured in the
+same process, and cached decode against recomputing the prefix.
+
+    looped bench decode                      # d_model 512, 8 layers (configs/model/bench.yaml)
+    looped bench decode compile=false recompute_tokens=0
+
+The bound: a decode step must read every weight and the cache entries it attends to, so
+tokens/s <= matrix-vector bandwidth / (weight bytes + cache bytes read). The bandwidth is that
+of a large fp32 matrix-vector product (torch.mv) timed here on the same threads. The eager
+cache reads the tokens so far; the compiled step reads its whole preallocated buffer (masked).
+Models are timed in alternation (A B, then B A) and each figure is a median.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from looped.config import parse_tool_args
+from looped.config_help import tool_help
+from looped.errors import ConfigError, cli_main
+from looped.tools.bench_depth import bench_models
+
+MV_SIZE = 4096  # a 64 MiB fp32 matrix: far larger than the caches, so it streams from memory
+
+
+@dataclass
+class BenchDecodeArgs:
+    prompt_len: int = 128  # prompt tokens, prefilled once per repeat
+    decode_tokens: int = 128  # timed one-token steps per repeat
+    repeats: int = 3  # prompt + decode runs per model
+    sources: str = "strided"  # Depth-Attention source policy
+    compile: bool = True  # also time the compiled step (first compile: tens of seconds)
+    recompute_tokens: int = 512  # new tokens for cached vs recompute; 0 skips it
+    vocab: int = 256  # vocabulary size
+    threads: int = 0  # torch threads; 0: default
+
+
+def help_text(argv: list[str] = ()) -> str:
+    return tool_help(__doc__, BenchDecodeArgs)
+
+
+def matvec_bandwidth(repeats: int = 30) -> float:
+    """Bytes per second a matrix-vector product streams (median over repeats)."""
+    w = torch.randn(MV_SIZE, MV_SIZE)
+    x, y = torch.randn(MV_SIZE), torch.empty(MV_SIZE)
+    times = []
+    for _ in range(repeats + 3):
+        t0 = time.perf_counter()
+        torch.mv(w, x, out=y)
+        times.append(time.perf_counter() - t0)
+    return w.nbytes / statistics.median(times[3:])
+
+
+def weight_bytes(model) -> int:
+    """Bytes of the parameters one decode step reads: all but the unused rows of an input
+    embedding that the head does not share."""
+    total = sum(p.nbytes for p in model.parameters())
+    if model.lm_head is not None:  # untied: the embedding lookup reads one row
+        total -= model.embed.weight.nbytes
+    if model.pos_embed is not None:
+        total -= model.pos_embed.weight.nbytes
+    return total
+
+
+def cache_bytes_per_token(model) -> int:
+    c = model.cfg
+    return 2 * model.layout().n_positions * c.n_kv_heads * c.head_dim * 4
+
+
+@torch.no_grad()
+def time_decode(steppers: dict, prompt: torch.Tensor, args) -> dict[str, list[float]]:
+    """Seconds per decode step of each stepper (name -> (prefill, step, reset)), alternating."""
+    times: dict[str, list[float]] = {k: [] for k in steppers}
+    names = list(steppers)
+    for _ in range(args.repeats):
+        nxt = {}
+        for k, (prefill, _, reset) in steppers.items():
+            reset()
+            nxt[k] = prefill(prompt)[:, -1:].argmax(-1)
+        for i in range(args.decode_tokens):
+            for k in names if i % 2 == 0 else names[::-1]:
+                t0 = time.perf_counter()
+                logits = steppers[k][1](nxt[k])
+                times[k].append(time.perf_counter() - t0)
+                nxt[k] = logits[:, -1:].argmax(-1)
+    return times
+
+
+def eager_stepper(model, max_len: int):
+    state = {}
+
+    def reset():
+        state["cache"] = model.new_cache(1, max_len)
+
+    def run(ids):
+        return model(ids, cache=state["cache"]).logits
+    return run, run, reset
+
+
+def compiled_stepper(model, max_len: int):
+    decoder = model.compiled_decoder(1, max_len)
+    return decoder.prefill, decoder.step, decoder.reset
+
+
+def bench_recompute(model, args) -> dict[str, float]:
+    prompt = torch.randint(0, args.vocab, (1, 16), generator=torch.Generator().manual_seed(2))
+    out = {}
+    for name, kw in (("cached", {}), ("compiled", {"compile": True}),
+                     ("recompute", {"use_cache": False})):
+        if name == "compiled" and not args.compile:
+            continue
+        if name == "compiled":  # compile outside the timing
+            model.generate(prompt, 2, temperature=0, **kw)
+        t0 = time.perf_counter()
+        model.generate(prompt, args.recompute_tokens, temperature=0, **kw)
+        out[name] = time.perf_counter() - t0
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args: BenchDecodeArgs = parse_tool_args(BenchDecodeArgs, argv)
+    for name in ("prompt_len", "decode_tokens", "repeats", "vocab"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    gc.disable()  # a collection inside one timed step would land on one model only
+    longest = max(args.prompt_len + args.decode_tokens, 16 + args.recompute_tokens)
+    models = bench_models(args.vocab, "sdpa", args.sources, longest)
+    max_len = args.prompt_len + args.decode_tokens
+    bw = matvec_bandwidth()
+    print(f"model: configs/model/bench.yaml, vocab {args.vocab}; Depth-Attention "
+          f"sources={args.sources}; threads={torch.get_num_threads()}")
+    print(f"matrix-vector bandwidth: {bw / 1e9:.1f} GB/s ({MV_SIZE}x{MV_SIZE} fp32 torch.mv)",
+          flush=True)
+
+    steppers = {f"{k} eager": eager_stepper(m, max_len) for k, m in models.items()}
+    if args.compile:
+        for k, m in models.items():
+            steppers[f"{k} compiled"] = compiled_stepper(m, max_len)
+            prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
+            steppers[f"{k} compiled"][2]()
+            steppers[f"{k} compiled"][0](prompt)
+            t0 = time.perf_counter()
+            steppers[f"{k} compiled"][1](prompt[:, :1])  # compile outside the timing
+            print(f"compiled {k} step in {time.perf_counter() - t0:.1f} s", flush=True)
+    prompt = torch.randint(0, args.vocab, (1, args.prompt_len),
+                           generator=torch.Generator().manual_seed(1))
+    times = time_decode(steppers, prompt, args)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'decode (batch 1)':24s} {'tok/s':>8s} {'bound':>8s} {'fraction':>9s}   "
+          f"(prompt {args.prompt_len} + {args.decode_tokens} tokens, medians of "
+          f"{args.repeats * args.decode_tokens} steps)")
+    for k, sec in med.items():
+        model = models[k.split()[0]]
+        cached_tokens = (compiled_len(model, max_len) if k.endswith("compiled")
+                         else args.prompt_len + args.decode_tokens / 2)
+        step_bytes = weight_bytes(model) + cache_bytes_per_token(model) * cached_tokens
+        print(f"{k:24s} {1 / sec:8.1f} {bw / step_bytes:8.1f} {step_bytes / (bw * sec):9.3f}"
+              f"   reads {step_bytes / 1e6:.1f} MB/step")
+    print("\nratio                                          value   goal")
+    for mode in ("eager", "compiled") if args.compile else ("eager",):
+        goal = ">= 0.97" if mode == "compiled" else ""
+        print(f"decode tok/s, depth / vanilla ({mode:8s})      "
+              f"{med[f'vanilla {mode}'] / med[f'depth {mode}']:.3f}   {goal}")
+    if args.compile:
+        print(f"compiled / eager tok/s (vanilla)               "
+              f"{med['vanilla eager'] / med['vanilla compiled']:.3f}")
+    if args.recompute_tokens:
+        rec = bench_recompute(models["vanilla"], args)
+        print(f"\n== {args.recompute_tokens} greedy tokens after a 16-token prompt (vanilla) ==")
+        for name, sec in rec.items():
+            print(f"{name:10s} {sec:7.2f} s" + ("" if name == "recompute" else
+                                               f"   recompute / {name}: "
+                                               f"{rec['recompute'] / sec:.1f}x (goal >= 10x)"))
+    return 0
+
+
+def compiled_len(model, max_len: int) -> int:
+    return model.compiled_decoder(1, max_len).cache.max_len
+
+
+if __name__ == "__main__":
+    cli_main(main, sys.argv[1:])
