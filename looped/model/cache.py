@@ -24,6 +24,7 @@ class ActivationStore:
     """The depth buffer of a single cache-free forward pass over a whole sequence."""
 
     offset = 0  # tokens before this chunk: none, the chunk is the whole sequence
+    drops_rows = False  # every row runs every iteration (see KVCache.rows)
 
     def __init__(self):
         self.k: dict[int, torch.Tensor] = {}
@@ -49,7 +50,7 @@ class ActivationStore:
         """This chunk's (k, mixed v, raw v or None) at position p."""
         return self.k[p], self.v[p], self.raw_v.get(p)
 
-    def copy_position(self, src: int, dst: int) -> None:
+    def copy_position(self, src: int, dst: int, rows: None = None) -> None:
         self.k[dst], self.v[dst] = self.k[src], self.v[src]
         if src in self.raw_v:
             self.raw_v[dst] = self.raw_v[src]
@@ -66,6 +67,8 @@ class KVCache:
     own, else from a scratch buffer that lives for that forward pass only. Either way decoding
     needs no state between calls beyond the slots.
     """
+
+    drops_rows = True  # an iteration may run on a subset of the rows (see rows())
 
     def __init__(self, layout: DepthLayout | int, batch_size: int, n_kv_heads: int,
                  max_len: int, head_dim: int, *, policy: str | CachePolicy = "per_iteration",
@@ -184,13 +187,79 @@ class KVCache:
         s, sl = self._slot[p], slice(self.offset, self._end)
         return self.k[s, :, :, sl], self.v[s, :, :, sl], self._raw_v.get(p)
 
-    def copy_position(self, src: int, dst: int) -> None:
+    def copy_position(self, src: int, dst: int, rows: Optional[torch.Tensor] = None) -> None:
+        """The chunk's entries at src become its entries at dst: for every row, or only for
+        `rows` (a 1-D index) when the other rows still compute dst themselves."""
         k, v, raw = self.entries(src)
+        if rows is None:
+            if self._scratch is not None:
+                self._scratch[dst] = self._scratch[src]
+            if self._slot[dst] != self._slot[src]:
+                sl = slice(self.offset, self._end)
+                self.k[self._slot[dst], :, :, sl] = k
+                self.v[self._slot[dst], :, :, sl] = v
+            if raw is not None:
+                self._raw_v[dst] = raw
+            return
         if self._scratch is not None:
-            self._scratch[dst] = self._scratch[src]
+            self._scratch[dst].index_copy_(1, rows, self._scratch[src].index_select(1, rows))
         if self._slot[dst] != self._slot[src]:
             sl = slice(self.offset, self._end)
-            self.k[self._slot[dst], :, :, sl] = k
-            self.v[self._slot[dst], :, :, sl] = v
+            self.k[self._slot[dst], :, :, sl].index_copy_(0, rows, k.index_select(0, rows))
+            self.v[self._slot[dst], :, :, sl].index_copy_(0, rows, v.index_select(0, rows))
         if raw is not None:
-            self._raw_v[dst] = raw
+            self._raw_v.setdefault(dst, torch.zeros_like(raw)).index_copy_(
+                0, rows, raw.index_select(0, rows))
+
+    def rows(self, rows: torch.Tensor) -> "RowView":
+        return RowView(self, rows)
+
+
+class RowView:
+    """Rows `rows` (a 1-D index) of a KVCache, for the layers of an iteration that runs only the
+    rows still computing: a row whose tokens all exited drops out of the later iterations (its
+    entries there are copied from its exit iteration afterwards, see KVCache.copy_position).
+    Reads gather the rows; writes go into the cache in place."""
+
+    def __init__(self, cache: KVCache, rows: torch.Tensor):
+        self.cache, self.index = cache, rows
+        self.offset = cache.offset
+
+    def _rows(self, x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        return x.index_select(dim, self.index)
+
+    def depth_sources(self, p, sources, k, v, raw):
+        self.put(p, k, v)
+        c = self.cache
+        if c._scratch is None:
+            slots = tuple(c._slot[j] for j in sources + (p,))
+            gathered = c.kv[:, :, :, :, c.offset:c._end][c._positions(slots)]
+        else:
+            gathered = c._scratch[c._positions(sources + (p,))]
+        gathered = self._rows(gathered, 2)  # (S + 1, 2, Ba, Hkv, T, D)
+        k_stack, v_stack = gathered[:, 0], gathered[:, 1]
+        if raw:
+            v_stack = torch.stack([self._rows(c._raw_v[j]) for j in sources] + [v])
+        return k_stack, v_stack
+
+    def put(self, p, k, v, raw_v=None) -> None:
+        c = self.cache
+        s, sl = c._slot[p], slice(c.offset, c._end)
+        c.k[s, :, :, sl].index_copy_(0, self.index, k)
+        c.v[s, :, :, sl].index_copy_(0, self.index, v)
+        if c._scratch is not None:
+            c._scratch[p, 0].index_copy_(0, self.index, k)
+            c._scratch[p, 1].index_copy_(0, self.index, v)
+        if raw_v is not None:
+            full = c._raw_v.get(p)
+            if full is None:
+                full = c._raw_v[p] = raw_v.new_zeros((c.batch_size,) + raw_v.shape[1:])
+            full.index_copy_(0, self.index, raw_v)
+
+    def history(self, p):
+        k, v = self.cache.history(p)
+        return self._rows(k), self._rows(v)
+
+    def entries(self, p):
+        k, v, raw = self.cache.entries(p)
+        return self._rows(k), self._rows(v), None if raw is None else self._rows(raw)

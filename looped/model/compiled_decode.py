@@ -21,6 +21,8 @@ from looped.model.depth import DepthLayout
 class StaticKVCache(KVCache):
     """A KVCache whose chunk position is a tensor (`pos`), for a step compiled once."""
 
+    drops_rows = False  # a compiled step keeps every row: its shapes never change
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.pos = torch.zeros((), dtype=torch.long, device=self.kv.device)
@@ -94,7 +96,7 @@ class StaticKVCache(KVCache):
         return (self.k[s].index_select(2, self._idx), self.v[s].index_select(2, self._idx),
                 self._raw_v.get(p))
 
-    def copy_position(self, src, dst) -> None:
+    def copy_position(self, src, dst, rows=None) -> None:
         k, v, raw = self.entries(src)
         if self._scratch is not None:
             self._scratch[dst] = self._scratch[src]

@@ -9,7 +9,7 @@ the method's stream (see looped.model.cross_layer.base).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -62,29 +62,42 @@ class DepthPass:
             self.method.set_input(self.stream, x)
         return x
 
-    def stack(self, blocks, x: torch.Tensor,
-              frozen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def stack(self, blocks, x: torch.Tensor, frozen: Optional[torch.Tensor] = None,
+              rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Run blocks at the next depth positions; the hidden state after them (B, T, d). A
-        method's stream already holds x."""
+        method's stream already holds x. rows: x holds only these rows of the batch (a 1-D
+        index into the cache's rows; the plain path with a KVCache only)."""
+        ctx = self.ctx if rows is None else replace(self.ctx, store=self.ctx.store.rows(rows))
         for block in blocks:
             p, self.p = self.p, self.p + 1
             # an exited token keeps the key and mixed value of the same layer one iteration back
             pos = DepthPosition(p, self.sources[p], frozen,
                                 None if frozen is None else p - self.model.cfg.n_layers)
             if self.method is None:
-                x = block(x, self.ctx, pos)
+                x = block(x, ctx, pos)
             else:
                 slot = self.slots[p]
                 hook = self.method.value_hook(self.stream, slot)
                 self.method.apply(self.stream, slot, LayerCall(block, self.ctx, pos, hook))
         return x if self.method is None else self.method.read(self.stream)
 
-    def skip_core_iterations(self, last: int, loops: int) -> None:
-        """All tokens exited after iteration `last`: later iterations' positions get copies."""
+    @property
+    def can_drop_rows(self) -> bool:
+        """Whether an iteration can run on a subset of the rows: the plain path through a
+        KVCache (decoding), not a training store or a compiled step's cache."""
+        return self.method is None and self.ctx.store.drops_rows
+
+    def carry_forward(self, last: int, loops: int, rows: Optional[torch.Tensor] = None) -> None:
+        """Rows (all when None) whose tokens all exited after iteration `last` keep its entries
+        at the positions of the later iterations, as the frozen-token rule says."""
         n = self.model.cfg.n_layers
-        store = self.ctx.store
         for r in range(last + 1, loops):
             for layer in range(n):
                 src = self.layout.position(DepthSlot("core", layer, last))
-                store.copy_position(src, self.layout.position(DepthSlot("core", layer, r)))
-        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + n
+                dst = self.layout.position(DepthSlot("core", layer, r))
+                self.ctx.store.copy_position(src, dst, rows)
+
+    def skip_core_iterations(self, last: int, loops: int) -> None:
+        """All tokens exited after iteration `last`: later iterations' positions get copies."""
+        self.carry_forward(last, loops)
+        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + self.model.cfg.n_layers

@@ -246,10 +246,14 @@ class LoopedLM(nn.Module):
               exit: Optional[ExitCriterion], grad_loops: Optional[int],
               return_states: bool) -> CoreResult:
         """s_0 = init_state(e); s_{r+1} = core(inject(s_r, e)) for r < loops, where a token that
-        an exit criterion stops keeps its state (and, in the cache, its entries)."""
+        an exit criterion stops keeps its state (and, in the cache, its entries). Decoding
+        through a KVCache, a row whose tokens have all exited drops out of the later
+        iterations: only the rows still running are computed."""
         b, t, _ = e.shape
         s = self._initial_state(e)
         done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
+        active: Optional[torch.Tensor] = None  # rows still computed (1-D index); None: all
+        dropped: list[tuple[int, torch.Tensor]] = []  # (last iteration computed, rows)
         out = CoreResult(s, torch.full((b, t), loops, dtype=torch.long, device=e.device))
         first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
         if exit is not None:
@@ -257,9 +261,14 @@ class LoopedLM(nn.Module):
         for r in range(loops):
             with torch.set_grad_enabled(torch.is_grad_enabled() and r >= first_with_grad):
                 x = run.inject(self._core_input(r, s, e))
-                x = run.stack(self.core_blocks(r), x, frozen=done)
-                if done is not None:  # exited tokens keep their state
-                    x = torch.where(done.unsqueeze(-1), s, x)
+                if active is None:
+                    x = run.stack(self.core_blocks(r), x, frozen=done)
+                    if done is not None:  # exited tokens keep their state
+                        x = torch.where(done.unsqueeze(-1), s, x)
+                else:
+                    keep, s_rows = done[active], s[active]
+                    x = run.stack(self.core_blocks(r), x[active], frozen=keep, rows=active)
+                    x = s.index_copy(0, active, torch.where(keep.unsqueeze(-1), s_rows, x))
             prev, s = s, x
             if return_states:
                 out.states.append(s)
@@ -272,11 +281,37 @@ class LoopedLM(nn.Module):
             stop = stop if done is None else stop & ~done
             out.iterations = torch.where(stop, r + 1, out.iterations)
             done = stop if done is None else done | stop
-            if bool(done.all()) and r + 1 < loops:
-                run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
+            if r + 1 == loops:
                 break
+            if bool(done.all()):
+                for last, rows in dropped:  # rows that stopped earlier, then everyone else
+                    run.carry_forward(last, loops, rows)
+                run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
+                dropped = []
+                break
+            if run.can_drop_rows:
+                active, newly = self._drop_finished_rows(done, active)
+                if newly is not None:
+                    dropped.append((r, newly))
+        for last, rows in dropped:
+            run.carry_forward(last, loops, rows)
         out.state = s
         return out
+
+    @staticmethod
+    def _drop_finished_rows(done: torch.Tensor, active: Optional[torch.Tensor]):
+        """(the rows still running, the rows that just finished or None): a row finishes when
+        all its tokens have exited."""
+        running = ~done.all(1)
+        if active is not None:
+            was = torch.zeros_like(running)
+            was[active] = True
+            finished_now = was & ~running
+        else:
+            finished_now = ~running
+        if not bool(finished_now.any()):
+            return active, None
+        return running.nonzero().flatten(), finished_now.nonzero().flatten()
 
     def gate_logit(self, state: torch.Tensor) -> torch.Tensor:
         """Halting logit of the exit gate for a state (B, T, d) -> (B, T)."""

@@ -1,0 +1,90 @@
+"""Batched adaptive exit: a decoding row whose tokens have exited drops out of the later
+iterations (only the running rows are computed), and the result is exactly that of decoding
+each row alone at batch 1: the same tokens, iteration counts and logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from looped.model.depth_pass import DepthPass
+
+from conftest import decode_run, max_diff, rand_ids
+from test_exit import MarginRecorder, exit_model, make_exit, pick_threshold
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+R = 4
+B = 4
+
+
+@pytest.fixture
+def row_counts(monkeypatch):
+    """The number of rows each core-layer stack of a decode step computed."""
+    counts = []
+    original = DepthPass.stack
+
+    def spy(self, blocks, x, frozen=None, rows=None):
+        if rows is not None:
+            counts.append(int(x.shape[0]))
+        return original(self, blocks, x, frozen, rows)
+
+    monkeypatch.setattr(DepthPass, "stack", spy)
+    return counts
+
+
+@pytest.mark.parametrize("kv", ["per_iteration", "last"])
+@pytest.mark.parametrize("variant", ["same_layer", "dense-raw"])
+@pytest.mark.parametrize("name", ["entropy", "kl", "gate"])
+def test_batched_exit_equals_each_row_alone(kv, variant, name, row_counts):
+    model = exit_model(variant, seed=95)
+    ids = rand_ids(B, 10, seed=95)
+    crit = MarginRecorder(name, make_exit(name, pick_threshold(model, ids, name)), R)
+    with torch.no_grad():
+        logits, iters, _ = decode_run(model, ids, (3,), exit=crit, kv=kv)
+        alone = [decode_run(model, ids[i:i + 1], (3,), exit=crit, kv=kv) for i in range(B)]
+    assert crit.margins and min(crit.margins) > 1e-5  # no decision sits on the threshold
+    assert torch.equal(iters, torch.cat([a[1] for a in alone]))
+    assert max_diff(logits, torch.cat([a[0] for a in alone])) <= 1e-5
+    # the batch really dropped rows: some decode steps' rows exited at different iterations,
+    # and later iterations computed fewer than B rows
+    decode_iters = iters[:, 3:]
+    assert any(len(col.unique()) > 1 for col in decode_iters.T)
+    assert row_counts and min(row_counts) < B
+
+
+@pytest.mark.parametrize("kv", ["per_iteration", "last"])
+def test_batched_exit_generation_equals_each_row_alone(kv):
+    model = exit_model("same_layer", seed=96)
+    prompt = rand_ids(B, 4, seed=96)
+    crit = make_exit("entropy", pick_threshold(model, rand_ids(B, 10, seed=96), "entropy"))
+    with torch.no_grad():
+        tokens, used = model.generate(prompt, 8, temperature=0, exit=crit, kv=kv,
+                                      return_iterations=True)
+        for i in range(B):
+            row, row_used = model.generate(prompt[i:i + 1], 8, temperature=0, exit=crit, kv=kv,
+                                           return_iterations=True)
+            assert torch.equal(row, tokens[i:i + 1]) and torch.equal(row_used, used[i:i + 1])
+    assert any(len(col.unique()) > 1 for col in used.T)  # rows exited at different iterations
+
+
+def test_rows_still_running_keep_exited_rows_entries_frozen():
+    """After a decode step in which rows exit at different iterations, every later iteration's
+    cache entries of an exited row equal those of its exit iteration (per_iteration policy)."""
+    model = exit_model("same_layer", seed=97)
+    ids = rand_ids(B, 10, seed=97)
+    crit = make_exit("entropy", pick_threshold(model, ids, "entropy"))
+    cache = model.new_cache(B, 10)
+    with torch.no_grad():
+        model(ids[:, :9], cache=cache)
+        out = model(ids[:, 9:], cache=cache, exit=crit)
+    it = out.iterations[:, 0]
+    assert len(it.unique()) > 1
+    layout, n = model.layout(), model.cfg.n_layers
+    for row in range(B):
+        last = int(it[row]) - 1
+        for r in range(last + 1, R):
+            for layer in range(n):
+                src = layout.n_prelude + last * n + layer
+                dst = layout.n_prelude + r * n + layer
+                assert torch.equal(cache.kv[dst, :, row, :, 9], cache.kv[src, :, row, :, 9])
