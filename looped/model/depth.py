@@ -186,12 +186,14 @@ def depth_mix(q: torch.Tensor, k_src: Sequence[torch.Tensor] | torch.Tensor,
         alpha = _softmax(scores, 0)
         v_mix = torch.linalg.vecdot(v_src, alpha.unsqueeze(-1), dim=0)
         return v_mix, alpha.permute(1, 2, 3, 0)
-    scores = torch.stack([torch.linalg.vecdot(k, q_bar) for k in k_src], dim=-1)
-    alpha = _softmax(scores, -1)  # (B, Hkv, T, S + 1)
-    v_mix = v_src[0] * alpha[..., 0:1]
-    for j in range(1, len(v_src)):
-        v_mix = v_mix + v_src[j] * alpha[..., j:j + 1]
-    return v_mix, alpha
+    # sources on the first dim, so that each one's weights are a contiguous (B, Hkv, T, 1)
+    scores = torch.stack([torch.linalg.vecdot(k, q_bar) for k in k_src])  # (S + 1, B, Hkv, T)
+    alpha = _softmax(scores, 0)
+    weights = alpha.unsqueeze(-1).unbind(0)
+    v_mix = v_src[0] * weights[0]
+    for v, w in zip(v_src[1:], weights[1:]):
+        v_mix = torch.addcmul(v_mix, v, w)  # one pass per source, not a product and a sum
+    return v_mix, alpha.permute(1, 2, 3, 0)
 
 
 SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the usual estimate)

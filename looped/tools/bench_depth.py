@@ -107,6 +107,7 @@ class BenchDepthArgs:
     looped: list[int] = field(default_factory=lambda: [4, 8, 16])  # R of the looped models
     looped_seq_len: int = 128  # training sequence length (looped models)
     looped_batch: int = 16  # training batch (looped models)
+    compile: bool = False  # also time the looped models under torch.compile (train.compile)
     threads: int = 0  # torch threads; 0: default
 
 
@@ -140,12 +141,16 @@ def main(argv: list[str]) -> int:
     kv = kv_cache_bytes(models, args)
     rows = [("plain 8 layers", paired_ratio(train["depth"], train["vanilla"]))]
     for r in args.looped:
-        looped = looped_models(args, r)
-        t = bench_train_step(looped, args.looped_batch, args.looped_seq_len, args)
-        rows.append((f"looped 1 layer x R={r}", paired_ratio(t["depth"], t["vanilla"])))
-        print(f"looped R={r} (d_model 256, batch {args.looped_batch} x {args.looped_seq_len}): "
-              f"vanilla {med(t['vanilla']) * 1e3:.1f} ms, depth {med(t['depth']) * 1e3:.1f} ms",
-              flush=True)
+        for compiled in (False, True) if args.compile else (False,):
+            looped = looped_models(args, r)
+            if compiled:  # the first (warm-up) step pays the compile
+                looped = {k: torch.compile(m) for k, m in looped.items()}
+            t = bench_train_step(looped, args.looped_batch, args.looped_seq_len, args)
+            name = f"looped 1 layer x R={r}" + (", compiled" if compiled else "")
+            rows.append((name, paired_ratio(t["depth"], t["vanilla"])))
+            print(f"{name} (d_model 256, batch {args.looped_batch} x {args.looped_seq_len}): "
+                  f"vanilla {med(t['vanilla']) * 1e3:.1f} ms, depth "
+                  f"{med(t['depth']) * 1e3:.1f} ms", flush=True)
 
     print("\ntrain-step time, depth / vanilla         value   goal")
     for name, ratio in rows:
