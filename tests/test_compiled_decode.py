@@ -55,12 +55,14 @@ def test_static_step_equals_eager_cached_decode(name, kv):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,kv", [("looped-same_layer", "last"),
-                                     ("plain-strided", "per_iteration")])
-def test_compiled_decode_matches_eager_and_never_recompiles(name, kv):
+@pytest.mark.parametrize("name,kv,batch", [("looped-same_layer", "last", 1),
+                                           ("plain-strided", "per_iteration", 2)])
+def test_compiled_decode_matches_eager_and_never_recompiles(name, kv, batch):
+    """Batch 1 runs its linear layers as fused reductions (RowsAsReductions), batch 2 as
+    matrix products: both equal the eager decode."""
     torch._dynamo.reset()
     model = make_model(seed=92, **MODELS[name])
-    prompt = rand_ids(2, 4, seed=92)
+    prompt = rand_ids(batch, 4, seed=92)
     with torch.no_grad():
         eager_short = model.generate(prompt, 3, temperature=0, kv=kv, return_iterations=True)
         eager_long = model.generate(prompt, 20, temperature=0, kv=kv)
@@ -75,7 +77,7 @@ def test_compiled_decode_matches_eager_and_never_recompiles(name, kv):
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True), \
             torch.compiler.set_stance("fail_on_recompile"):
         long = model.generate(prompt, 20, temperature=0, kv=kv, compile=True)
-        decoder = model.compiled_decoder(2, 24, kv=kv)
+        decoder = model.compiled_decoder(batch, 24, kv=kv)
         decoder.reset()
         logits = decode_static(decoder, ids, 4)
     assert torch.equal(long, eager_long)
