@@ -144,6 +144,7 @@ def main(argv: list[str]) -> int:
         for compiled in (False, True) if args.compile else (False,):
             looped = looped_models(args, r)
             if compiled:  # the first (warm-up) step pays the compile
+                torch._dynamo.reset()  # earlier R's graphs would count against its limit
                 looped = {k: torch.compile(m) for k, m in looped.items()}
             t = bench_train_step(looped, args.looped_batch, args.looped_seq_len, args)
             name = f"looped 1 layer x R={r}" + (", compiled" if compiled else "")
