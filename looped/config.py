@@ -149,6 +149,14 @@ class ExitConfig:
 
     # none | kl | entropy | latent | gate | max_loops (knobs: each criterion's Config)
     criterion: str = "none"
+    # decoding a batch of at least this many rows, a row whose tokens all exited leaves the
+    # later iterations; a smaller batch is bound by reading the weights, so dropping rows saves
+    # nothing there (see `looped bench decode`); 0: never
+    drop_rows_from: int = 16
+
+    def check(self, cfg) -> None:
+        _require(self.drop_rows_from >= 0,
+                 f"exit.drop_rows_from must be >= 0 (0: never), got {self.drop_rows_from}")
 
 
 @dataclass

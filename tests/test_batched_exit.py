@@ -40,6 +40,7 @@ def test_batched_exit_equals_each_row_alone(kv, variant, name, row_counts):
     model = exit_model(variant, seed=95)
     ids = rand_ids(B, 10, seed=95)
     crit = MarginRecorder(name, make_exit(name, pick_threshold(model, ids, name)), R)
+    crit.drop_rows_from = 2  # this batch of 4 drops rows; a row alone never does
     with torch.no_grad():
         logits, iters, _ = decode_run(model, ids, (3,), exit=crit, kv=kv)
         alone = [decode_run(model, ids[i:i + 1], (3,), exit=crit, kv=kv) for i in range(B)]
@@ -58,6 +59,7 @@ def test_batched_exit_generation_equals_each_row_alone(kv):
     model = exit_model("same_layer", seed=96)
     prompt = rand_ids(B, 4, seed=96)
     crit = make_exit("entropy", pick_threshold(model, rand_ids(B, 10, seed=96), "entropy"))
+    crit.drop_rows_from = 1
     with torch.no_grad():
         tokens, used = model.generate(prompt, 8, temperature=0, exit=crit, kv=kv,
                                       return_iterations=True)
@@ -74,6 +76,7 @@ def test_rows_still_running_keep_exited_rows_entries_frozen():
     model = exit_model("same_layer", seed=97)
     ids = rand_ids(B, 10, seed=97)
     crit = make_exit("entropy", pick_threshold(model, ids, "entropy"))
+    crit.drop_rows_from = 1
     cache = model.new_cache(B, 10)
     with torch.no_grad():
         model(ids[:, :9], cache=cache)
@@ -88,3 +91,29 @@ def test_rows_still_running_keep_exited_rows_entries_frozen():
                 src = layout.n_prelude + last * n + layer
                 dst = layout.n_prelude + r * n + layer
                 assert torch.equal(cache.kv[dst, :, row, :, 9], cache.kv[src, :, row, :, 9])
+
+
+def test_a_batch_below_drop_rows_from_keeps_every_row(row_counts):
+    """exit.drop_rows_from (default 16) leaves small batches whole: the same results, no
+    row dropped; 0 never drops."""
+    model = exit_model("same_layer", seed=98)
+    ids = rand_ids(B, 10, seed=98)
+    crit = make_exit("entropy", pick_threshold(model, ids, "entropy"))
+    results = {}
+    for drop in (1, 0, B + 1):
+        crit.drop_rows_from = drop
+        row_counts.clear()
+        with torch.no_grad():
+            results[drop] = decode_run(model, ids, (3,), exit=crit)
+        assert bool(row_counts) == (drop == 1)
+    for drop in (0, B + 1):
+        assert torch.equal(results[drop][1], results[1][1])
+        assert max_diff(results[drop][0], results[1][0]) <= 1e-5
+
+
+def test_build_exit_carries_drop_rows_from():
+    from looped import load_config
+    from looped.model.exit import build_exit
+
+    crit = build_exit(load_config(["exit.criterion=kl", "exit.drop_rows_from=4"]).exit)
+    assert crit.drop_rows_from == 4 and crit.threshold == 1e-3

@@ -37,6 +37,10 @@ class IterationView:
 
 
 class ExitCriterion:
+    # decoding a batch of at least this many rows, rows whose tokens all exited are dropped
+    # from the later iterations (exit.drop_rows_from; 0: never)
+    drop_rows_from: int = 16
+
     def init(self) -> None:
         pass
 
@@ -164,7 +168,9 @@ def build_exit(cfg) -> Optional[ExitCriterion]:
     if criterion_cls is None:
         return None
     knobs = criterion_cls.Config.__dataclass_fields__ if hasattr(criterion_cls, "Config") else {}
-    return criterion_cls(**{k: getattr(cfg, k) for k in knobs})
+    criterion = criterion_cls(**{k: getattr(cfg, k) for k in knobs})
+    criterion.drop_rows_from = cfg.drop_rows_from
+    return criterion
 
 
 # ---------------------------------------------------------------------------------------------

@@ -247,8 +247,9 @@ class LoopedLM(nn.Module):
               return_states: bool) -> CoreResult:
         """s_0 = init_state(e); s_{r+1} = core(inject(s_r, e)) for r < loops, where a token that
         an exit criterion stops keeps its state (and, in the cache, its entries). Decoding
-        through a KVCache, a row whose tokens have all exited drops out of the later
-        iterations: only the rows still running are computed."""
+        through a KVCache a batch of at least exit.drop_rows_from rows, a row whose tokens have
+        all exited drops out of the later iterations: only the rows still running are
+        computed."""
         b, t, _ = e.shape
         s = self._initial_state(e)
         done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
@@ -289,7 +290,7 @@ class LoopedLM(nn.Module):
                 run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
                 dropped = []
                 break
-            if run.can_drop_rows:
+            if run.can_drop_rows and 0 < exit.drop_rows_from <= b:
                 active, newly = self._drop_finished_rows(done, active)
                 if newly is not None:
                     dropped.append((r, newly))

@@ -1,9 +1,10 @@
 """`looped bench decode`: one-token decode at batch 1, eager and compiled, vanilla and
 Depth-Attention (same weights), each against the memory-bandwidth bound measured in the
-same process, and cached decode against recomputing the prefix.
+same process; batched adaptive exit with and without dropping the exited rows; and cached
+decode against recomputing the prefix.
 
     looped bench decode                      # d_model 512, 8 layers (configs/model/bench.yaml)
-    looped bench decode compile=false recompute_tokens=0
+    looped bench decode compile=false recompute_tokens=0 exit_batches=[]
 
 The bound: a decode step must read every weight and the cache entries it attends to, so
 tokens/s <= bandwidth / (weight bytes + cache bytes read). The bandwidth is the faster of two
@@ -20,13 +21,15 @@ import gc
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from looped import build_model, load_config
 from looped.config import parse_tool_args
 from looped.config_help import tool_help
 from looped.errors import ConfigError, cli_main
+from looped.model.exit import ExitCriterion
 from looped.tools.bench_depth import bench_models
 
 MV_SIZE = 4096  # a 64 MiB fp32 matrix: far larger than the caches, so it streams from memory
@@ -40,6 +43,8 @@ class BenchDecodeArgs:
     sources: str = "strided"  # Depth-Attention source policy
     compile: bool = True  # also time the compiled step (first compile: tens of seconds)
     recompute_tokens: int = 512  # new tokens for cached vs recompute; 0 skips it
+    exit_batches: list[int] = field(default_factory=lambda: [1, 8, 32, 64])  # []: skip
+    exit_steps: int = 32  # timed decode steps per batched-exit setting
     vocab: int = 256  # vocabulary size
     threads: int = 0  # torch threads; 0: default
 
@@ -153,9 +158,56 @@ def bench_recompute(model, args) -> dict[str, float]:
     return out
 
 
+class StaggeredExit(ExitCriterion):
+    """Row b of the batch stops after 1 + (b mod R) iterations: a fixed spread of iteration
+    counts, so the timing shows what dropping exited rows buys, whatever a criterion decides."""
+
+    def __init__(self, loops: int, drop_rows_from: int):
+        self.loops, self.drop_rows_from = loops, drop_rows_from
+
+    def check(self, it) -> torch.Tensor:
+        b, t = it.state.shape[:2]
+        after = 1 + torch.arange(b, device=it.state.device) % self.loops
+        return (it.r + 1 >= after)[:, None].expand(b, t)
+
+
+EXIT_MODEL = ("model=bench", "model.n_layers=1", "loop=8", "train.loops.sampler=fixed")
+
+
+@torch.no_grad()
+def bench_batched_exit(args) -> None:
+    """Decode steps of a looped bench-width model (one 512-wide core layer, R = 8) at each
+    batch size: fixed R, StaggeredExit with exited rows dropped, and with every row kept."""
+    model = build_model(load_config(list(EXIT_MODEL) + [f"model.vocab_size={args.vocab}"]))
+    model.eval()
+    loops = model.loop
+    print(f"\n== batched exit, one 512-wide core layer x R={loops}: row b stops after "
+          f"1 + (b mod {loops}) iterations; {args.exit_steps} decode steps after a "
+          f"{args.exit_steps}-token prompt ==")
+    print("batch  iters/R  fixed ms/step  exit, rows dropped  exit, rows kept   (time / fixed)")
+    for b in args.exit_batches:
+        ids = torch.randint(0, args.vocab, (b, 2 * args.exit_steps))
+        times = {}
+        for name, exit in (("fixed", None), ("dropped", StaggeredExit(loops, 1)),
+                           ("kept", StaggeredExit(loops, 0))):
+            best = float("inf")
+            for _ in range(args.repeats):
+                cache = model.new_cache(b, ids.shape[1])
+                model(ids[:, :args.exit_steps], cache=cache)
+                t0 = time.perf_counter()
+                for t in range(args.exit_steps, ids.shape[1]):
+                    model(ids[:, t:t + 1], cache=cache, exit=exit)
+                best = min(best, (time.perf_counter() - t0) / args.exit_steps)
+            times[name] = best
+        iters = float((1 + torch.arange(b) % loops).float().mean()) / loops
+        print(f"{b:5d}  {iters:7.2f}  {times['fixed'] * 1e3:13.1f}  "
+              f"{times['dropped'] / times['fixed']:18.2f}  {times['kept'] / times['fixed']:15.2f}",
+              flush=True)
+
+
 def main(argv: list[str]) -> int:
     args: BenchDecodeArgs = parse_tool_args(BenchDecodeArgs, argv)
-    for name in ("prompt_len", "decode_tokens", "repeats", "vocab"):
+    for name in ("prompt_len", "decode_tokens", "repeats", "vocab", "exit_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
     if args.threads:
@@ -207,6 +259,8 @@ def main(argv: list[str]) -> int:
     if args.compile:
         print(f"compiled / eager tok/s (vanilla)               "
               f"{med['vanilla eager'] / med['vanilla compiled']:.3f}")
+    if args.exit_batches:
+        bench_batched_exit(args)
     if args.recompute_tokens:
         rec = bench_recompute(models["vanilla"], args)
         print(f"\n== {args.recompute_tokens} greedy tokens after a 16-token prompt (vanilla) ==")
