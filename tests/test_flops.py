@@ -105,11 +105,13 @@ def test_cli_prints_the_table():
 
 class _ArithmeticCounter(TorchDispatchMode):
     """Counts the arithmetic torch actually executes in elementwise ops and reductions (which
-    FlopCounterMode ignores): one per output element of mul/add/sub/div, numel(in) - numel(out)
-    per sum, SOFTMAX per softmax element. Matmuls are left to FlopCounterMode."""
+    FlopCounterMode ignores): one per output element of mul/add/sub/div, two of addcmul (a
+    product and a sum), numel(in) - numel(out) per sum, SOFTMAX per softmax element. Matmuls
+    are left to FlopCounterMode."""
 
     SOFTMAX = 5
     ELEMENTWISE = {"mul", "mul_", "add", "add_", "sub", "sub_", "div", "div_"}
+    FUSED_MULTIPLY_ADD = {"addcmul", "addcmul_"}
 
     def __init__(self):
         super().__init__()
@@ -120,6 +122,8 @@ class _ArithmeticCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if name in self.ELEMENTWISE:
             self.total += out.numel()
+        elif name in self.FUSED_MULTIPLY_ADD:
+            self.total += 2 * out.numel()
         elif name == "sum":
             self.total += args[0].numel() - out.numel()
         elif name == "_softmax":

@@ -2,6 +2,8 @@
 
     looped generate run=runs/shakespeare prompt="ROMEO:" max_new_tokens=300 temperature=0.8
     looped generate run=runs/main loops=16 exit.criterion=kl exit.threshold=0.01
+    looped generate run=runs/main loops=32 kv=last      # a cache whose size does not grow with R
+    looped generate run=runs/shakespeare compile=true   # a compiled decode step
     looped generate run=runs/addition                   # a held-out row's prompt, ids printed
 
 A text run prints text (its tokenizer decodes); a token task prints token ids, and with no
@@ -33,6 +35,8 @@ class GenerateArgs:
     samples: int = 1  # continuations of the same prompt
     seed: int = 0  # the sampling generator's seed
     use_cache: bool = True  # decode with the KV cache (false: recompute the prefix each token)
+    kv: str = "per_iteration"  # cache policy: per_iteration (exact) | last (one slot per layer)
+    compile: bool = False  # decode through a step torch.compile captures once (no exit)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
 
@@ -104,7 +108,8 @@ def main(argv: list[str]) -> int:
         out, iters = model.generate(
             prompt.expand(args.samples, -1), n_new, temperature=args.temperature,
             top_k=args.top_k, use_cache=args.use_cache, loops=args.loops,
-            exit=build_exit(cfg.exit), generator=gen, return_iterations=True)
+            exit=build_exit(cfg.exit), generator=gen, return_iterations=True, kv=args.kv,
+            compile=args.compile)
     tokenizer = getattr(task, "tokenizer", None)
     for i in range(args.samples):
         new = out[i, prompt.shape[1]:]
