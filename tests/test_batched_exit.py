@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from looped.model.depth_pass import DepthPass
+from looped.model.exit import ExitCriterion
 
 from conftest import decode_run, max_diff, rand_ids
 from test_exit import MarginRecorder, exit_model, make_exit, pick_threshold
@@ -20,17 +21,29 @@ B = 4
 
 @pytest.fixture
 def row_counts(monkeypatch):
-    """The number of rows each core-layer stack of a decode step computed."""
+    """The rows each one-token core iteration computed (one entry per iteration run), and
+    whether it ran on a subset of the batch: [(rows, subset)]."""
     counts = []
     original = DepthPass.stack
 
     def spy(self, blocks, x, frozen=None, rows=None):
-        if rows is not None:
-            counts.append(int(x.shape[0]))
+        if blocks is self.model.core and x.shape[1] == 1:
+            counts.append((int(x.shape[0]), rows is not None))
         return original(self, blocks, x, frozen, rows)
 
     monkeypatch.setattr(DepthPass, "stack", spy)
     return counts
+
+
+class StopAfter(ExitCriterion):
+    """Row b of the batch stops after after[b] iterations."""
+
+    def __init__(self, after: list[int], drop_rows_from: int = 1):
+        self.after, self.drop_rows_from = torch.tensor(after), drop_rows_from
+
+    def check(self, it):
+        b, t = it.state.shape[:2]
+        return (it.r + 1 >= self.after[:b])[:, None].expand(b, t)
 
 
 @pytest.mark.parametrize("kv", ["per_iteration", "last"])
@@ -43,15 +56,17 @@ def test_batched_exit_equals_each_row_alone(kv, variant, name, row_counts):
     crit.drop_rows_from = 2  # this batch of 4 drops rows; a row alone never does
     with torch.no_grad():
         logits, iters, _ = decode_run(model, ids, (3,), exit=crit, kv=kv)
+        batch_counts = list(row_counts)
         alone = [decode_run(model, ids[i:i + 1], (3,), exit=crit, kv=kv) for i in range(B)]
     assert crit.margins and min(crit.margins) > 1e-5  # no decision sits on the threshold
     assert torch.equal(iters, torch.cat([a[1] for a in alone]))
     assert max_diff(logits, torch.cat([a[0] for a in alone])) <= 1e-5
-    # the batch really dropped rows: some decode steps' rows exited at different iterations,
-    # and later iterations computed fewer than B rows
+    # rows exited at different iterations, and each row was computed in exactly the
+    # iterations it ran: the rows computed over all one-token iterations sum to its counts
     decode_iters = iters[:, 3:]
     assert any(len(col.unique()) > 1 for col in decode_iters.T)
-    assert row_counts and min(row_counts) < B
+    assert any(subset for _, subset in batch_counts)
+    assert sum(rows for rows, _ in batch_counts) == int(decode_iters.sum())
 
 
 @pytest.mark.parametrize("kv", ["per_iteration", "last"])
@@ -105,7 +120,7 @@ def test_a_batch_below_drop_rows_from_keeps_every_row(row_counts):
         row_counts.clear()
         with torch.no_grad():
             results[drop] = decode_run(model, ids, (3,), exit=crit)
-        assert bool(row_counts) == (drop == 1)
+        assert any(subset for _, subset in row_counts) == (drop == 1)
     for drop in (0, B + 1):
         assert torch.equal(results[drop][1], results[1][1])
         assert max_diff(results[drop][0], results[1][0]) <= 1e-5
@@ -117,3 +132,31 @@ def test_build_exit_carries_drop_rows_from():
 
     crit = build_exit(load_config(["exit.criterion=kl", "exit.drop_rows_from=4"]).exit)
     assert crit.drop_rows_from == 4 and crit.threshold == 1e-3
+
+
+@pytest.mark.parametrize("kv", ["per_iteration", "last"])
+def test_rows_dropped_then_every_row_exits(kv, row_counts):
+    """Row 0 stops after 1 iteration and leaves the batch; the others stop after 2, when every
+    token has exited: the dropped row's entries and the rest's are carried to the last
+    iteration, and each row equals itself decoded alone."""
+    model = exit_model("dense-raw", seed=99)  # mix=raw: raw values are carried too
+    ids = rand_ids(B, 8, seed=99)
+    crit = StopAfter([1, 2, 2, 2])
+    with torch.no_grad():
+        logits, iters, cache = decode_run(model, ids, (3,), exit=crit, kv=kv)
+        batch_counts = list(row_counts)
+        alone = []
+        for i in range(B):
+            row_crit = StopAfter(crit.after[i:i + 1].tolist())
+            alone.append(decode_run(model, ids[i:i + 1], (3,), exit=row_crit, kv=kv))
+    assert torch.equal(iters[:, 3:], torch.tensor([[1] * 5, [2] * 5, [2] * 5, [2] * 5]))
+    assert torch.equal(iters, torch.cat([a[1] for a in alone]))
+    assert max_diff(logits, torch.cat([a[0] for a in alone])) <= 1e-5
+    assert [rows for rows, _ in batch_counts] == [B, B - 1] * 5  # 5 decode steps
+    if kv == "per_iteration":  # later iterations hold each row's exit-iteration entries
+        n, pre = model.cfg.n_layers, model.layout().n_prelude
+        for row, last in enumerate([0, 1, 1, 1]):
+            for r in range(last + 1, R):
+                for layer in range(n):
+                    src, dst = pre + last * n + layer, pre + r * n + layer
+                    assert torch.equal(cache.kv[dst, :, row, :, 3:], cache.kv[src, :, row, :, 3:])

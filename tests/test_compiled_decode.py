@@ -9,7 +9,7 @@ import torch
 import torch._dynamo
 
 from looped.errors import ConfigError, ShapeError
-from looped.model.compiled_decode import CompiledDecoder
+from looped.model.compiled_decode import KEPT_DECODERS, CompiledDecoder, kept_decoders
 from looped.model.exit import MaxLoopsExit
 
 from conftest import LOOPED_MODEL, make_model, max_diff, rand_ids
@@ -82,7 +82,7 @@ def test_compiled_decode_matches_eager_and_never_recompiles(name, kv, batch):
         logits = decode_static(decoder, ids, 4)
     assert torch.equal(long, eager_long)
     assert max_diff(logits, ref) <= 1e-5
-    assert len(model._compiled_decoders) == 1
+    assert kept_decoders(model) == 1
 
 
 def test_compiled_decode_errors_are_one_line():
@@ -107,3 +107,24 @@ def test_decoders_are_kept_per_shape_bucket():
     assert model.compiled_decoder(1, 20) is a  # both round up to the 32-token context
     assert a.cache.max_len == model.cfg.max_seq_len == 32
     assert model.compiled_decoder(2, 10) is not a
+    for b in range(3, 3 + KEPT_DECODERS):  # the least recently used are dropped
+        model.compiled_decoder(b, 10)
+    assert kept_decoders(model) == KEPT_DECODERS
+    assert model.compiled_decoder(1, 10) is not a
+
+
+@pytest.mark.slow
+def test_a_decoder_past_the_recompile_limit_decodes_eagerly():
+    """Every decoder compiles the same method; past dynamo's limit a new one warns and runs its
+    step eagerly, with the same logits, instead of failing."""
+    torch._dynamo.reset()
+    model = make_model(seed=95, **MODELS["plain-strided"])
+    ids = rand_ids(2, 8, seed=95)
+    with torch.no_grad():
+        ref = model.cached_forward(ids, prefill=4).logits
+    first, second = model.compiled_decoder(1, 8), model.compiled_decoder(2, 8)
+    decode_static(first, ids[:1], 4)  # compiles once; another batch size is another graph
+    with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
+        with pytest.warns(UserWarning, match="recompile limit"):
+            logits = decode_static(second, ids, 4)
+    assert max_diff(logits, ref) <= 1e-5

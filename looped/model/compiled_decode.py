@@ -9,6 +9,9 @@ a CUDA graph). The decoder keeps the Python-side count and checks capacity outsi
 
 from __future__ import annotations
 
+import warnings
+import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -99,6 +102,8 @@ class StaticKVCache(KVCache):
                 self._raw_v.get(p))
 
     def copy_position(self, src, dst, rows=None) -> None:
+        if rows is not None:  # drops_rows is False: the loop never asks for a subset
+            raise ValueError("a StaticKVCache keeps every row")
         k, v, raw = self.entries(src)
         if self._scratch is not None:
             self._scratch[dst] = self._scratch[src]
@@ -115,14 +120,14 @@ class RowsAsReductions(TorchFunctionMode):
     streaming reduction over the weight, parallel over the output features, which reads the
     weights at close to the memory bandwidth; the BLAS matrix-vector call it would otherwise
     make reads small matrices on one thread here, at under half of it (see `looped bench
-    decode`). Several rows keep the matrix product."""
+    decode`). Several rows, and other devices (not measured), keep the matrix product."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            if x.numel() == x.shape[-1]:  # one row
+            if x.numel() == x.shape[-1] and x.device.type == "cpu":  # one row, measured on CPU
                 out = (x.unsqueeze(-2) * weight).sum(-1)
                 return out if bias is None else out + bias
         return func(*args, **kwargs)
@@ -196,9 +201,43 @@ class CompiledDecoder:
             raise ShapeError(f"a decode step takes tokens of shape {tuple(self.tokens.shape)}, "
                              f"got {tuple(tokens.shape)}")
         self.tokens.copy_(tokens)
-        logits = self._step()
+        try:
+            logits = self._step()
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            # every decoder compiles the same method, and dynamo caps its graphs per method
+            warnings.warn("torch.compile's recompile limit is reached (too many decoder "
+                          "shapes in this process); this decoder runs its step eagerly")
+            self._step, self.clone_outputs = self._forward_step, False
+            logits = self._step()
         self.cache.advance(1)
         return logits.clone() if self.clone_outputs else logits
 
     def reset(self) -> None:
         self.cache.reset()
+
+
+MIN_BUCKET = 64  # the shortest decoder: shorter generations share it
+KEPT_DECODERS = 8  # per model; beyond it the least recently used one is dropped
+_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model, batch_size: int, max_len: int, loops: int,
+                kv: str = "per_iteration") -> CompiledDecoder:
+    """The model's CompiledDecoder for these shapes, built once and kept (every new decoder is
+    a new graph to compile). max_len is rounded up to a power of two (at least MIN_BUCKET, at
+    most max_seq_len), so generations of similar lengths share one."""
+    bucket = min(model.cfg.max_seq_len, max(MIN_BUCKET, 1 << (max_len - 1).bit_length()))
+    ref = model.embed.weight
+    key = (batch_size, bucket, loops, kv, ref.device, ref.dtype)
+    kept = _DECODERS.setdefault(model, OrderedDict())
+    if key in kept:
+        kept.move_to_end(key)
+        return kept[key]
+    if len(kept) >= KEPT_DECODERS:
+        kept.popitem(last=False)
+    kept[key] = CompiledDecoder(model, batch_size, bucket, loops=loops, kv=kv)
+    return kept[key]
+
+
+def kept_decoders(model) -> int:
+    return len(_DECODERS.get(model, ()))

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from looped.config import ExitConfig
 from looped.errors import ConfigError
 from looped.registry import Registry
 
@@ -39,7 +40,7 @@ class IterationView:
 class ExitCriterion:
     # decoding a batch of at least this many rows, rows whose tokens all exited are dropped
     # from the later iterations (exit.drop_rows_from; 0: never)
-    drop_rows_from: int = 16
+    drop_rows_from: int = ExitConfig.drop_rows_from
 
     def init(self) -> None:
         pass

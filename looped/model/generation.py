@@ -42,8 +42,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, temperature
     compile: decode through a static-shape step that torch.compile captures once per shape
     (model.compiled_decoder); not with exit or use_cache=False.
     With return_iterations, also returns the loop iterations each new token's prediction
-    used, (B, max_new_tokens). Under adaptive exit with B > 1 the rows share iterations
-    until all of them exit, so measure exit savings at batch size 1."""
+    used, (B, max_new_tokens). Under adaptive exit a batch of at least
+    exit.drop_rows_from rows drops each row from the iterations after its token exits; a
+    smaller batch runs every row until all have exited (it is bound by reading the weights)."""
     b, t = input_ids.shape
     if t + max_new_tokens > model.cfg.max_seq_len:
         raise ShapeError(f"prompt ({t}) + max_new_tokens ({max_new_tokens}) exceeds "

@@ -20,7 +20,7 @@ from looped.model.attention import Recorder
 from looped.model import generation
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
-from looped.model.compiled_decode import CompiledDecoder
+from looped.model.compiled_decode import CompiledDecoder, decoder_for
 from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
 from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
 from looped.model.depth_pass import CoreResult, DepthPass
@@ -337,13 +337,7 @@ class LoopedLM(nn.Module):
         return generation.generate(self, input_ids, max_new_tokens, **kw)
 
     def compiled_decoder(self, batch_size: int, max_len: int, loops: Optional[int] = None,
-                         kv: str = "per_iteration"):
-        """A CompiledDecoder for these shapes, built once and kept: every new decoder is a
-        new graph to compile. max_len is rounded up to a power of two (at least 64, at most
-        max_seq_len), so generations of similar lengths share one."""
-        bucket = min(self.cfg.max_seq_len, max(64, 1 << (max_len - 1).bit_length()))
-        key = (batch_size, bucket, self._check_loops(loops), kv)
-        decoders = self.__dict__.setdefault("_compiled_decoders", {})
-        if key not in decoders:
-            decoders[key] = CompiledDecoder(self, batch_size, bucket, loops=key[2], kv=kv)
-        return decoders[key]
+                         kv: str = "per_iteration") -> CompiledDecoder:
+        """A CompiledDecoder for these shapes, kept for reuse; see
+        looped.model.compiled_decode.decoder_for."""
+        return decoder_for(self, batch_size, max_len, self._check_loops(loops), kv)

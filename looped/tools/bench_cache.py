@@ -53,6 +53,9 @@ def _check(args: BenchCacheArgs) -> None:
         raise ConfigError("give the runs: looped bench cache ckpt=[runs/A,runs/B]")
     if not args.loops or min(args.loops) < 1:
         raise ConfigError(f"loops must be a non-empty list of counts >= 1, got {args.loops}")
+    if not args.policies:
+        raise ConfigError("policies must name at least one cache policy, the first being the "
+                          "reference: policies=[per_iteration,last]")
     for name in args.policies:
         CACHE_POLICIES.lookup(name)
     if args.n_samples < 1 or args.batch_size < 1:
@@ -90,14 +93,15 @@ def summary_table(rows: list[dict], policies: list[str]) -> str:
              f"Δ vs {ref} (min..max) |", "|---|---|---|---|---|"]
     for r in sorted({row["loops"] for row in rows}):
         for kv in policies:
-            vals = [by[(run, r, kv)]["value"] for run in runs if (run, r, kv) in by]
-            if not vals:
+            have = [run for run in runs if (run, r, kv) in by]  # runs may differ in their R
+            if not have:
                 continue
-            kib = by[(runs[0], r, kv)]["cache_bytes"] / 1024
+            vals = [by[(run, r, kv)]["value"] for run in have]
+            kib = by[(have[0], r, kv)]["cache_bytes"] / 1024
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cell = ""
-            if kv != ref:
-                d = [by[(run, r, kv)]["value"] - by[(run, r, ref)]["value"] for run in runs]
+            d = [by[(run, r, kv)]["value"] - by[(run, r, ref)]["value"] for run in have]
+            if kv != ref and d:
                 cell = f"{statistics.mean(d):+.4f} ({min(d):+.4f}..{max(d):+.4f})"
             lines.append(f"| {r} | {kv} | {kib:.1f} | {statistics.mean(vals):.4f} ± {std:.4f} "
                          f"| {cell} |")
@@ -110,6 +114,9 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for path in args.ckpt for row in measure_run(path, args)]
+    if not rows:
+        raise ConfigError(f"none of the runs can be scored at loops={args.loops} (an unrolled "
+                          f"run only at its own R)")
     print()
     print(summary_table(rows, args.policies))
     if args.out:

@@ -210,6 +210,9 @@ def main(argv: list[str]) -> int:
     for name in ("prompt_len", "decode_tokens", "repeats", "vocab", "exit_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.recompute_tokens < 0 or any(b < 1 for b in args.exit_batches):
+        raise ConfigError("recompute_tokens must be >= 0 (0 skips it) and every exit batch "
+                          ">= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -153,8 +153,10 @@ def main(argv: list[str]) -> int:
     args: BenchLoopArgs = parse_tool_args(BenchLoopArgs, argv)
     if not args.ckpt:
         raise ConfigError("give the checkpoint: looped bench loop ckpt=runs/NAME")
-    if args.sequences < 1 or args.new_tokens < 1 or args.tolerance < 0:
-        raise ConfigError("sequences and new_tokens must be >= 1, tolerance >= 0")
+    if args.sequences < 1 or args.new_tokens < 1 or args.tolerance < 0 or \
+            args.batched_sequences < 1 or any(b < 1 for b in args.batches):
+        raise ConfigError("sequences, batched_sequences, new_tokens and every batch must be "
+                          ">= 1, tolerance >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     ckpt = resolve_checkpoint(Path(args.ckpt))

@@ -88,6 +88,9 @@ def main(argv: list[str]) -> int:
     for name, low in (("max_new_tokens", 1), ("samples", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"{name} must be >= {low}, got {getattr(args, name)}")
+    if not args.use_cache and (args.kv != "per_iteration" or args.compile):
+        raise ConfigError("kv= and compile=true decode through the cache; use_cache=false has "
+                          "none")
     if args.temperature < 0 or (args.top_k is not None and args.top_k < 1):
         raise ConfigError("temperature must be >= 0 and top_k >= 1 (or null)")
     if args.threads:
