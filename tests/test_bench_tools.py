@@ -34,6 +34,12 @@ def test_bench_cache_and_bench_loop_on_a_trained_run(tmp_path):
     full = json.loads((tmp_path / "eval" / "loop_sweep.json").read_text())["run"]["results"]
     for r in (1, 3, 5):
         assert abs(float(rows[(r, "per_iteration")]["value"]) - full[str(r)]["accuracy"]) < 1e-9
+    # `looped eval kv=last` scores what bench cache reports for last
+    ev = looped("eval", f"ckpt={run}", "loops=[5]", "n_samples=16", "batch_size=8", "kv=last",
+                f"out={tmp_path / 'eval_last'}", "threads=1")
+    assert ev.returncode == 0, ev.stderr
+    last = json.loads((tmp_path / "eval_last" / "loop_sweep.json").read_text())["run"]["results"]
+    assert abs(float(rows[(5, "last")]["value"]) - last["5"]["accuracy"]) < 1e-9
     assert float(rows[(1, "last")]["value"]) == float(rows[(1, "per_iteration")]["value"])
 
     bench = looped("bench", "loop", f"ckpt={run}", "sequences=4", "batches=[1,3]",

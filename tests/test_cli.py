@@ -55,6 +55,7 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
     (["bench", "loop", "ckpt=x", "batches=[0]"], "every batch must be >= 1"),
     (["bench", "decode", "recompute_tokens=-1"], "recompute_tokens must be >= 0"),
     (["generate", "run=x", "use_cache=false", "kv=last"], "use_cache=false has none"),
+    (["eval", "ckpt=x", "kv=lastest"], "unknown cache policy 'lastest'"),
     (["generate"], "give the run to sample from"),
     (["generate", "run=/no/such/run"], "/no/such/run"),
     (["generate", "run=x", "temperature=-1"], "temperature must be >= 0"),

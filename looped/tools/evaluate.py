@@ -38,6 +38,9 @@ class EvaluateArgs:
     batch_size: int = 256  # held-out sequences per forward
     exit: Optional[str] = None  # an exit criterion to apply (kl, entropy, latent, gate, ...)
     threshold: Optional[float] = None  # the exit criterion's threshold; null: its default
+    # score through a KV cache of this policy (per_iteration | last), every token decoded one
+    # at a time; null: one full forward per batch (what per_iteration equals)
+    kv: Optional[str] = None
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
 
 
@@ -57,6 +60,10 @@ def parse_args(argv: list[str]) -> EvaluateArgs:
         raise ConfigError("give at least one run: ckpt=<run dir>")
     if not args.loops or min(args.loops) < 1:
         raise ConfigError(f"loops must be a non-empty list of counts >= 1, got {args.loops}")
+    if args.kv is not None:
+        from looped.model.cache_policy import CACHE_POLICIES
+
+        CACHE_POLICIES.lookup(args.kv)
     return args
 
 
@@ -81,7 +88,7 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     results = {}
     for r in loops:
         results[r] = task_accuracy(model, task, r, args.n_samples, args.batch_size, cfg.seed,
-                                   exit=exit)
+                                   exit=exit, kv=args.kv)
         extra = f"  loss {results[r]['loss']:.4f}"
         if "bits_per_byte" in results[r]:
             extra += f"  bits/byte {results[r]['bits_per_byte']:.4f}"
