@@ -38,6 +38,10 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
                              ("decode", "recompute_tokens=512"), ("cache", "policies=")):
         proc = looped("bench", bench, "--help")
         assert proc.returncode == 0 and fragment in proc.stdout
+    # `python -m looped.study` is `looped study`
+    alias = subprocess.run([sys.executable, "-m", "looped.study", "--help"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert alias.returncode == 0 and alias.stdout == looped("study", "--help").stdout
     # `python train.py --help` is `looped train --help`
     script = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
