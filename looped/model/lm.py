@@ -267,9 +267,13 @@ class LoopedLM(nn.Module):
                     if done is not None:  # exited tokens keep their state
                         x = torch.where(done.unsqueeze(-1), s, x)
                 else:
-                    keep, s_rows = done[active], s[active]
+                    # with one token per row, a running row's token has not exited: nothing
+                    # in it is frozen
+                    keep = done[active] if t > 1 else None
                     x = run.stack(self.core_blocks(r), x[active], frozen=keep, rows=active)
-                    x = s.index_copy(0, active, torch.where(keep.unsqueeze(-1), s_rows, x))
+                    if keep is not None:
+                        x = torch.where(keep.unsqueeze(-1), s[active], x)
+                    x = s.index_copy(0, active, x)
             prev, s = s, x
             if return_states:
                 out.states.append(s)
