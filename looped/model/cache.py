@@ -120,12 +120,29 @@ class KVCache:
             raise ShapeError(f"cache holds {self.max_len} tokens; {self.length} are used and "
                              f"{n_tokens} more do not fit")
         self.offset, self._end = self.length, self.length + n_tokens
+        self._open_chunk(n_tokens, layout)
+
+    def _open_chunk(self, n_tokens: int, layout: DepthLayout) -> None:
+        """The state of one forward pass over a chunk of n_tokens: each position's slot, and
+        when slots are shared a scratch copy of the chunk's entries for Depth-Attention."""
         self._raw_v = {}
         self._slot = self.policy.slots(layout)
         self._scratch = None
         if len(set(self._slot)) < len(self._slot):  # slots are shared: keep the chunk aside
             _, _, b, h, _, d = self.kv.shape
             self._scratch = self.kv.new_empty((len(self._slot), 2, b, h, n_tokens, d))
+
+    # How the chunk's tokens are addressed in a buffer with a token dim: a view at Python-int
+    # positions here; a compiled decoder's cache (StaticKVCache) indexes them with a tensor.
+
+    def _chunk(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        return buf.narrow(dim, self.offset, self._end - self.offset)
+
+    def _write_chunk(self, buf: torch.Tensor, dim: int, x: torch.Tensor) -> None:
+        self._chunk(buf, dim).copy_(x)
+
+    def _up_to_chunk_end(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        return buf.narrow(dim, 0, self._end)
 
     def next_position(self) -> int:
         """The sequence position of the next token written."""
@@ -146,17 +163,20 @@ class KVCache:
             self._index[positions] = idx
         return idx
 
+    def chunk_sources(self, positions: tuple[int, ...]) -> torch.Tensor:
+        """The chunk's (K, V) at depth positions, in one gather: (len, 2, B, Hkv, T, D)."""
+        if self._scratch is None:
+            slots = tuple(self._slot[j] for j in positions)
+            return self._chunk(self.kv, 4)[self._positions(slots)]
+        return self._scratch[self._positions(positions)]
+
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
                       raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
         # Write this position's raw entries first, so one gather reads sources and self together.
         # Decoding one token is bound by per-op overhead, hence the fewest ops here.
         self.put(p, k, v)
         self._k_written = k
-        if self._scratch is None:
-            slots = tuple(self._slot[j] for j in sources + (p,))
-            gathered = self.kv[:, :, :, :, self.offset:self._end][self._positions(slots)]
-        else:
-            gathered = self._scratch[self._positions(sources + (p,))]
+        gathered = self.chunk_sources(sources + (p,))
         k_stack, v_stack = gathered[:, 0], gathered[:, 1]  # (S + 1, B, Hkv, T, D)
         if raw:
             v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
@@ -164,49 +184,50 @@ class KVCache:
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
             raw_v: Optional[torch.Tensor] = None) -> None:
-        s, sl = self._slot[p], slice(self.offset, self._end)
+        s = self._slot[p]
         if k is not self._k_written:
-            self.k[s, :, :, sl] = k
+            self._write_chunk(self.k[s], 2, k)
             if self._scratch is not None:
                 self._scratch[p, 0] = k
         self._k_written = None
-        self.v[s, :, :, sl] = v
+        self._write_chunk(self.v[s], 2, v)
         if self._scratch is not None:
             self._scratch[p, 1] = v
         if raw_v is not None:
             self._raw_v[p] = raw_v
 
     def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's (K, mixed V) at p that sequence attention may read."""
         s = self._slot[p]
-        return self.k[s, :, :, :self._end], self.v[s, :, :, :self._end]
+        return self._up_to_chunk_end(self.k[s], 2), self._up_to_chunk_end(self.v[s], 2)
 
     def entries(self, p: int):
         """This chunk's (k, mixed v, raw v or None) at position p."""
         if self._scratch is not None:
             return self._scratch[p, 0], self._scratch[p, 1], self._raw_v.get(p)
-        s, sl = self._slot[p], slice(self.offset, self._end)
-        return self.k[s, :, :, sl], self.v[s, :, :, sl], self._raw_v.get(p)
+        s = self._slot[p]
+        return self._chunk(self.k[s], 2), self._chunk(self.v[s], 2), self._raw_v.get(p)
 
     def copy_position(self, src: int, dst: int, rows: Optional[torch.Tensor] = None) -> None:
         """The chunk's entries at src become its entries at dst: for every row, or only for
         `rows` (a 1-D index) when the other rows still compute dst themselves."""
+        if rows is not None and not self.drops_rows:
+            raise ValueError(f"a {type(self).__name__} keeps every row")
         k, v, raw = self.entries(src)
         if rows is None:
             if self._scratch is not None:
                 self._scratch[dst] = self._scratch[src]
             if self._slot[dst] != self._slot[src]:
-                sl = slice(self.offset, self._end)
-                self.k[self._slot[dst], :, :, sl] = k
-                self.v[self._slot[dst], :, :, sl] = v
+                self._write_chunk(self.k[self._slot[dst]], 2, k)
+                self._write_chunk(self.v[self._slot[dst]], 2, v)
             if raw is not None:
                 self._raw_v[dst] = raw
             return
         if self._scratch is not None:
             self._scratch[dst].index_copy_(1, rows, self._scratch[src].index_select(1, rows))
         if self._slot[dst] != self._slot[src]:
-            sl = slice(self.offset, self._end)
-            self.k[self._slot[dst], :, :, sl].index_copy_(0, rows, k.index_select(0, rows))
-            self.v[self._slot[dst], :, :, sl].index_copy_(0, rows, v.index_select(0, rows))
+            self._chunk(self.k[self._slot[dst]], 2).index_copy_(0, rows, k.index_select(0, rows))
+            self._chunk(self.v[self._slot[dst]], 2).index_copy_(0, rows, v.index_select(0, rows))
         if raw is not None:
             self._raw_v.setdefault(dst, torch.zeros_like(raw)).index_copy_(
                 0, rows, raw.index_select(0, rows))
@@ -231,12 +252,7 @@ class RowView:
     def depth_sources(self, p, sources, k, v, raw):
         self.put(p, k, v)
         c = self.cache
-        if c._scratch is None:
-            slots = tuple(c._slot[j] for j in sources + (p,))
-            gathered = c.kv[:, :, :, :, c.offset:c._end][c._positions(slots)]
-        else:
-            gathered = c._scratch[c._positions(sources + (p,))]
-        gathered = self._rows(gathered, 2)  # (S + 1, 2, Ba, Hkv, T, D)
+        gathered = self._rows(c.chunk_sources(sources + (p,)), 2)  # (S + 1, 2, Ba, Hkv, T, D)
         k_stack, v_stack = gathered[:, 0], gathered[:, 1]
         if raw:
             v_stack = torch.stack([self._rows(c._raw_v[j]) for j in sources] + [v])
@@ -244,9 +260,9 @@ class RowView:
 
     def put(self, p, k, v, raw_v=None) -> None:
         c = self.cache
-        s, sl = c._slot[p], slice(c.offset, c._end)
-        c.k[s, :, :, sl].index_copy_(0, self.index, k)
-        c.v[s, :, :, sl].index_copy_(0, self.index, v)
+        s = c._slot[p]
+        c._chunk(c.k[s], 2).index_copy_(0, self.index, k)
+        c._chunk(c.v[s], 2).index_copy_(0, self.index, v)
         if c._scratch is not None:
             c._scratch[p, 0].index_copy_(0, self.index, k)
             c._scratch[p, 1].index_copy_(0, self.index, v)

@@ -43,12 +43,7 @@ class StaticKVCache(KVCache):
                              "count it was made for")
         self.offset = self.pos
         self._idx = self.pos + torch.arange(n_tokens, device=self.kv.device)
-        self._raw_v = {}
-        self._slot = self.policy.slots(layout)
-        self._scratch = None
-        if len(set(self._slot)) < len(self._slot):
-            _, _, b, h, _, d = self.kv.shape
-            self._scratch = self.kv.new_empty((len(self._slot), 2, b, h, n_tokens, d))
+        self._open_chunk(n_tokens, layout)
 
     def commit(self) -> None:
         # the decoder advances length and pos outside the compiled graph
@@ -63,55 +58,15 @@ class StaticKVCache(KVCache):
         super().reset()
         self.pos.zero_()
 
-    def depth_sources(self, p, sources, k, v, raw):
-        self.put(p, k, v)
-        self._k_written = k
-        if self._scratch is None:
-            slots = tuple(self._slot[j] for j in sources + (p,))
-            gathered = self.kv.index_select(4, self._idx)[self._positions(slots)]
-        else:
-            gathered = self._scratch[self._positions(sources + (p,))]
-        k_stack, v_stack = gathered[:, 0], gathered[:, 1]  # (S + 1, B, Hkv, T, D)
-        if raw:
-            v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
-        return k_stack, v_stack
+    def _chunk(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
+        return buf.index_select(dim, self._idx)
 
-    def put(self, p, k, v, raw_v=None) -> None:
-        s = self._slot[p]
-        if k is not self._k_written:
-            self.k[s].index_copy_(2, self._idx, k)
-            if self._scratch is not None:
-                self._scratch[p, 0] = k
-        self._k_written = None
-        self.v[s].index_copy_(2, self._idx, v)
-        if self._scratch is not None:
-            self._scratch[p, 1] = v
-        if raw_v is not None:
-            self._raw_v[p] = raw_v
+    def _write_chunk(self, buf: torch.Tensor, dim: int, x: torch.Tensor) -> None:
+        buf.index_copy_(dim, self._idx, x)
 
-    def history(self, p):
+    def _up_to_chunk_end(self, buf: torch.Tensor, dim: int) -> torch.Tensor:
         """The whole buffer: keys after the query's position are masked by the kernel."""
-        s = self._slot[p]
-        return self.k[s], self.v[s]
-
-    def entries(self, p):
-        if self._scratch is not None:
-            return self._scratch[p, 0], self._scratch[p, 1], self._raw_v.get(p)
-        s = self._slot[p]
-        return (self.k[s].index_select(2, self._idx), self.v[s].index_select(2, self._idx),
-                self._raw_v.get(p))
-
-    def copy_position(self, src, dst, rows=None) -> None:
-        if rows is not None:  # drops_rows is False: the loop never asks for a subset
-            raise ValueError("a StaticKVCache keeps every row")
-        k, v, raw = self.entries(src)
-        if self._scratch is not None:
-            self._scratch[dst] = self._scratch[src]
-        if self._slot[dst] != self._slot[src]:
-            self.k[self._slot[dst]].index_copy_(2, self._idx, k)
-            self.v[self._slot[dst]].index_copy_(2, self._idx, v)
-        if raw is not None:
-            self._raw_v[dst] = raw
+        return buf
 
 
 class RowsAsReductions(TorchFunctionMode):
