@@ -29,7 +29,7 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
     for name in SUBCOMMANDS:
         assert f"  {name} " in top.stdout
     keys = {"train": "model.d_model=", "eval": "n_samples=1024", "study": "seeds=[0, 1, 2]",
-            "flops": "context", "generate": "temperature=0.8"}
+            "flops": "context", "generate": "temperature=0.8", "export": "check=True"}
     for name, fragment in keys.items():
         proc = looped(name, "--help")
         assert proc.returncode == 0 and proc.stderr == "", name
@@ -61,6 +61,8 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
     (["generate", "run=x", "use_cache=false", "kv=last"], "use_cache=false has none"),
     (["eval", "ckpt=x", "kv=lastest"], "unknown cache policy 'lastest'"),
     (["generate"], "give the run to sample from"),
+    (["export", "run=x"], "give the run and the output directory"),
+    (["export", "run=/no/such/run", "out=/tmp/x"], "/no/such/run"),
     (["generate", "run=/no/such/run"], "/no/such/run"),
     (["generate", "run=x", "temperature=-1"], "temperature must be >= 0"),
 ])

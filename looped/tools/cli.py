@@ -7,6 +7,7 @@
     looped bench loop ckpt=runs/main          # adaptive exit and the KV cache of a looped run
     looped flops model=3b
     looped generate run=runs/text prompt="ROMEO:"
+    looped export run=runs/main out=hf/main
 
 `looped SUBCOMMAND --help` lists the subcommand's keys, their defaults and one line each.
 `python -m looped ...` is the same command without the console script.
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "bench": ("looped.tools.bench", "benchmarks: `bench depth`, `bench decode`, `bench loop` and `bench cache`"),
     "flops": ("looped.tools.flops", "FLOPs, parameters, KV cache and extra state per token"),
     "generate": ("looped.tools.generate", "sample from a trained run"),
+    "export": ("looped.tools.export", "a trained run as a transformers model directory"),
 }
 
 
