@@ -47,6 +47,22 @@ class DepthAttentionConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-head latent attention (model.attention=mla, DeepSeek-V2 style; looped.model.mla).
+    model.n_heads is its head count; model.head_dim and n_kv_heads are not used by it."""
+
+    kv_rank: int = 32  # d_c: the latent each token caches per depth position (with its RoPE key)
+    q_rank: int = 0  # low-rank queries through a latent of this width; 0: a full-rank projection
+    nope_dim: int = 16  # per head: the query/key part without RoPE, keys up-projected from c
+    rope_dim: int = 8  # the decoupled RoPE key (one per token, all heads) and each query's part
+    v_dim: int = 16  # per head: the value width, up-projected from the latent
+    # how Depth-Attention scores source j's latent: `absorbed` through this layer's key
+    # up-projection (one latent-space query; equals `own` when j is the same layer, as in a
+    # looped core); `own` through layer j's (j's keys as its own attention read them)
+    depth_keys: str = "absorbed"
+
+
+@dataclass
 class CrossLayerConfig:
     """A cross-layer baseline (looped.model.cross_layer); `none` is the plain residual stream."""
 
@@ -96,6 +112,8 @@ class ModelConfig:
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = True  # the head reuses the token embedding
     kernel: str = "sdpa"  # sdpa | eager | xformers
+    attention: str = "gqa"  # gqa (n_kv_heads, head_dim) | mla (multi-head latent: model.mla)
+    mla: MLAConfig = field(default_factory=MLAConfig)
     share_weights: bool = True  # false: the core becomes `loop` untied copies (unrolled baseline)
     injection: str = "add"  # how the prelude output e enters each iteration: add | concat | none
     init_state: str = "zeros"  # the state before the first iteration: zeros | embed | noise
@@ -479,6 +497,25 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_attention(m) -> None:
+    from looped.model.attention import ATTENTION_KINDS
+
+    ATTENTION_KINDS.lookup(m.attention)
+    if m.attention != "mla":
+        return
+    a = m.mla
+    for name in ("kv_rank", "nope_dim", "rope_dim", "v_dim"):
+        _require(a[name] >= 1, f"model.mla.{name} must be >= 1, got {a[name]}")
+    _require(a.q_rank >= 0, f"model.mla.q_rank must be >= 0, got {a.q_rank}")
+    _require(a.rope_dim % 2 == 0, f"model.mla.rope_dim must be even for RoPE, got {a.rope_dim}")
+    _require(a.depth_keys in ("absorbed", "own"),
+             f"unknown model.mla.depth_keys '{a.depth_keys}'; choose one of: absorbed, own")
+    _require(m.cross_layer.method == "none", f"model.attention=mla runs on the plain residual "
+             f"stream; model.cross_layer.method={m.cross_layer.method} is not supported with it")
+    _require(m.kernel != "xformers", "model.attention=mla needs model.kernel=sdpa or eager "
+             "(its values are narrower than its queries and keys)")
+
+
 def validate(cfg: DictConfig) -> None:
     """The general ranges and shapes; each component node is checked by its own classes
     (looped.components.check)."""
@@ -497,6 +534,7 @@ def validate(cfg: DictConfig) -> None:
     _require(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     KERNELS.lookup(m.kernel)
+    _check_attention(m)
     _require(m.injection in ("add", "concat", "none"),
              f"unknown model.injection '{m.injection}'; choose one of: add, concat, none")
     _require(m.init_state in ("zeros", "embed", "noise"),

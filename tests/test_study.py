@@ -302,3 +302,49 @@ def test_runs_whose_trained_loop_is_not_evaluated_are_refused_up_front(tmp_path)
     assert "0 to start, 2 with a bad config" in proc.stdout
     assert "FAILED da/seed0: the study's eval.loops [1, 3] leave out this run's trained loop=2" \
         in proc.stdout
+
+
+def test_extra_pairs_are_compared_like_the_reference(tmp_path):
+    from looped.tools.study.aggregate import paired, report
+
+    def row(variant, seed, bpb):
+        return {"grid": "", "variant": variant, "seed": seed, "R": 1, "trained_loop": 1,
+                "accuracy": math.nan, "loss": math.nan, "bits_per_byte": bpb,
+                "train_seconds": 1.0}
+
+    rows = [row("ref", 0, 2.0), row("ref", 1, 2.2), row("a", 0, 1.9), row("a", 1, 2.0),
+            row("b", 0, 1.7), row("b", 1, 2.0)]
+    spec = load_study(write_study(tmp_path / "s.yaml", tmp_path / "out",
+                                  {"ref": [], "a": [], "b": []},
+                                  extra="pairs: [[b, a]]"), ["reference=ref", "metric=loss"])
+    got = {(r["variant"], r["reference"], r["R"]): r for r in paired(rows, spec)
+           if r["metric"] == "bits_per_byte"}
+    assert got[("b", "a", 1)]["mean"] == pytest.approx(((1.7 - 1.9) + (2.0 - 2.0)) / 2)
+    assert got[("b", "ref", 1)]["mean"] == pytest.approx(((1.7 - 2.0) + (2.0 - 2.2)) / 2)
+    spec.metric = "bits_per_byte"
+    md = report(rows, [], spec, "cmd", {}, 6)
+    assert "| b | a | -0.100 [" in md
+
+
+@pytest.mark.parametrize("pairs", ["[[a, nope]]", "[[a]]"])
+def test_bad_pairs_are_one_line(tmp_path, pairs):
+    from looped.errors import ConfigError
+
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", {"vanilla": [], "a": []},
+                       extra=f"pairs: {pairs}")
+    with pytest.raises(ConfigError, match="pairs: each entry is"):
+        load_study(path)
+
+
+def test_cache_bytes_per_token_follow_each_runs_attention(tmp_path):
+    """GQA: 2 x n_kv_heads x head_dim per layer; MLA: kv_rank + rope_dim; fp32."""
+    from looped import load_config
+    from looped.checkpoint import save_run_config
+    from looped.tools.study.aggregate import cache_bytes_per_token
+
+    for name, extra, per_layer in (("gqa", [], 2 * 1 * 16),
+                                   ("mla", ["model.attention=mla", "model.mla.kv_rank=12",
+                                            "model.mla.rope_dim=4"], 12 + 4)):
+        save_run_config(tmp_path / name, load_config([*BASE, *extra]))
+        positions = 1 * 2  # the default one-layer core x loop 2 (CLI_TINY_MODEL)
+        assert cache_bytes_per_token(tmp_path / name) == positions * per_layer * 4

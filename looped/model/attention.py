@@ -9,10 +9,16 @@ import torch
 from torch import nn
 
 from looped.model.cache import ActivationStore, KVCache
-from looped.model.depth import DepthWeights, depth_mix
+from looped.model.depth import DepthWeights, depth_mix, depth_mix_flops
 from looped.model.kernels import attend
 from looped.model.norm import RMSNorm
 from looped.model.rope import RotaryEmbedding
+from looped.registry import Registry
+
+# model.attention -> the attention class of every block. A class also says what a token caches
+# per depth position (cache_geometry), how wide its RoPE is, and what its attention and its
+# Depth-Attention cost (looped flops).
+ATTENTION_KINDS = Registry("attention kind")
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,33 @@ class DepthContext:
     rope: RotaryEmbedding
     raw_mix: bool = False  # mix=raw: sources contribute raw values, not mixed ones
     recorder: Recorder = field(default_factory=Recorder)
+    # depth position -> the attention module that runs there (MLA's depth_keys=own reads it)
+    attention_at: Optional[Callable[[int], nn.Module]] = None
 
 
+@ATTENTION_KINDS.register("gqa")
 class Attention(nn.Module):
+    # -- what the flops tool and the cache ask of an attention kind -----------------------------
+
+    @staticmethod
+    def cache_geometry(cfg) -> tuple[int, int, int]:
+        """(heads, key width, value width) of the cache's entries per token and depth position."""
+        return cfg.n_kv_heads, cfg.head_dim, cfg.head_dim
+
+    @staticmethod
+    def rope_dim(cfg) -> int:
+        return cfg.head_dim
+
+    @staticmethod
+    def attention_flops(cfg, context: int) -> int:
+        """Per token and depth position: QK^T and AV over `context` keys."""
+        return 4 * cfg.n_heads * cfg.head_dim * context
+
+    @staticmethod
+    def depth_flops(cfg, n_sources: int, n_source_layers: int) -> int:
+        """Depth-Attention's arithmetic per token at a position with n_sources sources."""
+        return depth_mix_flops(n_sources, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim

@@ -1,4 +1,4 @@
-"""The decoder block: pre-norm RMSNorm, GQA attention (with Depth-Attention), SwiGLU MLP."""
+"""The decoder block: pre-norm RMSNorm, attention (GQA or MLA, with Depth-Attention), SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from looped.model.attention import Attention, DepthContext, DepthPosition
+from looped.model import mla  # noqa: F401  (registers model.attention=mla)
+from looped.model.attention import ATTENTION_KINDS, DepthContext, DepthPosition
 from looped.model.norm import RMSNorm
 
 
@@ -27,7 +28,7 @@ class Block(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = ATTENTION_KINDS[cfg.attention](cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim)
 

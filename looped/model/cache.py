@@ -71,25 +71,41 @@ class KVCache:
     drops_rows = True  # an iteration may run on a subset of the rows (see rows())
 
     def __init__(self, layout: DepthLayout | int, batch_size: int, n_kv_heads: int,
-                 max_len: int, head_dim: int, *, policy: str | CachePolicy = "per_iteration",
+                 max_len: int, head_dim: int, *, v_dim: Optional[int] = None,
+                 policy: str | CachePolicy = "per_iteration",
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         if isinstance(layout, int):  # a plain stack of that many layers
             layout = DepthLayout(layout, 0, 1, 0)
         self.layout = layout  # the layout the cache was made for
         self.policy = cache_policy(policy) if isinstance(policy, str) else policy
         n_slots = self.policy.n_slots(layout)
-        # K and V share one buffer so that Depth-Attention gathers both in one indexing op
-        self.kv = torch.zeros((n_slots, 2, batch_size, n_kv_heads, max_len, head_dim),
-                              dtype=dtype, device=device)
-        self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: (S, B, Hkv, max_len, D)
+        v_dim = head_dim if v_dim is None else v_dim
+        shape = (n_slots, batch_size, n_kv_heads, max_len)
+        if v_dim == head_dim:
+            # K and V share one buffer so that Depth-Attention gathers both in one indexing op
+            self.kv: Optional[torch.Tensor] = torch.zeros(
+                (n_slots, 2) + shape[1:] + (head_dim,), dtype=dtype, device=device)
+            self.k, self.v = self.kv[:, 0], self.kv[:, 1]  # views: (S, B, Hkv, max_len, D)
+        else:  # entries of two widths (MLA: the RoPE key and the latent): two buffers
+            self.kv = None
+            self.k = torch.zeros(shape + (head_dim,), dtype=dtype, device=device)
+            self.v = torch.zeros(shape + (v_dim,), dtype=dtype, device=device)
         self.length = 0  # tokens committed
         self.offset = 0  # first token of the chunk being written
         self._end = 0
         self._slot: list[int] = []  # this forward pass's slot per depth position
-        self._scratch: Optional[torch.Tensor] = None  # (P, 2, B, Hkv, T, D) chunk entries
+        # when slots are shared, the chunk's entries per depth position for this forward pass:
+        # (P, B, Hkv, T, D) each (views of one (P, 2, ...) buffer when K and V have one width)
+        self._scratch_k: Optional[torch.Tensor] = None
+        self._scratch_v: Optional[torch.Tensor] = None
+        self._scratch_kv: Optional[torch.Tensor] = None
         self._raw_v: dict[int, torch.Tensor] = {}  # only for mix=raw: this chunk's raw values
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
         self._k_written: Optional[torch.Tensor] = None  # skips rewriting an unchanged key
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors that hold the cache (what a compiled step marks as static)."""
+        return [self.kv] if self.kv is not None else [self.k, self.v]
 
     @property
     def n_slots(self) -> int:
@@ -106,7 +122,7 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes kept between forward passes (the scratch of one pass is not counted)."""
-        return self.kv.nbytes
+        return sum(b.nbytes for b in self.buffers())
 
     def begin(self, n_tokens: int, layout: DepthLayout, batch_size: int) -> None:
         if batch_size != self.batch_size:
@@ -127,10 +143,16 @@ class KVCache:
         when slots are shared a scratch copy of the chunk's entries for Depth-Attention."""
         self._raw_v = {}
         self._slot = self.policy.slots(layout)
-        self._scratch = None
+        self._scratch_k = self._scratch_v = self._scratch_kv = None
         if len(set(self._slot)) < len(self._slot):  # slots are shared: keep the chunk aside
-            _, _, b, h, _, d = self.kv.shape
-            self._scratch = self.kv.new_empty((len(self._slot), 2, b, h, n_tokens, d))
+            _, b, h, _, dk = self.k.shape
+            dv, p = self.v.shape[-1], len(self._slot)
+            if self.kv is not None:
+                self._scratch_kv = self.kv.new_empty((p, 2, b, h, n_tokens, dk))
+                self._scratch_k, self._scratch_v = self._scratch_kv[:, 0], self._scratch_kv[:, 1]
+            else:
+                self._scratch_k = self.k.new_empty((p, b, h, n_tokens, dk))
+                self._scratch_v = self.v.new_empty((p, b, h, n_tokens, dv))
 
     # How the chunk's tokens are addressed in a buffer with a token dim: a view at Python-int
     # positions here; a compiled decoder's cache (StaticKVCache) indexes them with a tensor.
@@ -151,7 +173,7 @@ class KVCache:
     def commit(self) -> None:
         self.length = self._end
         self._raw_v = {}  # raw values and the scratch live only for their own forward pass
-        self._scratch = None
+        self._scratch_k = self._scratch_v = self._scratch_kv = None
 
     def reset(self) -> None:
         self.length = self.offset = self._end = 0
@@ -163,12 +185,20 @@ class KVCache:
             self._index[positions] = idx
         return idx
 
-    def chunk_sources(self, positions: tuple[int, ...]) -> torch.Tensor:
-        """The chunk's (K, V) at depth positions, in one gather: (len, 2, B, Hkv, T, D)."""
-        if self._scratch is None:
-            slots = tuple(self._slot[j] for j in positions)
-            return self._chunk(self.kv, 4)[self._positions(slots)]
-        return self._scratch[self._positions(positions)]
+    def chunk_sources(self, positions: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's K and V at depth positions, each (len, B, Hkv, T, D): one gather when
+        K and V share a buffer."""
+        if self._scratch_k is None:
+            idx = self._positions(tuple(self._slot[j] for j in positions))
+            if self.kv is not None:
+                both = self._chunk(self.kv, 4)[idx]
+                return both[:, 0], both[:, 1]
+            return self._chunk(self.k, 3)[idx], self._chunk(self.v, 3)[idx]
+        idx = self._positions(positions)
+        if self._scratch_kv is not None:
+            both = self._scratch_kv[idx]
+            return both[:, 0], both[:, 1]
+        return self._scratch_k[idx], self._scratch_v[idx]
 
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
                       raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +206,7 @@ class KVCache:
         # Decoding one token is bound by per-op overhead, hence the fewest ops here.
         self.put(p, k, v)
         self._k_written = k
-        gathered = self.chunk_sources(sources + (p,))
-        k_stack, v_stack = gathered[:, 0], gathered[:, 1]  # (S + 1, B, Hkv, T, D)
+        k_stack, v_stack = self.chunk_sources(sources + (p,))  # (S + 1, B, Hkv, T, D)
         if raw:
             v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
         return k_stack, v_stack
@@ -187,12 +216,12 @@ class KVCache:
         s = self._slot[p]
         if k is not self._k_written:
             self._write_chunk(self.k[s], 2, k)
-            if self._scratch is not None:
-                self._scratch[p, 0] = k
+            if self._scratch_k is not None:
+                self._scratch_k[p] = k
         self._k_written = None
         self._write_chunk(self.v[s], 2, v)
-        if self._scratch is not None:
-            self._scratch[p, 1] = v
+        if self._scratch_v is not None:
+            self._scratch_v[p] = v
         if raw_v is not None:
             self._raw_v[p] = raw_v
 
@@ -203,8 +232,8 @@ class KVCache:
 
     def entries(self, p: int):
         """This chunk's (k, mixed v, raw v or None) at position p."""
-        if self._scratch is not None:
-            return self._scratch[p, 0], self._scratch[p, 1], self._raw_v.get(p)
+        if self._scratch_k is not None:
+            return self._scratch_k[p], self._scratch_v[p], self._raw_v.get(p)
         s = self._slot[p]
         return self._chunk(self.k[s], 2), self._chunk(self.v[s], 2), self._raw_v.get(p)
 
@@ -215,16 +244,17 @@ class KVCache:
             raise ValueError(f"a {type(self).__name__} keeps every row")
         k, v, raw = self.entries(src)
         if rows is None:
-            if self._scratch is not None:
-                self._scratch[dst] = self._scratch[src]
+            if self._scratch_k is not None:
+                self._scratch_k[dst], self._scratch_v[dst] = k, v
             if self._slot[dst] != self._slot[src]:
                 self._write_chunk(self.k[self._slot[dst]], 2, k)
                 self._write_chunk(self.v[self._slot[dst]], 2, v)
             if raw is not None:
                 self._raw_v[dst] = raw
             return
-        if self._scratch is not None:
-            self._scratch[dst].index_copy_(1, rows, self._scratch[src].index_select(1, rows))
+        if self._scratch_k is not None:
+            self._scratch_k[dst].index_copy_(0, rows, k.index_select(0, rows))
+            self._scratch_v[dst].index_copy_(0, rows, v.index_select(0, rows))
         if self._slot[dst] != self._slot[src]:
             self._chunk(self.k[self._slot[dst]], 2).index_copy_(0, rows, k.index_select(0, rows))
             self._chunk(self.v[self._slot[dst]], 2).index_copy_(0, rows, v.index_select(0, rows))
@@ -252,8 +282,8 @@ class RowView:
     def depth_sources(self, p, sources, k, v, raw):
         self.put(p, k, v)
         c = self.cache
-        gathered = self._rows(c.chunk_sources(sources + (p,)), 2)  # (S + 1, 2, Ba, Hkv, T, D)
-        k_stack, v_stack = gathered[:, 0], gathered[:, 1]
+        k_all, v_all = c.chunk_sources(sources + (p,))
+        k_stack, v_stack = self._rows(k_all, 1), self._rows(v_all, 1)  # (S + 1, Ba, Hkv, T, D)
         if raw:
             v_stack = torch.stack([self._rows(c._raw_v[j]) for j in sources] + [v])
         return k_stack, v_stack
@@ -263,9 +293,9 @@ class RowView:
         s = c._slot[p]
         c._chunk(c.k[s], 2).index_copy_(0, self.index, k)
         c._chunk(c.v[s], 2).index_copy_(0, self.index, v)
-        if c._scratch is not None:
-            c._scratch[p, 0].index_copy_(0, self.index, k)
-            c._scratch[p, 1].index_copy_(0, self.index, v)
+        if c._scratch_k is not None:
+            c._scratch_k[p].index_copy_(0, self.index, k)
+            c._scratch_v[p].index_copy_(0, self.index, v)
         if raw_v is not None:
             full = c._raw_v.get(p)
             if full is None:

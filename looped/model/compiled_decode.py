@@ -30,7 +30,7 @@ class StaticKVCache(KVCache):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pos = torch.zeros((), dtype=torch.long, device=self.kv.device)
+        self.pos = torch.zeros((), dtype=torch.long, device=self.k.device)
         self._idx: Optional[torch.Tensor] = None  # (T,) the chunk's sequence positions
 
     def next_position(self) -> torch.Tensor:
@@ -42,13 +42,13 @@ class StaticKVCache(KVCache):
             raise ShapeError("a compiled decoder's cache serves only the batch size and loop "
                              "count it was made for")
         self.offset = self.pos
-        self._idx = self.pos + torch.arange(n_tokens, device=self.kv.device)
+        self._idx = self.pos + torch.arange(n_tokens, device=self.k.device)
         self._open_chunk(n_tokens, layout)
 
     def commit(self) -> None:
         # the decoder advances length and pos outside the compiled graph
         self._raw_v = {}
-        self._scratch = None
+        self._scratch_k = self._scratch_v = self._scratch_kv = None
 
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
@@ -106,8 +106,9 @@ class CompiledDecoder:
                               "use model.kernel=sdpa")
         self.model, self.loops = model, model._check_loops(loops)
         ref = model.embed.weight
-        self.cache = StaticKVCache(model.layout(self.loops), batch_size, cfg.n_kv_heads, max_len,
-                                   cfg.head_dim, policy=kv, dtype=ref.dtype, device=ref.device)
+        heads, k_dim, v_dim = model.attention_kind.cache_geometry(cfg)
+        self.cache = StaticKVCache(model.layout(self.loops), batch_size, heads, max_len, k_dim,
+                                   v_dim=v_dim, policy=kv, dtype=ref.dtype, device=ref.device)
         # the step's input lives in one buffer too: any strides or address of the caller's
         # tensor would otherwise be a new graph
         self.tokens = torch.zeros((batch_size, 1), dtype=torch.long, device=ref.device)
@@ -116,7 +117,8 @@ class CompiledDecoder:
         if compile:
             mode = mode or ("reduce-overhead" if on_cuda else None)
             # CUDA graphs need the cache at one address: it is mutated in place at every step
-            torch._dynamo.mark_static_address(self.cache.kv)
+            for buf in self.cache.buffers():
+                torch._dynamo.mark_static_address(buf)
             torch._dynamo.mark_static_address(self.cache.pos)
             torch._dynamo.mark_static_address(self.tokens)
             self._step = torch.compile(self._compiled_step, fullgraph=True, dynamic=False,

@@ -41,7 +41,7 @@ class DepthPass:
     def __init__(self, model, store, loops: int, recorder: Recorder):
         self.model = model
         self.ctx = DepthContext(store, model.rope, model.cfg.depth_attention.mix == "raw",
-                                recorder)
+                                recorder, self.attention_at)
         self.layout = model.layout(loops)
         self.sources = model.depth_sources(loops)
         self.slots = model.position_slots(loops)
@@ -80,6 +80,10 @@ class DepthPass:
                 hook = self.method.value_hook(self.stream, slot)
                 self.method.apply(self.stream, slot, LayerCall(block, self.ctx, pos, hook))
         return x if self.method is None else self.method.read(self.stream)
+
+    def attention_at(self, p: int):
+        """The attention module that runs at depth position p."""
+        return self.model.block_at(p, self.layout.loops).attn
 
     @property
     def can_drop_rows(self) -> bool:

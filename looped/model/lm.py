@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from looped.errors import ConfigError, ShapeError
-from looped.model.attention import Recorder
+from looped.model.attention import ATTENTION_KINDS, Recorder
 from looped.model import generation
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
@@ -55,7 +55,9 @@ class LoopedLM(nn.Module):
         self.cfg, self.loop = cfg, loop
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_embedding else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.attention_kind = ATTENTION_KINDS[cfg.attention]
+        self.rope = RotaryEmbedding(self.attention_kind.rope_dim(cfg), cfg.max_seq_len,
+                                    cfg.rope_theta)
         self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
         if cfg.share_weights:
             self.core = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -88,7 +90,7 @@ class LoopedLM(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() < 2 or name.startswith("cross_layer."):  # methods init their own
                 continue
-            is_out = name.endswith("o_proj.weight") or name.endswith("down.weight")
+            is_out = name.endswith(("o_proj.weight", "mlp.down.weight"))
             nn.init.normal_(p, 0.0, out_std if is_out else std)
 
     # -- depth positions -------------------------------------------------------------------
@@ -152,6 +154,15 @@ class LoopedLM(nn.Module):
                              f"copies of its core; cannot run loops={loops}")
         return loops
 
+    def block_at(self, p: int, loops: Optional[int] = None) -> Block:
+        """The block that runs at depth position p of a run with `loops` iterations."""
+        slot = self.layout(loops).slot(p)
+        if slot.stage == "prelude":
+            return self.prelude[slot.layer]
+        if slot.stage == "coda":
+            return self.coda[slot.layer]
+        return self.core_block(slot.iteration, slot.layer)
+
     def core_block(self, iteration: int, layer: int) -> Block:
         return self.core_blocks(iteration)[layer]
 
@@ -166,11 +177,11 @@ class LoopedLM(nn.Module):
         """An empty cache for `loops` iterations (default: the config's loop). kv names the
         cache policy: `per_iteration` (exact) or `last` (one slot per layer, any R); see
         looped.model.cache_policy."""
-        c = self.cfg
+        heads, k_dim, v_dim = self.attention_kind.cache_geometry(self.cfg)
         ref = self.embed.weight
-        return KVCache(self.layout(self._check_loops(loops)), batch_size, c.n_kv_heads,
-                       max_len or c.max_seq_len, c.head_dim, policy=kv, dtype=ref.dtype,
-                       device=ref.device)
+        return KVCache(self.layout(self._check_loops(loops)), batch_size, heads,
+                       max_len or self.cfg.max_seq_len, k_dim, v_dim=v_dim, policy=kv,
+                       dtype=ref.dtype, device=ref.device)
 
     def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if self.cfg.injection == "add":

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,7 +29,6 @@ from looped import build_model, load_config
 from looped.components import component_config
 from looped.errors import ConfigError, cli_main
 from looped.model.cross_layer import CROSS_LAYER_METHODS
-from looped.model.depth import depth_mix_flops
 
 TOOL_KEYS = ("context", "bytes")
 # Attention Residuals' block variant: about 8 blocks over the depth (the paper's recommendation)
@@ -53,6 +52,7 @@ class Accounting:
     forward_flops: float  # per token, vanilla
     kv_bytes: int  # per token
     depth_attention: MethodCost
+    attention: str  # model.attention
     methods: list[MethodCost]
 
 
@@ -73,16 +73,27 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
     weights += c.vocab_size * c.d_model  # the head (tied or not, it runs once per token)
     if model.adapter is not None:
         weights += model.adapter.weight.numel() * model.loop
-    attention = 4 * c.n_heads * c.head_dim * context * positions
+    kind = model.attention_kind
+    attention = kind.attention_flops(c, context) * positions
     forward = 2.0 * weights + attention
 
-    sources = model.depth_sources(model.loop)
-    da_flops = sum(depth_mix_flops(len(s), c.n_heads, c.n_kv_heads, c.head_dim) for s in sources)
-    da = MethodCost("depth_attention", 0, float(da_flops), 0.0)
+    def da_cost(cfg, label: str) -> MethodCost:
+        flops = sum(kind.depth_flops(cfg, len(s), _other_layers(model, p, s))
+                    for p, s in enumerate(model.depth_sources(model.loop)))
+        return MethodCost(label, 0, float(flops), 0.0)
+
+    da = da_cost(c, "depth_attention")
+    alternatives = []
+    if c.attention == "mla":  # the depth-score ablation (looped.model.mla)
+        da.name += f" (mla.depth_keys={c.mla.depth_keys})"
+        other = "own" if c.mla.depth_keys == "absorbed" else "absorbed"
+        alternatives.append(da_cost(replace(c, mla=replace(c.mla, depth_keys=other)),
+                                    f"depth_attention (mla.depth_keys={other})"))
 
     n_slots = model.layout(model.param_loops).n_positions
-    kv_dim = c.n_kv_heads * c.head_dim
-    methods = []
+    heads, k_dim, v_dim = kind.cache_geometry(c)
+    kv_dim = heads * v_dim
+    methods = alternatives
     for name, extra in _method_variants(n_slots):
         mcfg = component_config("model.cross_layer", name, **extra)
         with torch.device("meta"):
@@ -97,8 +108,15 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
     return Accounting(params=sum(p.numel() for p in model.parameters()),
                       embedding_params=embedding, n_positions=positions, context=context,
                       forward_flops=forward,
-                      kv_bytes=2 * positions * kv_dim * bytes_per,
-                      depth_attention=da, methods=methods)
+                      kv_bytes=positions * heads * (k_dim + v_dim) * bytes_per,
+                      depth_attention=da, methods=methods, attention=c.attention)
+
+
+def _other_layers(model, p: int, sources: tuple[int, ...]) -> int:
+    """How many distinct layers other than p's own the sources of p are (weights, not positions:
+    a looped core's earlier iterations are the same layer)."""
+    own = model.block_at(p)
+    return len({id(model.block_at(j)) for j in sources if model.block_at(j) is not own})
 
 
 def _method_variants(n_slots: int) -> list[tuple[str, dict]]:
@@ -118,7 +136,7 @@ def format_table(title: str, a: Accounting) -> str:
     lines = [f"## {title}",
              "",
              f"parameters {a.params / 1e6:,.1f}M (embedding {a.embedding_params / 1e6:,.1f}M), "
-             f"{a.n_positions} depth positions, context {a.context}",
+             f"{a.n_positions} depth positions, context {a.context}, attention {a.attention}",
              f"forward FLOPs per token {a.forward_flops / 1e9:,.3f} G; "
              f"KV cache {a.kv_bytes / 1024:,.1f} KiB per token",
              "",

@@ -32,9 +32,23 @@ def _num(x) -> float:
     return float(x) if x not in (None, "") else math.nan
 
 
-def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict], dict[str, str]]:
+def cache_bytes_per_token(run_dir: Path) -> int:
+    """The KV-cache bytes one token takes over all depth positions of a run's model (fp32, at
+    its trained loop count), from its config, built on the meta device."""
+    import torch
+
+    from looped import build_model
+    from looped.checkpoint import load_run_config
+
+    with torch.device("meta"):
+        return build_model(load_run_config(run_dir)).new_cache(1, 1).nbytes
+
+
+def collect(runs: list[RunSpec], spec_cache: bool = False
+            ) -> tuple[list[dict], list[dict], dict[str, str]]:
     """(rows: one per finished run and evaluated R, curves: one per run and step, the errors
-    of failed runs). Results made with other settings than the run's are left out."""
+    of failed runs). Results made with other settings than the run's are left out. With
+    spec_cache, each row also carries the run's KV-cache bytes per token."""
     rows, curves, errors = [], [], {}
     for run in runs:
         d = Path(run.run_dir)
@@ -45,11 +59,12 @@ def collect(runs: list[RunSpec]) -> tuple[list[dict], list[dict], dict[str, str]
             continue
         base = {"grid": run.grid_label, "variant": run.variant, "seed": run.seed,
                 "trained_loop": result["trained_loop"]}
+        cache = {"cache_bytes": cache_bytes_per_token(d)} if spec_cache else {}
         for r, metrics in result["eval"].items():
             rows.append({**base, "R": int(r), **{m: _num(metrics.get(m)) for m in METRICS},
                          "iterations": _num(metrics.get("iterations")),
                          "train_seconds": result["train_seconds"],
-                         "resumed": result["resumed"]})
+                         "resumed": result["resumed"], **cache})
         curves.extend(_curve(d / METRICS_FILE, base))
     return rows, curves, errors
 
@@ -118,19 +133,26 @@ def summarise(rows: list[dict], spec: StudySpec) -> list[dict]:
     return out
 
 
+def comparisons(spec: StudySpec) -> list[tuple[str, str]]:
+    """(variant, baseline) pairs: every variant against the reference, then the study's pairs."""
+    out = [(v, spec.reference) for v in spec.variants if v != spec.reference]
+    return out + [tuple(p) for p in spec.pairs if tuple(p) not in out]
+
+
 def paired(rows: list[dict], spec: StudySpec) -> list[dict]:
     out = []
     for metric in METRICS:
         table = _by(_with_trained(rows), metric, "grid", "variant", "R")
-        for (grid, variant, R), vals in table.items():
-            ref = table.get((grid, spec.reference, R))
-            s = None if variant == spec.reference else _paired(vals, ref)
-            if s is None:
-                continue
-            ref_mean = statistics.fmean(ref[k] for k in set(vals) & set(ref))
-            out.append({"grid": grid, "variant": variant, "reference": spec.reference, "R": R,
-                        "metric": metric, **_spread_cols(s),
-                        "relative": s.mean / ref_mean if ref_mean else math.nan})
+        for grid, R in dict.fromkeys((g, r) for g, _, r in table):
+            for variant, baseline in comparisons(spec):
+                vals, ref = table.get((grid, variant, R)), table.get((grid, baseline, R))
+                s = _paired(vals, ref)
+                if s is None:
+                    continue
+                ref_mean = statistics.fmean(ref[k] for k in set(vals) & set(ref))
+                out.append({"grid": grid, "variant": variant, "reference": baseline, "R": R,
+                            "metric": metric, **_spread_cols(s),
+                            "relative": s.mean / ref_mean if ref_mean else math.nan})
     return out
 
 
@@ -184,7 +206,8 @@ def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
         if grid:
             lines += [f"## {grid}", ""]
         mine_curves = [c for c in curves if c["grid"] == grid]
-        lines += _main_table(mine, spec) + [""] + _gap_table(mine_curves, spec) + [""]
+        lines += _main_table(mine, spec) + [""] + _pairs_table(mine, spec) + [""]
+        lines += _gap_table(mine_curves, spec) + [""]
         lines += _self_weight_table(mine_curves, len(spec.seeds)) + [""]
     if failed:
         lines += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in sorted(failed.items())]
@@ -202,6 +225,9 @@ def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     head = ["variant", "trained R"] + [f"R={r}" for r in loops] + \
            [f"Δ vs {spec.reference} at trained R", "train time (s)"]
+    cache = _by(rows, "cache_bytes", "variant") if spec.cache_bytes else {}
+    if spec.cache_bytes:
+        head.append("KV cache / token (fp32)")
     out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
     for v in variants:
         trained_r = sorted({r["trained_loop"] for r in rows if r["variant"] == v})
@@ -212,7 +238,24 @@ def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
         row.append("(reference)" if v == spec.reference else
                    _diff_cell(diff, n) if diff is not None else "")
         row.append(f"{spread(list(times[(v,)].values())).mean:.0f}" if (v,) in times else "")
+        if spec.cache_bytes:
+            row.append(f"{int(next(iter(cache[(v,)].values()))):,} B" if (v,) in cache else "")
         out.append("| " + " | ".join(row) + " |")
+    return out
+
+
+def _pairs_table(rows: list[dict], spec: StudySpec) -> list[str]:
+    """The study's extra [variant, baseline] pairs, at each run's trained R."""
+    if not spec.pairs:
+        return []
+    m, n = spec.metric, len(spec.seeds)
+    trained = _by(_with_trained(rows), m, "variant", "R")
+    out = [f"Paired comparisons (`{m}`, variant − baseline, paired by seed, at trained R):", "",
+           "| variant | baseline | Δ |", "|---|---|---:|"]
+    for variant, baseline in spec.pairs:
+        diff = _paired(trained.get((variant, TRAINED)), trained.get((baseline, TRAINED)))
+        out.append(f"| {variant} | {baseline} | "
+                   f"{_diff_cell(diff, n) if diff is not None else ''} |")
     return out
 
 
@@ -300,7 +343,7 @@ def write_all(runs: list[RunSpec], spec: StudySpec, command: str,
     those the run directories record."""
     out = Path(spec.results)
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves, errors = collect(runs)
+    rows, curves, errors = collect(runs, spec.cache_bytes)
     failed = {**errors, **failed}
     _write_csv(out / "runs.csv", rows)
     _write_csv(out / "summary.csv", summarise(rows, spec))

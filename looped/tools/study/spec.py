@@ -11,6 +11,8 @@
     # grid: {task: {roots: [task.chain_len=4], chain: [task.hops=3]}}
     seeds: [0, 1, 2]
     reference: vanilla                                # paired differences are against it
+    pairs: [[depth_attention, vanilla]]               # optional: more [variant, baseline] pairs
+    cache_bytes: false                                # optional: KV bytes per token per variant
     metric: bits_per_byte                             # accuracy | loss | bits_per_byte
     eval: {loops: [1], n_samples: 1024}               # the `looped eval` sweep of each run
 
@@ -66,6 +68,10 @@ class StudySpec:
     grid: dict[str, Any] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every variant at each seed
     reference: Optional[str] = None  # default: the first variant
+    # more paired comparisons: [variant, baseline] pairs, each reported like the reference's
+    pairs: list[list[str]] = field(default_factory=list)
+    # add each variant's KV-cache bytes per token (fp32, every depth position) to the report
+    cache_bytes: bool = False
     metric: str = "accuracy"  # accuracy | loss | bits_per_byte
     # R values the markdown table reports (default: every evaluated R)
     report_loops: list[int] = field(default_factory=list)
@@ -152,6 +158,9 @@ def _validate(spec: StudySpec, path: Path) -> None:
     need(reference in spec.variants,
          f"reference '{reference}' is not a variant; choose one of: {', '.join(spec.variants)}")
     spec.reference = reference
+    for pair in spec.pairs:
+        need(len(pair) == 2 and all(v in spec.variants for v in pair),
+             f"pairs: each entry is [variant, baseline] of two variants, got {pair}")
     unknown = [v for v in spec.only if v not in spec.variants]
     need(not unknown, f"only: unknown variant(s) {', '.join(unknown)}; choose from: "
                       f"{', '.join(spec.variants)}")

@@ -1,0 +1,165 @@
+"""Multi-head latent attention (DeepSeek-V2), with Depth-Attention on its latent.
+
+Per token, MLA caches no keys or values: it caches a latent c = RMSNorm(W_DKV x) of width d_c
+and one RoPE key k_r = RoPE(W_KR x) of width d_rope, shared by all heads. Each head h reads
+keys [W_UK_h c ; k_r] and values W_UV_h c, with queries [q_h,nope ; RoPE(q_h,rope)] from a
+full-rank projection or through a low-rank latent.
+
+Depth-Attention here mixes the latent, because the latent is all that the cache keeps beside the
+RoPE key. At depth position p, for each token:
+
+    score_j = ( mean_h q_h,nope . W_UK_h c~_j  +  mean_h q_h,rope . k_r,j ) / sqrt(d_nope + d_rope)
+    alpha   = softmax over j in sources(p) + [p]             (one weight per token: c is shared)
+    c~_p    = sum_{j < p} alpha_j c~_j + alpha_p c_p
+
+and layer p's keys and values are up-projected from c~_p, which the cache keeps in c's place:
+no parameter and no cached byte is added. Consequences, and the choices made:
+
+- Under GQA only the value is mixed and the key stays raw. Under MLA the NoPE keys come from
+  the same latent, so they are mixed too. Mixing only the value path would need the raw latent
+  (for the keys) and the mixed one (for the values): a second latent in the cache.
+- The RoPE key is not mixed. It is cached raw and takes part in the depth scores; RoPE
+  rotates the query and every source's key by the same angle (all sit at the same token), so the
+  rotation cancels there as it does under GQA.
+- W_UK in the score (`model.mla.depth_keys`): `absorbed` (the default) uses layer p's own
+  W_UK_h for every source, so the whole score is one latent-space query q_lat =
+  mean_h W_UK_h^T q_h,nope dotted with each cached latent. `own` uses each source layer's
+  W_UK, so source j's key is the one its own attention read. The two are the same when the
+  source is the same layer at an earlier iteration, which is every core source of a looped
+  model under `same_layer`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from looped.model.attention import (ATTENTION_KINDS, Attention, DepthContext, DepthPosition,
+                                    DepthWeights)
+from looped.model.depth import SOFTMAX_FLOPS, _softmax
+from looped.model.kernels import attend
+from looped.model.norm import RMSNorm
+
+
+@ATTENTION_KINDS.register("mla")
+class MLAttention(nn.Module):
+    @staticmethod
+    def cache_geometry(cfg) -> tuple[int, int, int]:
+        """One 'head' per token: the RoPE key in the K slot, the (mixed) latent in the V slot."""
+        return 1, cfg.mla.rope_dim, cfg.mla.kv_rank
+
+    @staticmethod
+    def rope_dim(cfg) -> int:
+        return cfg.mla.rope_dim
+
+    @staticmethod
+    def attention_flops(cfg, context: int) -> int:
+        m = cfg.mla
+        return 2 * cfg.n_heads * (m.nope_dim + m.rope_dim + m.v_dim) * context
+
+    @staticmethod
+    def depth_flops(cfg, n_sources: int, n_source_layers: int) -> int:
+        """Per token at a position with n_sources sources, of which n_source_layers are other
+        layers whose W_UK `own` applies (`absorbed` applies only this layer's)."""
+        if n_sources == 0:
+            return 0
+        m, h, n = cfg.mla, cfg.n_heads, n_sources + 1
+        projections = 1 + (n_source_layers if m.depth_keys == "own" else 0)
+        return (projections * 2 * h * m.nope_dim * m.kv_rank  # q_lat = mean_h W_UK_h^T q_h
+                + h * m.rope_dim  # the heads' mean RoPE query
+                + 2 * n * (m.kv_rank + m.rope_dim)  # scores
+                + SOFTMAX_FLOPS * n
+                + 2 * n * m.kv_rank)  # the weighted sum of latents
+
+    def __init__(self, cfg):
+        super().__init__()
+        m = cfg.mla
+        self.h, self.d_nope, self.d_rope, self.d_v, self.d_c = (cfg.n_heads, m.nope_dim,
+                                                                m.rope_dim, m.v_dim, m.kv_rank)
+        self.kernel, self.depth_keys = cfg.kernel, m.depth_keys
+        qk = m.nope_dim + m.rope_dim
+        if m.q_rank:
+            self.q_down = nn.Linear(cfg.d_model, m.q_rank, bias=False)
+            self.q_norm = RMSNorm(m.q_rank, cfg.norm_eps)
+            self.q_up = nn.Linear(m.q_rank, cfg.n_heads * qk, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * qk, bias=False)
+        self.kv_down = nn.Linear(cfg.d_model, m.kv_rank, bias=False)
+        self.kv_norm = RMSNorm(m.kv_rank, cfg.norm_eps)
+        self.k_up = nn.Linear(m.kv_rank, cfg.n_heads * m.nope_dim, bias=False)
+        self.v_up = nn.Linear(m.kv_rank, cfg.n_heads * m.v_dim, bias=False)
+        self.k_rope = nn.Linear(cfg.d_model, m.rope_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * m.v_dim, cfg.d_model, bias=False)
+        self.scale = 1.0 / math.sqrt(qk)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_up(self.q_norm(self.q_down(x)))
+
+    def forward(self, x: torch.Tensor, ctx: DepthContext, pos: DepthPosition,
+                value_hook: Optional[Callable] = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, store, recorder, offset = self.h, ctx.store, ctx.recorder, ctx.store.offset
+        q = self.queries(x).view(b, t, h, self.d_nope + self.d_rope).transpose(1, 2)
+        q_nope, q_rope = q.split([self.d_nope, self.d_rope], -1)  # (B, H, T, *)
+        q_rope = ctx.rope(q_rope, offset)
+        c = self.kv_norm(self.kv_down(x)).unsqueeze(1)  # (B, 1, T, d_c): the latent
+        k_r = ctx.rope(self.k_rope(x).unsqueeze(1), offset)  # (B, 1, T, d_rope)
+
+        raw_c = c if ctx.raw_mix else None
+        if pos.sources:
+            k_src, c_src = store.depth_sources(pos.index, pos.sources, k_r, c, raw=ctx.raw_mix)
+            c, alpha = self.depth_mix(q_nope, q_rope, k_src, c_src, pos, ctx)
+            if recorder.want_depth:
+                recorder.depth_weights[pos.index] = DepthWeights(
+                    alpha.transpose(1, 2).detach(), pos.sources + (pos.index,))
+        elif recorder.want_depth:
+            recorder.depth_weights[pos.index] = DepthWeights(c.new_ones(b, t, 1, 1),
+                                                             (pos.index,))
+        if pos.frozen is not None:
+            k_r, c, raw_c = Attention._keep_frozen(store, pos, k_r, c, raw_c)
+        store.put(pos.index, k_r, c, raw_c)
+
+        k_all, c_all = store.history(pos.index)  # (B, 1, Tk, d_rope), (B, 1, Tk, d_c)
+        tk = c_all.shape[2]
+        k = torch.cat([self.k_up(c_all[:, 0]).view(b, tk, h, self.d_nope).transpose(1, 2),
+                       k_all.expand(b, h, tk, self.d_rope)], -1)  # (B, H, Tk, d_nope + d_rope)
+        v = self.v_up(c_all[:, 0]).view(b, tk, h, self.d_v).transpose(1, 2)  # (B, H, Tk, d_v)
+        out, weights = attend(torch.cat([q_nope, q_rope], -1), k, v, kernel=self.kernel,
+                              q_offset=offset, need_weights=recorder.want_attn)
+        if weights is not None:
+            recorder.attn_weights[pos.index] = weights
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.d_v))
+
+    def latent_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """mean_h W_UK_h^T q_h,nope with this layer's W_UK: (B, H, T, d_nope) -> (B, 1, T, d_c)."""
+        b, h, t, _ = q_nope.shape
+        flat = q_nope.transpose(1, 2).reshape(b, t, h * self.d_nope)
+        return (flat @ self.k_up.weight).unsqueeze(1) / h
+
+    def depth_mix(self, q_nope, q_rope, k_src, c_src, pos: DepthPosition, ctx: DepthContext):
+        """The mixed latent (B, 1, T, d_c) and alpha (B, 1, T, S + 1). k_src, c_src: the
+        sources' RoPE keys and latents, this position's own last, as a list of S + 1 tensors
+        or stacked on a first dim."""
+        q_rope_bar = q_rope.mean(1, keepdim=True)  # (B, 1, T, d_rope)
+        positions = pos.sources + (pos.index,)
+        lat: dict[int, torch.Tensor] = {}  # one latent query per W_UK used
+        scores = []
+        for i, j in enumerate(positions):
+            layer = self
+            if self.depth_keys == "own" and j != pos.index:
+                layer = ctx.attention_at(j)
+            if id(layer) not in lat:
+                lat[id(layer)] = layer.latent_query(q_nope)
+            scores.append(torch.linalg.vecdot(c_src[i], lat[id(layer)])
+                          + torch.linalg.vecdot(k_src[i], q_rope_bar))
+        alpha = _softmax(torch.stack(scores) * self.scale, 0)  # (S + 1, B, 1, T)
+        weights = alpha.unsqueeze(-1)
+        mixed = c_src[0] * weights[0]
+        for c_j, w in zip(c_src[1:], weights[1:]):
+            mixed = torch.addcmul(mixed, c_j, w)
+        return mixed, alpha.permute(1, 2, 3, 0)
