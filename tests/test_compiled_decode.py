@@ -24,6 +24,12 @@ MODELS = {
                              init_state="embed", **LOOPED_MODEL),
     "looped-learned-positions": dict(loop=2, policy="same_layer", pos_embedding="true",
                                      **LOOPED_MODEL),
+    # MLA: a cache of two widths (the RoPE key, the latent), in two buffers
+    "plain-mla-strided": dict(loop=1, policy="strided", stride=2,
+                              extra=("model.attention=mla", "model.mla.kv_rank=12",
+                                     "model.mla.rope_dim=4", "model.mla.depth_keys=own")),
+    "looped-mla": dict(loop=3, policy="same_layer", extra=("model.attention=mla",),
+                       **LOOPED_MODEL),
 }
 
 
@@ -44,7 +50,8 @@ def test_static_step_equals_eager_cached_decode(name, kv):
     with torch.no_grad():
         ref = model.cached_forward(ids, kv=kv, prefill=3).logits
     decoder = CompiledDecoder(model, 2, 16, kv=kv, compile=False)
-    decoder.cache.kv.normal_()  # garbage past the position must not leak into attention
+    for buf in decoder.cache.buffers():  # garbage past the position must not leak in
+        buf.normal_()
     assert max_diff(decode_static(decoder, ids, 3), ref) <= 1e-5
     # a reset decoder decodes another sequence exactly: old entries are masked, not cleared
     decoder.reset()

@@ -26,6 +26,8 @@ PRESETS = {
     "3b": (3.0e9, 48, 2048, 32, 8, 6912),
 }
 VOCAB, HEAD_DIM = 50304, 64
+MLA_TINY = ["model.attention=mla", "model.mla.kv_rank=24", "model.mla.rope_dim=8",
+            "model.mla.nope_dim=16", "model.mla.v_dim=12", "train.loops.sampler=fixed"]
 
 
 def paper_cfg(preset: str, *extra: str):
@@ -51,6 +53,9 @@ def test_presets_build_on_meta_with_their_parameter_count(preset):
     ["loop=1", "model.n_layers=3"],
     ["loop=3", "model.n_layers=2", "model.n_prelude=1", "model.n_coda=1",
      "model.injection=concat", "model.init_state=embed"],
+    ["loop=1", "model.n_layers=3", *MLA_TINY],
+    ["loop=1", "model.n_layers=2", "model.mla.q_rank=20", *MLA_TINY],
+    ["loop=2", "model.n_layers=2", "model.n_prelude=1", *MLA_TINY],
 ])
 def test_forward_flops_equal_the_flop_counter(extra):
     """Eager attention is matmuls the counter sees, so the counts must agree exactly."""
@@ -164,3 +169,40 @@ def test_depth_attention_flops_equal_the_executed_arithmetic(extra):
     assert any(sources) and executed > 0
     assert account(cfg, context=t, bytes_per=2).depth_attention.flops * t == \
         executed + convention * t
+
+
+
+@pytest.mark.parametrize("keys", ["absorbed", "own"])
+def test_mla_depth_attention_matmuls_equal_the_flop_counter(keys):
+    """Depth-Attention's matmuls under MLA are the latent queries W_UK^T q: one per position
+    with sources (absorbed), plus one per other source layer (own). The counter sees exactly
+    those on top of the vanilla twin."""
+    extra = ["loop=1", "model.n_layers=5", "model.depth_attention.sources=strided",
+             "model.depth_attention.stride=2", f"model.mla.depth_keys={keys}", *MLA_TINY]
+    cfg = load_config(extra)
+    twin_cfg = load_config(extra + ["model.depth_attention.enabled=false"])
+    model, twin = build_model(cfg).eval(), build_model(twin_cfg).eval()
+    twin.load_state_dict(model.state_dict())
+    t = 8
+    ids = torch.randint(0, cfg.model.vocab_size, (1, t))
+    counts = []
+    for m in (model, twin):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            m(ids)
+        counts.append(counter.get_total_flops())
+    c, sources = cfg.model, model.depth_sources(1)
+    per_projection = 2 * c.n_heads * c.mla.nope_dim * c.mla.kv_rank
+    projections = sum(1 + (len(s) if keys == "own" else 0) for s in sources if s)
+    assert counts[0] - counts[1] == projections * per_projection * t
+
+
+def test_mla_cache_bytes_and_presets():
+    for preset, layers in (("360m", 32), ("1.5b", 48), ("3b", 48)):
+        gqa = account(paper_cfg(preset), context=2048, bytes_per=2)
+        mla = account(paper_cfg(preset + "_mla"), context=2048, bytes_per=2)
+        assert mla.kv_bytes == layers * (256 + 32) * 2  # (d_c + d_rope) bf16 per layer
+        assert mla.kv_bytes < gqa.kv_bytes
+        assert mla.depth_attention.params == 0 and mla.depth_attention.state_bytes == 0
+        decode = next(m for m in mla.methods if "absorbed-attention decode" in m.name)
+        own = next(m for m in mla.methods if "depth_keys=own" in m.name)
+        assert decode.flops < 1e-3 * mla.forward_flops < mla.depth_attention.flops < own.flops

@@ -164,6 +164,7 @@ def test_table_tokenizer_round_trips(exported):
 @pytest.mark.parametrize("extra, fragment", [
     (dict(policy="dense", mix="raw"), "mix=raw"),
     (dict(enabled=False, extra=("model.cross_layer.method=denseformer",)), "cross_layer"),
+    (dict(policy="strided", extra=("model.attention=mla",)), "attention=mla"),
 ])
 def test_unsupported_models_are_refused(extra, fragment, tmp_path):
     cfg = tiny_cfg(**extra)

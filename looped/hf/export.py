@@ -39,6 +39,9 @@ def require_transformers():
 def check_exportable(cfg, model) -> None:
     """One-line errors for what the exported code does not implement."""
     m = cfg.model
+    if m.attention != "gqa":
+        raise ConfigError(f"cannot export model.attention={m.attention}: the exported model "
+                          f"implements GQA attention only")
     if m.cross_layer.method != "none":
         raise ConfigError(f"cannot export cross_layer.method={m.cross_layer.method}: the "
                           f"exported model implements the plain residual stream only")

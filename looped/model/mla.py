@@ -61,14 +61,19 @@ class MLAttention(nn.Module):
         return 2 * cfg.n_heads * (m.nope_dim + m.rope_dim + m.v_dim) * context
 
     @staticmethod
-    def depth_flops(cfg, n_sources: int, n_source_layers: int) -> int:
+    def depth_flops(cfg, n_sources: int, n_source_layers: int,
+                    absorbed_attention: bool = False) -> int:
         """Per token at a position with n_sources sources, of which n_source_layers are other
-        layers whose W_UK `own` applies (`absorbed` applies only this layer's)."""
+        layers whose W_UK `own` applies (`absorbed` applies only this layer's).
+        absorbed_attention: the sequence attention itself runs in latent space (DeepSeek's
+        absorbed decoding), so it already has this layer's W_UK_h^T q_h for every head."""
         if n_sources == 0:
             return 0
         m, h, n = cfg.mla, cfg.n_heads, n_sources + 1
-        projections = 1 + (n_source_layers if m.depth_keys == "own" else 0)
-        return (projections * 2 * h * m.nope_dim * m.kv_rank  # q_lat = mean_h W_UK_h^T q_h
+        projections = (0 if absorbed_attention else 1) + \
+            (n_source_layers if m.depth_keys == "own" else 0)
+        return (projections * 2 * h * m.nope_dim * m.kv_rank  # W_UK_h^T q_h, all heads
+                + (h * m.kv_rank if absorbed_attention else 0)  # their mean
                 + h * m.rope_dim  # the heads' mean RoPE query
                 + 2 * n * (m.kv_rank + m.rope_dim)  # scores
                 + SOFTMAX_FLOPS * n

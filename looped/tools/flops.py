@@ -77,8 +77,8 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
     attention = kind.attention_flops(c, context) * positions
     forward = 2.0 * weights + attention
 
-    def da_cost(cfg, label: str) -> MethodCost:
-        flops = sum(kind.depth_flops(cfg, len(s), _other_layers(model, p, s))
+    def da_cost(cfg, label: str, **kw) -> MethodCost:
+        flops = sum(kind.depth_flops(cfg, len(s), _other_layers(model, p, s), **kw)
                     for p, s in enumerate(model.depth_sources(model.loop)))
         return MethodCost(label, 0, float(flops), 0.0)
 
@@ -89,6 +89,9 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
         other = "own" if c.mla.depth_keys == "absorbed" else "absorbed"
         alternatives.append(da_cost(replace(c, mla=replace(c.mla, depth_keys=other)),
                                     f"depth_attention (mla.depth_keys={other})"))
+        # decoding with the attention in latent space, the absorbed query is already there
+        alternatives.append(da_cost(c, f"depth_attention (mla.depth_keys={c.mla.depth_keys}, "
+                                       f"absorbed-attention decode)", absorbed_attention=True))
 
     n_slots = model.layout(model.param_loops).n_positions
     heads, k_dim, v_dim = kind.cache_geometry(c)
