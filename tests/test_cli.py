@@ -63,6 +63,8 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
     (["generate"], "give the run to sample from"),
     (["export", "run=x"], "give the run and the output directory"),
     (["export", "run=/no/such/run", "out=/tmp/x"], "/no/such/run"),
+    (["export", "run=/no/such/run", "out=README.md"], "out=README.md is a file"),
+    (["export", "run=/no/such/run", "out=looped"], "is not an exported model"),
     (["generate", "run=/no/such/run"], "/no/such/run"),
     (["generate", "run=x", "temperature=-1"], "temperature must be >= 0"),
 ])

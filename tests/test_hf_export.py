@@ -69,6 +69,9 @@ def test_greedy_generate_equals_looped(exported):
     assert torch.equal(hf.generate(ids, max_new_tokens=10, do_sample=False), want)
     assert torch.equal(hf.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False),
                        want)
+    # beam search reorders the cache's rows (LoopedCache.reorder_cache)
+    beams = dict(max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(hf.generate(ids, **beams), hf.generate(ids, use_cache=False, **beams))
 
 
 @torch.no_grad()

@@ -36,6 +36,17 @@ def require_transformers():
     return transformers
 
 
+def check_out_dir(out) -> Path:
+    """The output directory: new, empty, or an earlier export (which is overwritten)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file; give a directory")
+    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ConfigError(f"out={out} exists and is not an exported model; choose an empty or "
+                          f"new directory")
+    return out
+
+
 def check_exportable(cfg, model) -> None:
     """One-line errors for what the exported code does not implement."""
     m = cfg.model
@@ -102,10 +113,7 @@ def export_model(cfg, model, task, out: Path, check: bool = True) -> dict:
     hf.load_state_dict(model.state_dict(), strict=True)
     hf.register_for_auto_class("AutoModelForCausalLM")
     hf.generation_config.pad_token_id = 0  # padding reads nothing (see tokenization_looped)
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise ConfigError(f"out={out} exists and is not an exported model; choose an empty or "
-                          f"new directory")
+    out = check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
     tokenizer = save_tokenizer(task, out)

@@ -40,12 +40,13 @@ def help_text(argv: list[str] = ()) -> str:
 def main(argv: list[str]) -> int:
     from looped import load_run
     from looped.data import build_task
-    from looped.hf.export import export_model, require_transformers
+    from looped.hf.export import check_out_dir, export_model, require_transformers
 
     args: ExportArgs = parse_tool_args(ExportArgs, argv)
     if not args.run or not args.out:
         raise ConfigError("give the run and the output directory: looped export run=runs/NAME "
                           "out=hf/NAME")
+    check_out_dir(args.out)  # before the (slower) loading of the run
     transformers = require_transformers()
     transformers.logging.set_verbosity_error()  # the command prints its own one-line summary
     transformers.logging.disable_progress_bar()
