@@ -60,6 +60,10 @@ class MLAConfig:
     # up-projection (one latent-space query; equals `own` when j is the same layer, as in a
     # looped core); `own` through layer j's (j's keys as its own attention read them)
     depth_keys: str = "absorbed"
+    # what Depth-Attention mixes: `latent` (the design: the cache keeps only the mixed latent and
+    # the RoPE key); `values` (an ablation: keys stay on the raw latent, which the cache then
+    # also keeps, d_c more per token and position)
+    depth_mix: str = "latent"
 
 
 @dataclass
@@ -510,6 +514,8 @@ def _check_attention(m) -> None:
     _require(a.rope_dim % 2 == 0, f"model.mla.rope_dim must be even for RoPE, got {a.rope_dim}")
     _require(a.depth_keys in ("absorbed", "own"),
              f"unknown model.mla.depth_keys '{a.depth_keys}'; choose one of: absorbed, own")
+    _require(a.depth_mix in ("latent", "values"),
+             f"unknown model.mla.depth_mix '{a.depth_mix}'; choose one of: latent, values")
     _require(m.cross_layer.method == "none", f"model.attention=mla runs on the plain residual "
              f"stream; model.cross_layer.method={m.cross_layer.method} is not supported with it")
     _require(m.kernel != "xformers", "model.attention=mla needs model.kernel=sdpa or eager "

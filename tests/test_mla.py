@@ -36,6 +36,11 @@ VARIANTS = {
     "unrolled_own": dict(loop=2, policy="same_layer", share_weights="false",
                          extra=("model.mla.depth_keys=own", "train.loops.sampler=fixed"),
                          **LOOPED_MODEL),
+    # the ablation: only the value path mixed, the raw latent cached for the keys
+    "plain_values": dict(policy="dense", extra=("model.mla.depth_mix=values",)),
+    "looped_values_own": dict(loop=2, policy="same_layer",
+                              extra=("model.mla.depth_mix=values", "model.mla.depth_keys=own"),
+                              **LOOPED_MODEL),
 }
 
 
@@ -67,7 +72,9 @@ def naive_mla(model, ids, loops=None):
     b, t = ids.shape
     qk = m.nope_dim + m.rope_dim
     e = F.embedding(ids, model.embed.weight.double())
-    latents, rope_keys, attn_of = {}, {}, {}  # depth position -> (B, T, d_c), (B, T, d_rope)
+    # depth position -> mixed latents (B, T, d_c), raw latents, RoPE keys (B, T, d_rope)
+    latents, raw_latents, rope_keys, attn_of = {}, {}, {}, {}
+    values_only = m.depth_mix == "values"  # keys read the raw latents
     x = e
     state = torch.zeros_like(e)
     for p, (blk, starts_iteration) in enumerate(_blocks(model, loops)):
@@ -98,20 +105,22 @@ def naive_mla(model, ids, loops=None):
                 layer = a if (m.depth_keys == "absorbed" or j == p) else attn_of[j]
                 w_uk = _w(layer.k_up).view(h, m.nope_dim, m.kv_rank)
                 c_j = lat[:, i] if j == p else latents[j][:, i]
+                key_j = lat[:, i] if j == p else (raw_latents if values_only else latents)[j][:, i]
                 k_j = kr[:, i] if j == p else rope_keys[j][:, i]
-                s = sum((q_nope[:, i, hh] * (c_j @ w_uk[hh].T)).sum(-1) for hh in range(h)) / h
+                s = sum((q_nope[:, i, hh] * (key_j @ w_uk[hh].T)).sum(-1) for hh in range(h)) / h
                 s = s + (q_rope[:, i].mean(1) * k_j).sum(-1)
                 scores.append(s / math.sqrt(qk))
                 vals.append(c_j)
             alpha = _ref_softmax(torch.stack(scores, -1), -1)  # (B, S + 1)
             mixed[:, i] = sum(alpha[:, n, None] * v for n, v in enumerate(vals))
-        latents[p], rope_keys[p] = mixed, kr
+        latents[p], raw_latents[p], rope_keys[p] = mixed, lat, kr
+        key_latents = lat if values_only else mixed
         w_uk = _w(a.k_up).view(h, m.nope_dim, m.kv_rank)
         w_uv = _w(a.v_up).view(h, m.v_dim, m.kv_rank)
         out = torch.zeros(b, t, h, m.v_dim, dtype=torch.float64)
         for i in range(t):
             for hh in range(h):
-                keys = torch.cat([mixed[:, :i + 1] @ w_uk[hh].T, kr[:, :i + 1]], -1)
+                keys = torch.cat([key_latents[:, :i + 1] @ w_uk[hh].T, kr[:, :i + 1]], -1)
                 vals = mixed[:, :i + 1] @ w_uv[hh].T
                 qh = torch.cat([q_nope[:, i, hh], q_rope[:, i, hh]], -1)
                 att = _ref_softmax((keys @ qh[:, :, None]).squeeze(-1) / math.sqrt(qk), -1)
@@ -179,6 +188,8 @@ def test_parameters_and_cache_bytes_equal_vanilla_mla(name):
     for model in (da, vanilla):
         # per token: the latent and the RoPE key at every depth position, float32
         assert model.new_cache(3, 5).nbytes == 3 * 5 * positions * (m.kv_rank + m.rope_dim) * 4
+    values = make_model(**dict(kw, extra=kw["extra"] + ("model.mla.depth_mix=values",)))
+    assert values.new_cache(3, 5).nbytes == 3 * 5 * positions * (2 * m.kv_rank + m.rope_dim) * 4
 
 
 def test_parameter_count_is_deepseek_v2s():
@@ -221,6 +232,7 @@ def test_exit_and_last_cache_decode_as_gqa_does():
 @pytest.mark.parametrize("extra, fragment", [
     (("model.attention=mla", "model.mla.rope_dim=3"), "rope_dim must be even"),
     (("model.attention=mla", "model.mla.depth_keys=mine"), "depth_keys 'mine'"),
+    (("model.attention=mla", "model.mla.depth_mix=keys"), "depth_mix 'keys'"),
     (("model.attention=mla", "model.cross_layer.method=denseformer"), "cross_layer"),
     (("model.attention=mlaa",), "unknown attention kind 'mlaa'"),
 ])

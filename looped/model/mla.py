@@ -16,8 +16,10 @@ and layer p's keys and values are up-projected from c~_p, which the cache keeps 
 no parameter and no cached byte is added. Consequences, and the choices made:
 
 - Under GQA only the value is mixed and the key stays raw. Under MLA the NoPE keys come from
-  the same latent, so they are mixed too. Mixing only the value path would need the raw latent
-  (for the keys) and the mixed one (for the values): a second latent in the cache.
+  the same latent, so they are mixed too. Mixing only the value path needs the raw latent (for
+  the keys) and the mixed one (for the values): a second latent in the cache. That is the
+  ablation `model.mla.depth_mix=values`: the cache's K slot holds [k_r ; c] (raw), its V slot
+  c~, the scores read the raw latents, and the cache grows from d_c + d_rope to 2 d_c + d_rope.
 - The RoPE key is not mixed. It is cached raw and takes part in the depth scores; RoPE
   rotates the query and every source's key by the same angle (all sit at the same token), so the
   rotation cancels there as it does under GQA.
@@ -48,8 +50,11 @@ from looped.model.norm import RMSNorm
 class MLAttention(nn.Module):
     @staticmethod
     def cache_geometry(cfg) -> tuple[int, int, int]:
-        """One 'head' per token: the RoPE key in the K slot, the (mixed) latent in the V slot."""
-        return 1, cfg.mla.rope_dim, cfg.mla.kv_rank
+        """One 'head' per token: the RoPE key in the K slot, the (mixed) latent in the V slot;
+        under depth_mix=values the K slot also holds the raw latent."""
+        m = cfg.mla
+        raw_latent = m.kv_rank if m.depth_mix == "values" else 0
+        return 1, m.rope_dim + raw_latent, m.kv_rank
 
     @staticmethod
     def rope_dim(cfg) -> int:
@@ -85,6 +90,7 @@ class MLAttention(nn.Module):
         self.h, self.d_nope, self.d_rope, self.d_v, self.d_c = (cfg.n_heads, m.nope_dim,
                                                                 m.rope_dim, m.v_dim, m.kv_rank)
         self.kernel, self.depth_keys = cfg.kernel, m.depth_keys
+        self.values_only = m.depth_mix == "values"  # the ablation: keys from the raw latent
         qk = m.nope_dim + m.rope_dim
         if m.q_rank:
             self.q_down = nn.Linear(cfg.d_model, m.q_rank, bias=False)
@@ -114,6 +120,8 @@ class MLAttention(nn.Module):
         q_rope = ctx.rope(q_rope, offset)
         c = self.kv_norm(self.kv_down(x)).unsqueeze(1)  # (B, 1, T, d_c): the latent
         k_r = ctx.rope(self.k_rope(x).unsqueeze(1), offset)  # (B, 1, T, d_rope)
+        if self.values_only:  # the K slot keeps the raw latent beside the RoPE key
+            k_r = torch.cat([k_r, c], -1)
 
         raw_c = c if ctx.raw_mix else None
         if pos.sources:
@@ -131,7 +139,8 @@ class MLAttention(nn.Module):
 
         k_all, c_all = store.history(pos.index)  # (B, 1, Tk, d_rope), (B, 1, Tk, d_c)
         tk = c_all.shape[2]
-        k = torch.cat([self.k_up(c_all[:, 0]).view(b, tk, h, self.d_nope).transpose(1, 2),
+        k_all, key_latents = self._split_keys(k_all, c_all)
+        k = torch.cat([self.k_up(key_latents[:, 0]).view(b, tk, h, self.d_nope).transpose(1, 2),
                        k_all.expand(b, h, tk, self.d_rope)], -1)  # (B, H, Tk, d_nope + d_rope)
         v = self.v_up(c_all[:, 0]).view(b, tk, h, self.d_v).transpose(1, 2)  # (B, H, Tk, d_v)
         out, weights = attend(torch.cat([q_nope, q_rope], -1), k, v, kernel=self.kernel,
@@ -139,6 +148,13 @@ class MLAttention(nn.Module):
         if weights is not None:
             recorder.attn_weights[pos.index] = weights
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.d_v))
+
+    def _split_keys(self, k_entry, latents):
+        """(RoPE keys, the latents keys are read from): the mixed latents, or under
+        depth_mix=values the raw ones the K slot holds."""
+        if not self.values_only:
+            return k_entry, latents
+        return k_entry[..., :self.d_rope], k_entry[..., self.d_rope:]
 
     def latent_query(self, q_nope: torch.Tensor) -> torch.Tensor:
         """mean_h W_UK_h^T q_h,nope with this layer's W_UK: (B, H, T, d_nope) -> (B, 1, T, d_c)."""
@@ -160,8 +176,9 @@ class MLAttention(nn.Module):
                 layer = ctx.attention_at(j)
             if id(layer) not in lat:
                 lat[id(layer)] = layer.latent_query(q_nope)
-            scores.append(torch.linalg.vecdot(c_src[i], lat[id(layer)])
-                          + torch.linalg.vecdot(k_src[i], q_rope_bar))
+            rope_key, key_latent = self._split_keys(k_src[i], c_src[i])
+            scores.append(torch.linalg.vecdot(key_latent, lat[id(layer)])
+                          + torch.linalg.vecdot(rope_key, q_rope_bar))
         alpha = _softmax(torch.stack(scores) * self.scale, 0)  # (S + 1, B, 1, T)
         weights = alpha.unsqueeze(-1)
         mixed = c_src[0] * weights[0]
