@@ -77,13 +77,14 @@ def hf_config(cfg, model):
                         depth_window=getattr(da, "window", 0), loops=cfg.loop)
 
 
-def save_tokenizer(task, out: Path) -> str:
-    """Write the task's tokenizer into out; returns what kind it is."""
+def save_tokenizer(task, out: Path, vocab_size: int) -> str:
+    """Write the task's tokenizer into out; returns what kind it is. vocab_size: the model's,
+    which may exceed the task's (every id the model can emit gets a name)."""
     from looped.hf.tokenization_looped import LoopedByteTokenizer, LoopedTableTokenizer
 
     tokenizer = getattr(task, "tokenizer", None)
     if tokenizer is None:  # a built-in task: its ids, named by their numbers
-        names = [str(i) for i in range(task.vocab_size)]
+        names = [str(i) for i in range(max(task.vocab_size, vocab_size))]
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "tokens.json").write_text(json.dumps(names))
             tok = LoopedTableTokenizer(str(Path(tmp) / "tokens.json"))
@@ -112,11 +113,12 @@ def export_model(cfg, model, task, out: Path, check: bool = True) -> dict:
     hf = LoopedForCausalLM(config)
     hf.load_state_dict(model.state_dict(), strict=True)
     hf.register_for_auto_class("AutoModelForCausalLM")
-    hf.generation_config.pad_token_id = 0  # padding reads nothing (see tokenization_looped)
+    # no pad_token_id in the generation config: id 0 is a real token of every vocabulary here,
+    # and transformers would read a prompt's 0s as padding; batches pass attention_mask instead
     out = check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
-    tokenizer = save_tokenizer(task, out)
+    tokenizer = save_tokenizer(task, out, cfg.model.vocab_size)
     # the exported model imports its configuration relatively; both files travel together
     for name in ("modeling_looped.py", "configuration_looped.py"):
         if not (out / name).is_file():
