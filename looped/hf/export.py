@@ -15,7 +15,6 @@ run's own on a random batch.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -118,11 +117,9 @@ def export_model(cfg, model, task, out: Path, check: bool = True) -> dict:
     out = check_out_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(out, safe_serialization=True)
+    # save_pretrained also writes the registered classes' code: modeling_looped.py and the
+    # configuration_looped.py it imports relatively
     tokenizer = save_tokenizer(task, out, cfg.model.vocab_size)
-    # the exported model imports its configuration relatively; both files travel together
-    for name in ("modeling_looped.py", "configuration_looped.py"):
-        if not (out / name).is_file():
-            shutil.copy(Path(__file__).with_name(name), out / name)
     error = parity_error(model, out, cfg.loop) if check else None
     if error is not None and error > PARITY_TOLERANCE:
         raise ConfigError(f"the exported model's logits differ from the run's by {error:.2e} "

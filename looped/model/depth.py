@@ -189,11 +189,17 @@ def depth_mix(q: torch.Tensor, k_src: Sequence[torch.Tensor] | torch.Tensor,
     # sources on the first dim, so that each one's weights are a contiguous (B, Hkv, T, 1)
     scores = torch.stack([torch.linalg.vecdot(k, q_bar) for k in k_src])  # (S + 1, B, Hkv, T)
     alpha = _softmax(scores, 0)
-    weights = alpha.unsqueeze(-1).unbind(0)
-    v_mix = v_src[0] * weights[0]
-    for v, w in zip(v_src[1:], weights[1:]):
-        v_mix = torch.addcmul(v_mix, v, w)  # one pass per source, not a product and a sum
-    return v_mix, alpha.permute(1, 2, 3, 0)
+    return weighted_sum(v_src, alpha.unsqueeze(-1)), alpha.permute(1, 2, 3, 0)
+
+
+def weighted_sum(values: Sequence[torch.Tensor] | torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+    """sum_i weights[i] * values[i] over the first dim of both (a list of values, or a stack):
+    one addcmul per source, one pass each rather than a product and a sum."""
+    out = values[0] * weights[0]
+    for v, w in zip(values[1:], weights[1:]):
+        out = torch.addcmul(out, v, w)
+    return out
 
 
 SOFTMAX_FLOPS = 5  # per score: max, subtract, exp, sum, divide (the usual estimate)

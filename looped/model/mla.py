@@ -41,7 +41,7 @@ from torch import nn
 
 from looped.model.attention import (ATTENTION_KINDS, Attention, DepthContext, DepthPosition,
                                     DepthWeights)
-from looped.model.depth import SOFTMAX_FLOPS, _softmax
+from looped.model.depth import SOFTMAX_FLOPS, _softmax, weighted_sum
 from looped.model.kernels import attend
 from looped.model.norm import RMSNorm
 
@@ -180,8 +180,4 @@ class MLAttention(nn.Module):
             scores.append(torch.linalg.vecdot(key_latent, lat[id(layer)])
                           + torch.linalg.vecdot(rope_key, q_rope_bar))
         alpha = _softmax(torch.stack(scores) * self.scale, 0)  # (S + 1, B, 1, T)
-        weights = alpha.unsqueeze(-1)
-        mixed = c_src[0] * weights[0]
-        for c_j, w in zip(c_src[1:], weights[1:]):
-            mixed = torch.addcmul(mixed, c_j, w)
-        return mixed, alpha.permute(1, 2, 3, 0)
+        return weighted_sum(c_src, alpha.unsqueeze(-1)), alpha.permute(1, 2, 3, 0)

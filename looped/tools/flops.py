@@ -66,9 +66,7 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
     c = model.cfg
     layout = model.layout()
     positions = layout.n_positions
-    blocks = ([model.prelude[i] for i in range(c.n_prelude)]
-              + [model.core_block(r, l) for r in range(model.loop) for l in range(c.n_layers)]
-              + [model.coda[i] for i in range(c.n_coda)])
+    blocks = [model.block_at(p) for p in range(positions)]
     weights = sum(_linear_weights(b) for b in blocks)
     weights += c.vocab_size * c.d_model  # the head (tied or not, it runs once per token)
     if model.adapter is not None:
@@ -118,8 +116,7 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
 def _other_layers(model, p: int, sources: tuple[int, ...]) -> int:
     """How many distinct layers other than p's own the sources of p are (weights, not positions:
     a looped core's earlier iterations are the same layer)."""
-    own = model.block_at(p)
-    return len({id(model.block_at(j)) for j in sources if model.block_at(j) is not own})
+    return len({id(model.block_at(j)) for j in sources} - {id(model.block_at(p))})
 
 
 def _method_variants(n_slots: int) -> list[tuple[str, dict]]:
