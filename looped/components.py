@@ -64,8 +64,19 @@ class Slot:
         """The component a loosely merged config (a DictConfig without schema) chooses."""
         from omegaconf import OmegaConf
 
+        from omegaconf.errors import OmegaConfBaseException
+
         default = getattr(self.base(), self.selector)
-        value = OmegaConf.select(loose, f"{self.path}.{self.selector}", default=default)
+        try:
+            value = OmegaConf.select(loose, f"{self.path}.{self.selector}", default=default)
+        except OmegaConfBaseException:  # a node given a scalar, e.g. `model.cross_layer=3`
+            value = default
+        # the loose config is untyped: a number becomes the name its str field would hold, and
+        # any other type keeps the default, for the schema to report the bad value in one line
+        if isinstance(value, (bool, int, float)):
+            value = str(value)
+        elif value is not None and not isinstance(value, str):
+            value = default
         return self.resolve(value, loose)
 
 
@@ -125,9 +136,22 @@ def check(slot: Slot, node, cfg) -> None:
 
     values = OmegaConf.to_object(node)  # the dataclass, so checks may use its methods
     slot.registry().lookup(type(values).__component__)
-    for cls in (slot.base, type(values).__knobs__):
+    knobs = type(values).__knobs__
+    for cls in (slot.base, knobs):
         if hasattr(cls, "check"):
             cls.check(values, cfg)
+    # a task's held-out split (task.eval.*): its knobs again, checked as the eval task sees them
+    held_out = getattr(values, "eval", None)
+    if dataclasses.is_dataclass(held_out) and hasattr(knobs, "check"):
+        changed = {k: v for k, v in vars(held_out).items() if v is not None}
+        if changed:
+            from looped.errors import ConfigError
+
+            try:
+                knobs.check(dataclasses.replace(values, **changed), cfg)
+            except ConfigError as e:
+                keys = ", ".join(f"{slot.path}.eval.{k}={v}" for k, v in changed.items())
+                raise ConfigError(f"held-out split ({keys}): {e}") from None
 
 
 def unknown_knob_hint(key: str, cfg) -> str:
@@ -152,7 +176,11 @@ def _depth_policy(value, loose) -> str:
         return value
     from omegaconf import OmegaConf
 
-    return "same_layer" if OmegaConf.select(loose, "loop", default=1) > 1 else "strided"
+    try:  # the loose config is untyped: loop=abc is reported against the schema later
+        looped = int(OmegaConf.select(loose, "loop", default=1)) > 1
+    except (TypeError, ValueError):
+        looped = False
+    return "same_layer" if looped else "strided"
 
 
 @functools.cache

@@ -297,7 +297,8 @@ def _merge(cfg: DictConfig, other: DictConfig, source: str) -> DictConfig:
         key = getattr(e, "full_key", None) or str(e)
         raise ConfigError(f"{source}: {_unknown_key_message(cfg, key)}") from None
     except ValidationError as e:
-        raise ConfigError(f"{source}: {first_line(e)}") from None
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{source}: {first_line(e)}{f' (key {key})' if key else ''}") from None
 
 
 def first_line(e: Exception) -> str:
@@ -313,7 +314,9 @@ def _plugins_of(overrides) -> list[str]:
                 value = OmegaConf.from_dotlist([item]).imports
             except Exception as e:  # a malformed list: yaml's parser errors
                 raise ConfigError(f"bad value in '{item}': {first_line(e)}") from None
-            names = list(value) if OmegaConf.is_list(value) else [str(value)]
+            # a mapping is no module name: the schema reports it
+            names = (list(value) if OmegaConf.is_list(value) else
+                     [] if OmegaConf.is_dict(value) else [str(value)])
     return names
 
 
@@ -332,7 +335,12 @@ def _schema(loose: DictConfig) -> DictConfig:
 
 def _loose(sources: list[DictConfig], dotlist: list[str]) -> DictConfig:
     """Every source merged without a schema: only to read which components are chosen."""
-    loose = OmegaConf.merge(OmegaConf.to_container(OmegaConf.structured(Config)), *sources)
+    loose = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
+    for node in sources:
+        try:
+            loose = OmegaConf.merge(loose, node)
+        except (OmegaConfBaseException, TypeError):  # e.g. `task: [1]`
+            pass  # reported against the schema later
     for item in dotlist:
         try:
             loose.merge_with_dotlist([item])
@@ -414,7 +422,8 @@ def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not Path(path).is_file():
         raise ConfigError(f"config file {path} does not exist")
     saved = load_yaml(Path(path))
-    import_plugins([*saved.get("imports", []), *_plugins_of(overrides)])
+    imports = saved.get("imports", [])  # any other type is reported against the schema
+    import_plugins([*(imports if OmegaConf.is_list(imports) else []), *_plugins_of(overrides)])
     _check_dotlist(overrides)
     return _resolve([(str(path), _migrate(saved))], list(overrides))
 
@@ -539,6 +548,8 @@ def validate(cfg: DictConfig) -> None:
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     _require(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+    _require(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
+    _require(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
     KERNELS.lookup(m.kernel)
     _check_attention(m)
     _require(m.injection in ("add", "concat", "none"),
@@ -552,6 +563,9 @@ def validate(cfg: DictConfig) -> None:
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.gate_beta >= 0, f"train.gate_beta must be >= 0, got {t.gate_beta}")
+    _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.warmup_fraction is None or 0 <= t.warmup_fraction < 1,
              f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")

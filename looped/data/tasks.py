@@ -29,8 +29,14 @@ class RootsTask(Task):
         chain_len: int = 6  # nodes per chain (the deepest query is chain_len - 1 hops)
         n_queries: int = 8  # questions per sequence
 
+        def check(self, cfg=None) -> None:
+            for name, low in (("n_chains", 1), ("chain_len", 2), ("n_queries", 1)):
+                if getattr(self, name) < low:
+                    raise knob_error("roots", f"{name} must be >= {low}, got {getattr(self, name)}")
+
     def __init__(self, n_chains: int = Config.n_chains, chain_len: int = Config.chain_len,
                  n_queries: int = Config.n_queries, **_):
+        self.Config(n_chains, chain_len, n_queries).check()
         self.n_chains, self.chain_len, self.n_queries = n_chains, chain_len, n_queries
         self.n_nodes = n_chains * chain_len
         self.sep = self.n_nodes
@@ -88,12 +94,15 @@ class ChainTask(Task):
         hops: int = 4  # assignments to follow
         n_distractors: int = 2  # chains besides the queried one
 
+        def check(self, cfg=None) -> None:
+            if self.hops < 1:
+                raise knob_error("chain", f"hops must be >= 1, got {self.hops}")
+            if self.n_distractors < 0:
+                raise knob_error("chain", f"n_distractors must be >= 0, got {self.n_distractors}")
+
     def __init__(self, hops: int = Config.hops, n_distractors: int = Config.n_distractors,
                  **_):
-        if hops < 1:
-            raise knob_error("chain", f"hops must be >= 1, got {hops}")
-        if n_distractors < 0:
-            raise knob_error("chain", f"n_distractors must be >= 0, got {n_distractors}")
+        self.Config(hops, n_distractors).check()
         self.hops, self.n_chains = hops, n_distractors + 1
         self.n_assign = self.n_chains * hops
         self.const0 = 3
@@ -147,14 +156,18 @@ class PHopTask(Task):
         length: int = 64  # sequence length (long enough that p hops rarely run out of room)
         alphabet: int = 4  # tokens in the sequence's alphabet
 
+        def check(self, cfg=None) -> None:
+            hops, length, alphabet = self.hops, self.length, self.alphabet
+            if hops < 1:
+                raise knob_error("phop", f"hops must be >= 1, got {hops}")
+            if alphabet < 2:
+                raise knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
+            if length < hops + 2:
+                raise knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
+
     def __init__(self, hops: int = Config.hops, length: int = Config.length,
                  alphabet: int = Config.alphabet, **_):
-        if hops < 1:
-            raise knob_error("phop", f"hops must be >= 1, got {hops}")
-        if alphabet < 2:
-            raise knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
-        if length < hops + 2:
-            raise knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
+        self.Config(hops, length, alphabet).check()
         self.hops, self.length, self.alphabet = hops, length, alphabet
         self.vocab_size = alphabet
         self.seq_len = length
@@ -207,9 +220,12 @@ class AdditionTask(Task):
     class Config:
         digits: int = 5  # digits per operand
 
+        def check(self, cfg=None) -> None:
+            if self.digits < 1:
+                raise knob_error("addition", f"digits must be >= 1, got {self.digits}")
+
     def __init__(self, digits: int = Config.digits, **_):
-        if digits < 1:
-            raise knob_error("addition", f"digits must be >= 1, got {digits}")
+        self.Config(digits).check()
         self.digits = digits
         self.vocab_size = 12
         self.seq_len = 3 * digits + 3

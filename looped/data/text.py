@@ -381,24 +381,28 @@ class TextTask(Task):
         bpe_vocab: int = 1024  # BPE vocabulary size
         held_out: float = 0.05  # fraction of documents held out
 
+        def check(self, cfg=None) -> None:
+            if self.tokenizer not in TOKENIZERS:
+                raise ConfigError(f"unknown task.tokenizer '{self.tokenizer}'; choose one of: "
+                                  f"{', '.join(TOKENIZERS)}")
+            if self.seq_len < 1:
+                raise ConfigError(f"task.seq_len must be >= 1, got {self.seq_len}")
+            if not 0 <= self.held_out < 1:
+                raise ConfigError(f"task.held_out must be in [0, 1), got {self.held_out}")
+            if self.tokenizer == "bpe" and self.bpe_vocab < 256:
+                raise ConfigError(f"task.bpe_vocab must be >= 256 (the byte alphabet), "
+                                  f"got {self.bpe_vocab}")
+
     def __init__(self, corpus: str = Config.corpus, text_field: str = Config.text_field,
                  seq_len: int = Config.seq_len, tokenizer: str = Config.tokenizer,
                  bpe_vocab: int = Config.bpe_vocab, held_out: float = Config.held_out,
                  split: str = "train"):
-        if tokenizer not in TOKENIZERS:
-            raise ConfigError(f"unknown task.tokenizer '{tokenizer}'; choose one of: "
-                              f"{', '.join(TOKENIZERS)}")
+        self.Config(corpus, text_field, seq_len, tokenizer, bpe_vocab, held_out).check()
         if split not in SPLITS:
             raise ConfigError(f"unknown split '{split}' of task text; choose one of: "
                               f"{', '.join(SPLITS)}")
-        if seq_len < 1:
-            raise ConfigError(f"task.seq_len must be >= 1, got {seq_len}")
-        if not 0 <= held_out < 1:
-            raise ConfigError(f"task.held_out must be in [0, 1), got {held_out}")
         if split == "eval" and held_out <= 0:
             raise ConfigError("task.held_out is 0: the text task has no held-out text to evaluate")
-        if tokenizer == "bpe" and bpe_vocab < 256:
-            raise ConfigError(f"task.bpe_vocab must be >= 256 (the byte alphabet), got {bpe_vocab}")
         self.corpus_name, self.split, self.seq_len = corpus, split, seq_len
         self.corpus = load_corpus(corpus, text_field, tokenizer, bpe_vocab, held_out,
                                   min_tokens=seq_len + 1)

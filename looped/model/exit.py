@@ -49,6 +49,13 @@ class ExitCriterion:
         raise NotImplementedError
 
 
+def check_threshold(threshold: float, at_most: Optional[float] = None) -> None:
+    """exit.threshold > 0 (a criterion compared below 0 never exits), and <= at_most if given."""
+    if threshold <= 0 or (at_most is not None and threshold > at_most):
+        bound = f"in (0, {at_most}]" if at_most is not None else "> 0"
+        raise ConfigError(f"exit.threshold must be {bound}, got {threshold}")
+
+
 EXIT_CRITERIA = Registry("exit criterion")
 register_exit = EXIT_CRITERIA.register
 register_exit("none")(None)  # every token runs all iterations
@@ -62,6 +69,9 @@ class KLExit(ExitCriterion):
     @dataclass
     class Config:
         threshold: float = 1e-3  # exit when the KL falls below this
+
+        def check(self, cfg) -> None:
+            check_threshold(self.threshold)
 
     def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
@@ -86,6 +96,9 @@ class EntropyExit(ExitCriterion):
     class Config:
         threshold: float = 0.1  # exit when the entropy (nats) falls below this
 
+        def check(self, cfg) -> None:
+            check_threshold(self.threshold)
+
     def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
 
@@ -102,6 +115,9 @@ class LatentExit(ExitCriterion):
     @dataclass
     class Config:
         threshold: float = 1e-2  # exit when the relative change falls below this
+
+        def check(self, cfg) -> None:
+            check_threshold(self.threshold)
 
     def __init__(self, threshold: float = Config.threshold):
         self.threshold = threshold
@@ -120,6 +136,7 @@ class GateExit(ExitCriterion):
         threshold: float = 0.5  # exit when the halting probability reaches this
 
         def check(self, cfg) -> None:
+            check_threshold(self.threshold, at_most=1.0)  # a probability; above 1: never
             if not cfg.model.exit_gate:
                 raise ConfigError("exit.criterion=gate needs a model trained with "
                                   "model.exit_gate=true")
