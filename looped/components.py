@@ -1,12 +1,13 @@
 """Per-component configuration: each registered component declares its own knobs.
 
-Five parts of a run are chosen by name from a registry, and each names a node of the config:
+Six parts of a run are chosen by name from a registry, and each names a node of the config:
 
     slot                   selector    registry
     task                   name        looped.data.TASKS
     model.depth_attention  sources     looped.model.depth.SOURCE_POLICIES
     model.cross_layer      method      looped.model.cross_layer.CROSS_LAYER_METHODS
     train.loops            sampler     looped.loop_sampling.LOOP_SAMPLERS
+    train.objective        loss        looped.losses.LOSSES
     exit                   criterion   looped.model.exit.EXIT_CRITERIA
 
 A component registers with its knobs as a small dataclass next to it (`register(name,
@@ -203,5 +204,6 @@ def slots() -> dict[str, Slot]:
              lazy("looped.model.cross_layer", "CROSS_LAYER_METHODS")),
         Slot("train.loops", "sampler", c.LoopSamplingConfig,
              lazy("looped.loop_sampling", "LOOP_SAMPLERS")),
+        Slot("train.objective", "loss", c.ObjectiveConfig, lazy("looped.losses", "LOSSES")),
         Slot("exit", "criterion", c.ExitConfig, lazy("looped.model.exit", "EXIT_CRITERIA")),
     )}

@@ -121,6 +121,9 @@ class ModelConfig:
     share_weights: bool = True  # false: the core becomes `loop` untied copies (unrolled baseline)
     injection: str = "add"  # how the prelude output e enters each iteration: add | concat | none
     init_state: str = "zeros"  # the state before the first iteration: zeros | embed | noise
+    # RMS-normalise the state after every iteration (no weights): a bounded recurrence, as
+    # Labovich 2026 uses for prefix sums
+    state_norm: bool = False
     init_std: float = 0.02  # std of the weight init (residual outputs scaled down by depth)
     exit_gate: bool = False  # a learned halting probe on the state (exit criterion 'gate')
     depth_attention: DepthAttentionConfig = field(default_factory=DepthAttentionConfig)
@@ -131,13 +134,22 @@ class ModelConfig:
 class LoopSamplingConfig:
     """How many iterations each training step runs (looped.loop_sampling)."""
 
-    # fixed (= loop) | uniform | poisson_lognormal (knobs: see looped.loop_sampling)
+    # fixed (= loop) | uniform | poisson_lognormal | task (per-row counts the task gives; knobs:
+    # see looped.loop_sampling)
     sampler: str = "fixed"
 
     def check(self, cfg) -> None:
         _require(self.sampler == "fixed" or cfg.model.share_weights,
                  "an unrolled model (model.share_weights=false) runs exactly `loop` iterations; "
                  "use train.loops.sampler=fixed")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training loss (looped.losses)."""
+
+    # final | per_iteration | progressive (knobs: each loss's Config)
+    loss: str = "final"
 
 
 @dataclass
@@ -152,9 +164,7 @@ class TrainConfig:
     log_every: int = 10  # print a training line every N steps
     loops: LoopSamplingConfig = field(default_factory=LoopSamplingConfig)
     grad_loops: int = 0  # truncated backprop: only the last k iterations carry gradient; 0: all
-    # final: loss on the last iteration's logits; per_iteration: a loss after every iteration
-    # (against the task's intermediate targets where it has them, else the final answer)
-    loss: str = "final"
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile)
     # a NaN/Inf loss or gradient stops the run (exit code 3); true skips the step and counts it
@@ -266,6 +276,7 @@ RENAMED = {
     "model.cross_layer.max_loops": "model.cross_layer.param_loops",
     "train.loops.max_loops": "train.loops.cap",
     "exit.max_loops": "exit.after",
+    "train.loss": "train.objective.loss",
 }
 
 
@@ -438,6 +449,7 @@ _FLAT_KNOBS = {
                           "sinkhorn_iters"},
     "train.loops": {"min_loops", "mean", "sigma", "cap"},
     "exit": {"threshold", "after"},
+    "train.objective": set(),  # a node since the losses became a registry
 }
 
 
@@ -452,7 +464,8 @@ def _migrate(saved: DictConfig) -> DictConfig:
         parent = OmegaConf.select(saved, parent_path)
         if isinstance(parent, DictConfig) and leaf in parent:
             value = parent.pop(leaf)
-            parent.setdefault(new.rpartition(".")[2], value)
+            if OmegaConf.select(saved, new) is None:
+                OmegaConf.update(saved, new, value, force_add=True)
     loose = _loose([saved], [])
     for slot in slots().values():
         node = OmegaConf.select(saved, slot.path)
@@ -547,9 +560,15 @@ def validate(cfg: DictConfig) -> None:
     _require(m.n_heads % m.n_kv_heads == 0,
              f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.n_kv_heads})")
     _require(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
-    _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
-    _require(m.norm_eps > 0, f"model.norm_eps must be > 0, got {m.norm_eps}")
-    _require(m.init_std > 0, f"model.init_std must be > 0, got {m.init_std}")
+    _require(0 < m.rope_theta < float("inf"),
+             f"model.rope_theta must be > 0 and finite, got {m.rope_theta}")
+    _require(0 < m.norm_eps < float("inf"),
+             f"model.norm_eps must be > 0 and finite, got {m.norm_eps}")
+    _require(0 < m.init_std < float("inf"),
+             f"model.init_std must be > 0 and finite, got {m.init_std}")
+    _require(not (m.state_norm and m.cross_layer.method != "none"),
+             f"model.state_norm normalises the residual stream between iterations; "
+             f"cross_layer.method={m.cross_layer.method} carries its own streams: use one")
     KERNELS.lookup(m.kernel)
     _check_attention(m)
     _require(m.injection in ("add", "concat", "none"),
@@ -562,27 +581,30 @@ def validate(cfg: DictConfig) -> None:
     t = cfg.train
     _require(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
     _require(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
-    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _require(t.gate_beta >= 0, f"train.gate_beta must be >= 0, got {t.gate_beta}")
+    _require(0 < t.lr < float("inf"), f"train.lr must be > 0 and finite, got {t.lr}")
+    _require(0 <= t.weight_decay < float("inf"),
+             f"train.weight_decay must be >= 0 and finite, got {t.weight_decay}")
+    _require(0 <= t.gate_beta < float("inf"),
+             f"train.gate_beta must be >= 0 and finite, got {t.gate_beta}")
     _require(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
     _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _require(t.warmup_fraction is None or 0 <= t.warmup_fraction < 1,
              f"train.warmup_fraction must be in [0, 1), got {t.warmup_fraction}")
-    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0, got {t.grad_clip}")
-    _require(cfg.threads >= 0, f"threads must be >= 0, got {cfg.threads}")
+    _require(0 <= t.grad_clip < float("inf"),
+             f"train.grad_clip must be >= 0 and finite (0: none), got {t.grad_clip}")
+    _require(0 <= cfg.threads <= 65536, f"threads must be in [0, 65536], got {cfg.threads}")
+    _require(-2 ** 63 <= cfg.seed < 2 ** 63, f"seed must be in [-2**63, 2**63), got {cfg.seed}")
     _require(cfg.device in ("auto", "cpu", "cuda"),
              f"unknown device '{cfg.device}'; choose one of: auto, cpu, cuda")
-    _require(t.loss in ("final", "per_iteration"),
-             f"unknown train.loss '{t.loss}'; choose one of: final, per_iteration")
     _require(t.grad_loops >= 0, f"train.grad_loops must be >= 0, got {t.grad_loops}")
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.keep_checkpoints >= 1,
              f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
-    _require(all(r >= 1 for r in cfg.eval.loops),
+    _require(all(isinstance(r, int) and r >= 1 for r in cfg.eval.loops),
              f"eval.loops must be loop counts >= 1 (or [] to follow loop), got "
              f"{list(cfg.eval.loops)}")
-    _require(cfg.eval.n_samples >= 1 and cfg.eval.batch_size >= 1,
-             "eval.n_samples and eval.batch_size must be >= 1")
+    _require(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1, got {cfg.eval.n_samples}")
+    _require(cfg.eval.batch_size >= 1,
+             f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
     for slot in slots().values():
         check(slot, OmegaConf.select(cfg, slot.path), cfg)

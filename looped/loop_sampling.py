@@ -48,8 +48,10 @@ class PoissonLogNormalKnobs:
 
     def check(self, cfg) -> None:
         _check_min_loops(self.min_loops, cfg.loop)
-        if self.sigma < 0 or self.mean < 0:
-            raise ConfigError("train.loops.mean and sigma must be >= 0")
+        for name in ("mean", "sigma"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ConfigError(f"train.loops.{name} must be >= 0 and finite, "
+                                  f"got {getattr(self, name)}")
         if self.cap and self.cap < self.min_loops:
             raise ConfigError(f"train.loops.cap must be 0 or >= min_loops={self.min_loops}, "
                               f"got {self.cap}")
@@ -71,6 +73,14 @@ def _poisson_lognormal(cfg, loop: int, gen: torch.Generator) -> int:
     tau = mu + cfg.sigma * torch.randn((1,), generator=gen, dtype=torch.float64)
     r = 1 + int(torch.poisson(tau.exp(), generator=gen).item())
     return max(cfg.min_loops, min(cfg.cap or 2 * loop, r))
+
+
+@register_loop_sampler("task")
+def _per_row(cfg, loop: int, gen: torch.Generator) -> int:
+    """Each row runs the loop count its task asks for (Batch.loops, e.g. proportional to its
+    input's length; rows that finish early freeze). The step's R reported is `loop`; the
+    trainer runs the batch's largest row count."""
+    return loop
 
 
 def max_sampled_loops(cfg, loop: int) -> int:

@@ -19,8 +19,10 @@ HELD_OUT_SEED_OFFSET = 1_000_003
 def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int, seed: int,
                   exit: Optional[ExitCriterion] = None, kv: Optional[str] = None
                   ) -> dict[str, float]:
-    """Exact-match accuracy and cross-entropy on answer tokens (next-token accuracy for text), mean
-    iterations per answer token, and for text also bits per byte and perplexity.
+    """Exact-match accuracy and cross-entropy on answer tokens (next-token accuracy for text),
+    `solved`: the fraction of sequences with every answer token right (a whole prefix-sum string,
+    as Bansal et al. score), mean iterations per answer token, and for text also bits per byte
+    and perplexity.
 
     kv: score through a cache of this policy, every token decoded one at a time
     (LoopedLM.cached_forward); None: one full forward per batch."""
@@ -28,7 +30,7 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
     model.eval()
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
     device = next(model.parameters()).device
-    correct = total = 0
+    correct = total = solved = 0
     iters = nll = 0.0
     done = 0
     while done < n_samples:
@@ -38,13 +40,16 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
         else:
             out = model.cached_forward(batch.inputs, kv=kv, loops=loops, exit=exit)
         mask = batch.targets != IGNORE
-        correct += (out.logits.argmax(-1)[mask] == batch.targets[mask]).sum().item()
+        right = (out.logits.argmax(-1) == batch.targets) | ~mask
+        correct += (right & mask).sum().item()
+        solved += right.all(dim=1).sum().item()
         total += mask.sum().item()
         iters += out.iterations[mask].float().sum().item()
         nll += F.cross_entropy(out.logits[mask].float(), batch.targets[mask], reduction="sum").item()
         done += batch.inputs.shape[0]
     model.train(was_training)
-    result = {"accuracy": correct / max(total, 1), "iterations": iters / max(total, 1),
+    result = {"accuracy": correct / max(total, 1), "solved": solved / max(done, 1),
+              "iterations": iters / max(total, 1),
               "loss": nll / max(total, 1)}
     if isinstance(task, TextTask):  # language modelling: loss over whole windows, bits per byte
         lm = lm_metrics(model, task, loops, max_batches=max(1, n_samples // batch_size),

@@ -30,12 +30,13 @@ from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier,
 from looped.errors import ConfigError, NonFiniteError
 from looped.scoring import task_accuracy
 from looped.loop_sampling import sample_loops, step_generator
-from looped.losses import compute_loss
+from looped.losses import Step, build_objective
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
 from looped.optim import build_optimizer, lr_at
 
 DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
+OBJECTIVE_STREAM = 104729  # and the objective's own draws (the progressive loss's n, k)
 DIAGNOSTIC_ROWS = 64  # held-out rows the depth-weight diagnostics read at each evaluation
 
 
@@ -90,6 +91,11 @@ class Trainer:
         self.fsdp = is_fsdp(self.model)
         self.opt = build_optimizer(self.model, cfg.train)  # decay on weight matrices only
         self.exit = build_exit(cfg.exit)
+        self.objective = build_objective(cfg.train.objective)
+        self.row_loops = cfg.train.loops.sampler == "task"
+        if self.row_loops and self.task.sample(1, torch.Generator().manual_seed(0)).loops is None:
+            raise ConfigError(f"train.loops.sampler=task, but task '{cfg.task.name}' as configured "
+                              f"gives no per-row loop counts (see its knobs)")
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.last_checkpoint: Optional[Path] = None
@@ -152,10 +158,19 @@ class Trainer:
                                  step_generator(cfg.seed + DATA_STREAM, step))
         local = shard_batch(batch, self.env).to(self.device)
         loops = sample_loops(cfg.train.loops, cfg.loop, cfg.seed, step)
+        row_loops = local.loops if self.row_loops else None
+        if row_loops is not None:  # rows that finish early freeze, as exited tokens do
+            loops = int(batch.loops.max())
+
+        def forward(r: int, grad_loops: Optional[int]):
+            return self.train_model(local.inputs, loops=r, row_loops=row_loops,
+                                    grad_loops=grad_loops or cfg.train.grad_loops or None,
+                                    return_states=True)
+
         with self.autocast:
-            out = self.train_model(local.inputs, loops=loops,
-                                   grad_loops=cfg.train.grad_loops or None, return_states=True)
-            loss = compute_loss(self.model, local, out, cfg.train.loss, cfg.train.gate_beta)
+            loss = self.objective(Step(self.model, forward, local, loops,
+                                       step_generator(cfg.seed + OBJECTIVE_STREAM, step),
+                                       cfg.train.gate_beta))
         self.opt.zero_grad(set_to_none=True)
         if self.env.enabled:  # local mean -> this rank's share of the global mean
             n_global = int((batch.targets != IGNORE).sum())

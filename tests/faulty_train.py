@@ -27,18 +27,22 @@ PAUSE_S = 600
 
 
 def poison_loss_at(step: int) -> None:
-    original_step, original_loss = trainer.Trainer.train_step, trainer.compute_loss
+    original_step, original_build = trainer.Trainer.train_step, trainer.build_objective
     current = {"step": 0}
 
     def train_step(self):
         current["step"] = self.step + 1  # the step this call computes
         return original_step(self)
 
-    def compute_loss(*args, **kwargs):
-        loss = original_loss(*args, **kwargs)
-        return loss * float("nan") if current["step"] == step else loss
+    def build_objective(cfg):
+        objective = original_build(cfg)
 
-    trainer.Trainer.train_step, trainer.compute_loss = train_step, compute_loss
+        def poisoned(s):
+            loss = objective(s)
+            return loss * float("nan") if current["step"] == step else loss
+        return poisoned
+
+    trainer.Trainer.train_step, trainer.build_objective = train_step, build_objective
 
 
 class _PausingOs:

@@ -2,6 +2,7 @@
 one interface (base.py)."""
 
 from looped.data import tasks, text  # noqa: F401  register the built-in tasks
+from looped.data import prefix_sums  # noqa: F401, E402  (after them: the registry keeps order)
 from looped.data.base import IGNORE, TASKS, Batch, Task, register_task
 
 __all__ = ["IGNORE", "TASKS", "Batch", "Task", "register_task", "build_task"]

@@ -25,6 +25,9 @@ class Batch:
     # optional intermediate targets: hop_targets[r - 1] is the answer after r reasoning steps,
     # (H, B, T); steps beyond H use `targets`. Used by the per-iteration loss.
     hop_targets: Optional[torch.Tensor] = None
+    # optional loop counts per row (B,), where the task asks for more iterations on harder rows
+    # (train.loops.sampler=task trains with them); None: the step's sampled R for every row
+    loops: Optional[torch.Tensor] = None
 
     def target_after(self, steps: int) -> torch.Tensor:
         """The target for a prediction made after `steps` (>= 1) loop iterations."""
@@ -35,11 +38,13 @@ class Batch:
     def rows(self, lo: int, hi: int) -> "Batch":
         """Rows lo..hi-1 (the batch is dim 0 of inputs and targets, dim 1 of hop_targets)."""
         hop = None if self.hop_targets is None else self.hop_targets[:, lo:hi]
-        return Batch(self.inputs[lo:hi], self.targets[lo:hi], hop)
+        loops = None if self.loops is None else self.loops[lo:hi]
+        return Batch(self.inputs[lo:hi], self.targets[lo:hi], hop, loops)
 
     def to(self, device: torch.device | str) -> "Batch":
         hop = None if self.hop_targets is None else self.hop_targets.to(device)
-        return Batch(self.inputs.to(device), self.targets.to(device), hop)
+        loops = None if self.loops is None else self.loops.to(device)
+        return Batch(self.inputs.to(device), self.targets.to(device), hop, loops)
 
 
 class Task:

@@ -20,7 +20,7 @@ class LoopedConfig(PretrainedConfig):
                  n_kv_heads=2, head_dim=32, ffn_dim=384, rope_theta=10000.0, pos_embedding=False,
                  max_seq_len=256, norm_eps=1e-6, tie_embeddings=True, share_weights=True,
                  injection="add", init_state="zeros", init_std=0.02, exit_gate=False,
-                 depth_sources="none", depth_stride=None, depth_window=0, loops=1, **kwargs):
+                 state_norm=False, depth_sources="none", depth_stride=None, depth_window=0, loops=1, **kwargs):
         self.vocab_size, self.d_model, self.n_layers = vocab_size, d_model, n_layers
         self.n_prelude, self.n_coda = n_prelude, n_coda
         self.n_heads, self.n_kv_heads, self.head_dim, self.ffn_dim = (n_heads, n_kv_heads,
@@ -28,7 +28,7 @@ class LoopedConfig(PretrainedConfig):
         self.rope_theta, self.pos_embedding, self.max_seq_len = rope_theta, pos_embedding, max_seq_len
         self.norm_eps, self.tie_embeddings, self.share_weights = norm_eps, tie_embeddings, share_weights
         self.injection, self.init_state, self.init_std = injection, init_state, init_std
-        self.exit_gate = exit_gate
+        self.exit_gate, self.state_norm = exit_gate, state_norm
         self.depth_sources, self.depth_stride, self.depth_window = (depth_sources, depth_stride,
                                                                     depth_window)
         self.loops = loops

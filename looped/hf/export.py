@@ -70,7 +70,7 @@ def hf_config(cfg, model):
     fields = ("vocab_size", "d_model", "n_layers", "n_prelude", "n_coda", "n_heads", "n_kv_heads",
               "head_dim", "ffn_dim", "rope_theta", "pos_embedding", "max_seq_len", "norm_eps",
               "tie_embeddings", "share_weights", "injection", "init_state", "init_std",
-              "exit_gate")
+              "exit_gate", "state_norm")
     return LoopedConfig(**{f: getattr(m, f) for f in fields}, depth_sources=model.policy,
                         depth_stride=getattr(da, "stride", None),
                         depth_window=getattr(da, "window", 0), loops=cfg.loop)

@@ -333,6 +333,8 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
             for block in (self.core if self.config.share_weights else self.core[r]):
                 x, p = block(x, st, p), p + 1
             s = x
+            if self.config.state_norm:  # the state between iterations is RMS-normalised
+                s = F.rms_norm(x, (x.shape[-1],), eps=self.config.norm_eps)
         for block in self.coda:
             s, p = block(s, st, p), p + 1
         logits = self._head(s)

@@ -51,8 +51,8 @@ class ExitCriterion:
 
 def check_threshold(threshold: float, at_most: Optional[float] = None) -> None:
     """exit.threshold > 0 (a criterion compared below 0 never exits), and <= at_most if given."""
-    if threshold <= 0 or (at_most is not None and threshold > at_most):
-        bound = f"in (0, {at_most}]" if at_most is not None else "> 0"
+    if not 0 < threshold < float("inf") or (at_most is not None and threshold > at_most):
+        bound = f"in (0, {at_most}]" if at_most is not None else "> 0 and finite"
         raise ConfigError(f"exit.threshold must be {bound}, got {threshold}")
 
 
@@ -173,6 +173,25 @@ class MaxLoopsExit(ExitCriterion):
     def check(self, it: IterationView) -> torch.Tensor:
         done = it.r + 1 >= self.after
         return torch.full(it.state.shape[:2], done, dtype=torch.bool, device=it.state.device)
+
+
+class RowBudget(ExitCriterion):
+    """Not chosen by name: each row stops after its own loop count (B,), as a task asks for
+    harder rows to run longer (train.loops.sampler=task). Composes with a criterion: a token
+    stops at whichever comes first."""
+
+    drop_rows_from = 0  # the training and scoring forwards run no cache
+
+    def __init__(self, loops: torch.Tensor, inner: Optional[ExitCriterion] = None):
+        self.loops, self.inner = loops, inner
+
+    def init(self) -> None:
+        if self.inner is not None:
+            self.inner.init()
+
+    def check(self, it: IterationView) -> torch.Tensor:
+        stop = (it.r + 1 >= self.loops)[:, None].expand(it.state.shape[:2])
+        return stop if self.inner is None else stop | self.inner.check(it)
 
 
 def relative_change(state: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:

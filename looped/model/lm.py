@@ -24,7 +24,7 @@ from looped.model.compiled_decode import CompiledDecoder, decoder_for
 from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
 from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
 from looped.model.depth_pass import CoreResult, DepthPass
-from looped.model.exit import ExitCriterion, IterationView
+from looped.model.exit import ExitCriterion, IterationView, RowBudget
 from looped.model.norm import RMSNorm
 from looped.model.rope import RotaryEmbedding
 
@@ -200,15 +200,20 @@ class LoopedLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, loops: Optional[int] = None,
                 cache: Optional[KVCache] = None, exit: Optional[ExitCriterion] = None,
                 grad_loops: Optional[int] = None, return_states: bool = False,
-                return_depth_weights: bool = False,
-                return_attn_weights: bool = False) -> LMOutput:
+                return_depth_weights: bool = False, return_attn_weights: bool = False,
+                row_loops: Optional[torch.Tensor] = None) -> LMOutput:
         """Logits for input_ids (B, T).
 
         loops: iterations of the core (default: the config's `loop`); any R for a shared core.
         cache: a KVCache to append to (prefill and decode); None runs the whole sequence.
         exit: an adaptive-exit criterion; exited tokens freeze (see looped.model.exit).
         grad_loops: truncated backprop, only the last k iterations carry gradient.
+        row_loops: (B,) iterations per row (default loops: the largest); a row's tokens freeze
+            after its count, as exited tokens do.
         """
+        if row_loops is not None:
+            loops = self._check_row_loops(row_loops, input_ids, loops)
+            exit = RowBudget(row_loops, exit)
         b, t, start, loops = self._check_call(input_ids, loops, cache, exit, grad_loops)
         layout = self.layout(loops)
         if cache is not None:
@@ -248,6 +253,25 @@ class LoopedLM(nn.Module):
             raise ConfigError(conflict)
         return b, t, start, loops
 
+    @staticmethod
+    def _check_row_loops(row_loops: torch.Tensor, input_ids: torch.Tensor,
+                         loops: Optional[int]) -> int:
+        if row_loops.shape != input_ids.shape[:1]:
+            raise ShapeError(f"row_loops must be (batch,) = {tuple(input_ids.shape[:1])}, got "
+                             f"shape {tuple(row_loops.shape)}")
+        low, top = int(row_loops.min()), int(row_loops.max())
+        if low < 1:
+            raise ShapeError(f"row_loops must be >= 1, got {low}")
+        if loops is not None and loops < top:
+            raise ShapeError(f"loops={loops} is fewer than the largest of row_loops ({top})")
+        return top if loops is None else loops
+
+    def _settle(self, x: torch.Tensor) -> torch.Tensor:
+        """The state an iteration hands on: RMS-normalised under model.state_norm."""
+        if self.cfg.state_norm:
+            return F.rms_norm(x, (x.shape[-1],), eps=self.cfg.norm_eps)
+        return x
+
     def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if r == 0 and self.cfg.init_state == "zeros" and self.cfg.injection == "add":
             return e  # zeros + e, exactly; the same tensor tells methods nothing changed
@@ -274,14 +298,15 @@ class LoopedLM(nn.Module):
             with torch.set_grad_enabled(torch.is_grad_enabled() and r >= first_with_grad):
                 x = run.inject(self._core_input(r, s, e))
                 if active is None:
-                    x = run.stack(self.core_blocks(r), x, frozen=done)
+                    x = self._settle(run.stack(self.core_blocks(r), x, frozen=done))
                     if done is not None:  # exited tokens keep their state
                         x = torch.where(done.unsqueeze(-1), s, x)
                 else:
                     # with one token per row, a running row's token has not exited: nothing
                     # in it is frozen
                     keep = done[active] if t > 1 else None
-                    x = run.stack(self.core_blocks(r), x[active], frozen=keep, rows=active)
+                    x = self._settle(run.stack(self.core_blocks(r), x[active], frozen=keep,
+                                               rows=active))
                     if keep is not None:
                         x = torch.where(keep.unsqueeze(-1), s[active], x)
                     x = s.index_copy(0, active, x)

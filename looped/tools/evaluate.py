@@ -2,6 +2,12 @@
 
     python -m looped eval ckpt=runs/my-run loops=[1,2,4,8,16,32]
     python -m looped eval ckpt=[runs/looped,runs/unrolled,runs/vanilla] out=runs/compare
+    python -m looped eval ckpt=runs/ps loops=[8,16,32,64,128] knob=length levels=[16,32,64]
+
+With `knob` and `levels`, every run is scored on a grid of loop counts x held-out difficulties
+(task.eval.<knob> at each level): difficulty_grid.csv, one plot per run with a line per level
+(accuracy against R) and a heatmap, and per level the best R and the drop from it at the
+largest R scored (overthinking); see looped.tools.difficulty_grid.
 
 Each run is scored on its own task's held-out split. A shared-core model runs at every R, also
 past the R it was trained with; an unrolled model (share_weights=false) only at its own R.
@@ -42,6 +48,8 @@ class EvaluateArgs:
     # at a time; null: one full forward per batch (what per_iteration equals)
     kv: Optional[str] = None
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    knob: Optional[str] = None  # a task knob to sweep on the held-out split (e.g. length, hops)
+    levels: list[int] = field(default_factory=list)  # its values, with `knob`
 
 
 def help_text(argv: list[str] = ()) -> str:
@@ -64,6 +72,9 @@ def parse_args(argv: list[str]) -> EvaluateArgs:
         from looped.model.cache_policy import CACHE_POLICIES
 
         CACHE_POLICIES.lookup(args.kv)
+    if (args.knob is None) != (not args.levels):
+        raise ConfigError("give knob=<task knob> and levels=[...] together (a difficulty grid), "
+                          "or neither")
     return args
 
 
@@ -101,6 +112,10 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.knob is not None:
+        from looped.tools.difficulty_grid import run_grid
+
+        return run_grid(args)
     runs = [evaluate_run(p, args) for p in args.ckpt]
     if args.out:
         out = Path(args.out)

@@ -68,3 +68,30 @@ def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_heatmap(grid: dict[int, dict[int, float]], path: Path, *, row_label: str,
+                 title: str = "", value_label: str = "held-out accuracy") -> Path:
+    """grid[row][R] as a heatmap: rows (difficulty levels) up, loop counts R across, each cell
+    printed with its value."""
+    rows = sorted(grid)
+    cols = sorted({r for row in grid.values() for r in row})
+    values = [[grid[row].get(c, float("nan")) for c in cols] for row in rows]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(cols) + 2), max(3.0, 0.5 * len(rows) + 1.5)))
+    image = ax.imshow(values, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(cols)), [str(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [str(r) for r in rows])
+    for i, row in enumerate(values):
+        for j, v in enumerate(row):
+            if v == v:  # not NaN
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.6 else "black")
+    fig.colorbar(image, ax=ax, label=value_label)
+    ax.set_xlabel("loop count R (iterations of the core)")
+    ax.set_ylabel(row_label)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,149 @@
+"""`looped eval ... knob=K levels=[...]`: held-out accuracy on a grid of loop counts x task
+difficulties, the question of loop extrapolation (does more test-time R solve harder instances
+than any trained?).
+
+For every run and level, the run's task is built with task.eval.<K> = level (its other knobs as
+trained) and scored at each R. Written to the output directory:
+
+    difficulty_grid.csv    run, trained_loop, knob, trained_level, level, loops, accuracy,
+                           solved, loss, mean_iterations (one row per cell)
+    difficulty_grid.json   the same, nested by run, level and R
+    difficulty_grid.md     per run and level: the best R, its score, and the overthinking drop
+                           (the best score minus the score at the largest R scored)
+    <run>_vs_loops.png     accuracy against R, one line per level (Deep Thinking's figure)
+    <run>_heatmap.png      the grid as a heatmap
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from looped import build_model
+from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+from looped.data import build_task
+from looped.errors import ConfigError
+from looped.model.exit import build_exit
+from looped.scoring import task_accuracy
+from looped.tools.plots import plot_heatmap, plot_metric_vs_loops
+
+METRICS = ("accuracy", "solved", "loss", "iterations")
+
+
+@dataclass
+class GridRun:
+    name: str
+    trained_loop: int
+    trained_level: object  # the knob's training value
+    cells: dict[int, dict[int, dict[str, float]]]  # level -> R -> metrics
+
+
+@dataclass
+class LevelSummary:
+    level: int
+    best_loops: int
+    best: float  # the score at best_loops
+    at_trained: float | None  # the score at the trained R, where it was scored
+    at_largest: float  # the score at the largest R scored
+    largest_loops: int
+
+    @property
+    def overthinking_drop(self) -> float:
+        return self.best - self.at_largest
+
+
+def summarise(run: GridRun, metric: str = "accuracy") -> list[LevelSummary]:
+    out = []
+    for level, by_r in sorted(run.cells.items()):
+        best_r = max(by_r, key=lambda r: (by_r[r][metric], -r))  # ties: the fewest iterations
+        top = max(by_r)
+        trained = by_r.get(run.trained_loop)
+        out.append(LevelSummary(level, best_r, by_r[best_r][metric],
+                                None if trained is None else trained[metric], by_r[top][metric],
+                                top))
+    return out
+
+
+def grid_run(path: str, args) -> GridRun:
+    ckpt = resolve_checkpoint(Path(path))
+    run_dir = run_dir_of(ckpt)
+    cfg = load_run_config(run_dir)
+    knobs = [k for k in cfg.task if k not in ("name", "eval")]
+    if args.knob not in knobs:
+        raise ConfigError(f"knob={args.knob}: task '{cfg.task.name}' of {run_dir.name} has no such "
+                          f"knob; its knobs: {', '.join(knobs)}")
+    model = build_model(cfg)
+    load_weights(model, ckpt)
+    exit = build_exit(cfg.exit)
+    loops = model.runnable_loops(args.loops)
+    cells: dict[int, dict[int, dict[str, float]]] = {}
+    for level in args.levels:
+        level_cfg = load_run_config(run_dir, [f"task.eval.{args.knob}={level}"])
+        task = build_task(level_cfg.task, split="eval")
+        if task.seq_len > cfg.model.max_seq_len or task.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"{args.knob}={level}: the task needs sequences of {task.seq_len} "
+                              f"tokens and a vocabulary of {task.vocab_size}; {run_dir.name} was "
+                              f"built for {cfg.model.max_seq_len} and {cfg.model.vocab_size}")
+        cells[level] = {}
+        for r in loops:
+            res = task_accuracy(model, task, r, args.n_samples, args.batch_size, cfg.seed,
+                                exit=exit, kv=args.kv)
+            cells[level][r] = {k: res[k] for k in METRICS}
+            print(f"  {run_dir.name}  {args.knob}={level:<4d} R={r:3d}  accuracy "
+                  f"{res['accuracy']:.4f}  solved {res['solved']:.4f}", flush=True)
+    return GridRun(run_dir.name, cfg.loop, cfg.task[args.knob], cells)
+
+
+def write_grid(runs: list[GridRun], knob: str, out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "difficulty_grid.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "trained_loop", "knob", "trained_level", "level", "loops", *METRICS])
+        for run in runs:
+            for level, by_r in run.cells.items():
+                for r, v in by_r.items():
+                    w.writerow([run.name, run.trained_loop, knob, run.trained_level, level, r,
+                                *(f"{v[k]:.6f}" for k in METRICS)])
+    (out / "difficulty_grid.json").write_text(json.dumps(
+        {run.name: {"trained_loop": run.trained_loop, "knob": knob,
+                    "trained_level": run.trained_level,
+                    "cells": {str(lv): {str(r): v for r, v in by_r.items()}
+                              for lv, by_r in run.cells.items()}} for run in runs},
+        indent=2) + "\n")
+    lines = [f"# Difficulty grid: {knob} x loop count R", ""]
+    for run in runs:
+        lines += [f"## {run.name} (trained at {knob}={run.trained_level}, R={run.trained_loop})",
+                  "", f"| {knob} | best R | accuracy at best R | at trained R | at largest R "
+                  "| overthinking drop |", "|---|---|---|---|---|---|"]
+        for s in summarise(run):
+            trained = "—" if s.at_trained is None else f"{s.at_trained:.3f}"
+            lines.append(f"| {s.level} | {s.best_loops} | {s.best:.3f} | {trained} | "
+                         f"{s.at_largest:.3f} (R={s.largest_loops}) | {s.overthinking_drop:.3f} |")
+        lines.append("")
+    (out / "difficulty_grid.md").write_text("\n".join(lines))
+    figures = []
+    for run in runs:
+        curves = {f"{knob}={lv}": {r: v["accuracy"] for r, v in by_r.items()}
+                  for lv, by_r in sorted(run.cells.items())}
+        figures.append(plot_metric_vs_loops(curves, out / f"{run.name}_vs_loops.png",
+                                            trained_loop=run.trained_loop,
+                                            title=f"{run.name}: held-out accuracy vs R"))
+        figures.append(plot_heatmap({lv: {r: v["accuracy"] for r, v in by_r.items()}
+                                     for lv, by_r in run.cells.items()},
+                                    out / f"{run.name}_heatmap.png", row_label=knob,
+                                    title=f"{run.name} (trained {knob}={run.trained_level}, "
+                                          f"R={run.trained_loop})"))
+    return figures
+
+
+def run_grid(args) -> int:
+    runs = [grid_run(p, args) for p in args.ckpt]
+    first = run_dir_of(resolve_checkpoint(Path(args.ckpt[0])))
+    out = Path(args.out) if args.out else first / "eval"
+    write_grid(runs, args.knob, out)
+    print((out / "difficulty_grid.md").read_text())
+    print(f"wrote {out / 'difficulty_grid.csv'}, difficulty_grid.json, difficulty_grid.md and "
+          f"{2 * len(runs)} figures in {out}")
+    return 0

@@ -1,0 +1,85 @@
+"""`looped eval knob=... levels=[...]`: the R x difficulty grid equals scoring each cell by hand
+(task_accuracy on the task built at that level), and its summary's best R and overthinking drop
+follow the grid."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from looped import build_model
+from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint
+from looped.data import build_task
+from looped.errors import ConfigError
+from looped.scoring import task_accuracy
+from looped.tools.difficulty_grid import GridRun, summarise
+from looped.tools.evaluate import main as evaluate_main
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = ["task=prefix_sums", "task.length=6", "model.vocab_size=3", "model.d_model=16",
+       "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8",
+       "model.ffn_dim=32", "model.max_seq_len=12", "loop=3", "train.steps=3",
+       "train.eval_every=3", "eval.loops=[3]", "eval.n_samples=8", "threads=1"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("grid")
+    proc = subprocess.run([sys.executable, "train.py", *RUN, f"out_dir={out}", "name=ps"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return out / "ps"
+
+
+def test_grid_cells_equal_scoring_each_level_by_hand(run, tmp_path, single_thread):
+    out = tmp_path / "grid"
+    assert evaluate_main([f"ckpt={run}", "loops=[1,4]", "knob=length", "levels=[6,12]",
+                          "n_samples=32", "batch_size=16", f"out={out}"]) == 0
+    rows = list(csv.DictReader(open(out / "difficulty_grid.csv")))
+    assert [(int(r["level"]), int(r["loops"])) for r in rows] == [(6, 1), (6, 4), (12, 1), (12, 4)]
+    assert {r["trained_level"] for r in rows} == {"6"} and {r["knob"] for r in rows} == {"length"}
+    cfg = load_run_config(run)
+    model = build_model(cfg)
+    load_weights(model, resolve_checkpoint(run))
+    for r in rows:
+        level_cfg = load_run_config(run, [f"task.eval.length={r['level']}"])
+        task = build_task(level_cfg.task, split="eval")
+        assert task.seq_len == int(r["level"])
+        want = task_accuracy(model, task, int(r["loops"]), 32, 16, cfg.seed)
+        for key in ("accuracy", "solved", "loss"):
+            assert float(r[key]) == pytest.approx(want[key], abs=1e-6)
+    grid = json.loads((out / "difficulty_grid.json").read_text())["ps"]
+    assert grid["trained_loop"] == 3 and set(grid["cells"]) == {"6", "12"}
+    assert "| 12 |" in (out / "difficulty_grid.md").read_text()
+    for name in ("ps_vs_loops.png", "ps_heatmap.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_summary_picks_the_best_r_and_measures_the_drop_after_it():
+    cells = {16: {8: {"accuracy": 0.5}, 16: {"accuracy": 0.9}, 32: {"accuracy": 0.9},
+                  64: {"accuracy": 0.7}},
+             64: {8: {"accuracy": 0.1}, 16: {"accuracy": 0.2}, 32: {"accuracy": 0.6},
+                  64: {"accuracy": 0.95}}}
+    first, second = summarise(GridRun("r", 16, 16, cells))
+    assert (first.best_loops, first.best, first.at_trained) == (16, 0.9, 0.9)  # ties: fewer R
+    assert first.overthinking_drop == pytest.approx(0.2) and first.largest_loops == 64
+    assert (second.best_loops, second.overthinking_drop) == (64, 0.0)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["knob=length"], "give knob=<task knob> and levels=[...] together"),
+    (["levels=[8]"], "give knob=<task knob> and levels=[...] together"),
+    (["knob=hops", "levels=[8]"], "task 'prefix_sums' of ps has no such knob; its knobs: length"),
+    (["knob=length", "levels=[64]"], "needs sequences of 64 tokens"),
+    (["knob=length", "levels=[0]"], "length must be >= 1"),
+])
+def test_grid_bad_input_is_one_line(run, args, fragment):
+    with pytest.raises(ConfigError) as err:
+        evaluate_main([f"ckpt={run}", "loops=[1]", "n_samples=4", *args])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
