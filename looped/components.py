@@ -74,7 +74,9 @@ class Slot:
             value = default
         # the loose config is untyped: a number becomes the name its str field would hold, and
         # any other type keeps the default, for the schema to report the bad value in one line
-        if isinstance(value, (bool, int, float)):
+        if value is None or value == "":  # `task.name=null`: the schema reports it in one line
+            value = default
+        elif isinstance(value, (bool, int, float)):
             value = str(value)
         elif value is not None and not isinstance(value, str):
             value = default

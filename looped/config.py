@@ -113,6 +113,9 @@ class ModelConfig:
     # tasks that address tokens by absolute position need it)
     pos_embedding: bool = False
     max_seq_len: int = 256  # longest sequence (prompt + generated) the model accepts
+    # sliding-window sequence attention: each query reads its last attn_window keys (itself
+    # included), a local prior like Deep Thinking's convolutions; 0: every earlier key
+    attn_window: int = 0
     norm_eps: float = 1e-6  # RMSNorm epsilon
     tie_embeddings: bool = True  # the head reuses the token embedding
     kernel: str = "sdpa"  # sdpa | eager | xformers
@@ -368,6 +371,15 @@ def _resolve(sources: list[tuple[str, DictConfig]], dotlist: list[str]) -> DictC
     # plugin files by absolute path, so a saved run finds them from any directory
     cfg.imports = [str(Path(n).expanduser().resolve()) if str(n).endswith(".py") else n
                    for n in cfg.imports]
+    try:  # ${...} references: resolved once, here, so a bad one is a one-line error
+        OmegaConf.resolve(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"cannot resolve {f'{key}' if key else 'the config'}: "
+                          f"{first_line(e)}") from None
+    if missing:
+        raise ConfigError(f"config key '{missing[0]}' is left without a value (???)")
     OmegaConf.set_struct(cfg, True)
     validate(cfg)
     return cfg
@@ -562,6 +574,8 @@ def validate(cfg: DictConfig) -> None:
     _require(m.head_dim % 2 == 0, f"model.head_dim must be even for RoPE, got {m.head_dim}")
     _require(0 < m.rope_theta < float("inf"),
              f"model.rope_theta must be > 0 and finite, got {m.rope_theta}")
+    _require(m.attn_window >= 0, f"model.attn_window must be >= 0 (0: full causal), got "
+             f"{m.attn_window}")
     _require(0 < m.norm_eps < float("inf"),
              f"model.norm_eps must be > 0 and finite, got {m.norm_eps}")
     _require(0 < m.init_std < float("inf"),

@@ -83,3 +83,16 @@ def test_grid_bad_input_is_one_line(run, args, fragment):
     with pytest.raises(ConfigError) as err:
         evaluate_main([f"ckpt={run}", "loops=[1]", "n_samples=4", *args])
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_seed_table_gives_mean_min_max_and_seeds_reaching():
+    from looped.tools.difficulty_grid import seed_table
+
+    def run(name, a, b):
+        return GridRun(name, 4, 8, {8: {4: {"accuracy": a}, 8: {"accuracy": b}}})
+
+    lines = seed_table([run("v/seed0", 0.5, 0.95), run("v/seed1", 0.7, 0.85),
+                        run("other", 0.1, 0.2)], "length")
+    assert lines[0] == "## v: mean (min..max) over 2 seeds"
+    assert lines[4] == "| 8 | 0.600 (0.50..0.70) | 0.900 (0.85..0.95) | 1/2 |"
+    assert not any("other" in line for line in lines)

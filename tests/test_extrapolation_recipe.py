@@ -257,3 +257,43 @@ def test_solved_counts_sequences_with_every_answer_right():
     res = task_accuracy(Oracle(wrong=3), task, loops=1, n_samples=64, batch_size=16, seed=0)
     assert res["solved"] == pytest.approx(0.5)
     assert res["accuracy"] == pytest.approx(1 - 0.5 / 8)
+
+
+# -- sliding-window sequence attention ------------------------------------------------------
+
+
+def test_attn_window_bounds_the_receptive_field_to_loops_times_layers():
+    """With window w, one layer application lets a token read w - 1 tokens back; R iterations of
+    an L-layer core reach R * L * (w - 1) back, and no further."""
+    model = make_model(seed=4, loop=3, n_layers=1, attn_window=2)
+    ids = rand_ids(batch=1, tokens=12, seed=4)
+    i, reach = 10, 3  # position 10 reads back to 10 - 3 = 7
+    with torch.no_grad():
+        base = model(ids).logits[0, i]
+        for j, changes in ((i - reach - 1, False), (i - reach, True)):
+            other = ids.clone()
+            other[0, j] = (other[0, j] + 1) % 16
+            diff = max_diff(model(other).logits[0, i], base)
+            assert (diff > 1e-4) == changes, (j, diff)
+
+
+def test_attn_window_covering_the_sequence_is_full_attention():
+    ids = rand_ids(batch=2, tokens=10, seed=5)
+    with torch.no_grad():
+        full = make_model(seed=5, loop=2)(ids).logits
+        wide = make_model(seed=5, loop=2, attn_window=10)(ids).logits
+    assert max_diff(full, wide) <= 1e-6
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_attn_window_cached_decode_equals_the_full_forward(kernel):
+    from conftest import decode_logits
+
+    model = make_model(seed=6, loop=3, n_layers=2, attn_window=3, kernel=kernel)
+    ids = rand_ids(batch=2, tokens=11, seed=6)
+    with torch.no_grad():
+        full = model(ids).logits
+        assert max_diff(decode_logits(model, ids, (4,)), full) <= 1e-5
+    ref = make_model(seed=6, loop=3, n_layers=2, attn_window=3, kernel="eager")
+    with torch.no_grad():
+        assert max_diff(ref(ids).logits, full) <= 1e-5

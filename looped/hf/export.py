@@ -55,6 +55,9 @@ def check_exportable(cfg, model) -> None:
     if m.cross_layer.method != "none":
         raise ConfigError(f"cannot export cross_layer.method={m.cross_layer.method}: the "
                           f"exported model implements the plain residual stream only")
+    if m.attn_window:
+        raise ConfigError("cannot export model.attn_window > 0: the exported model implements "
+                          "full causal attention only")
     if m.depth_attention.mix != "mixed":
         raise ConfigError("cannot export depth_attention.mix=raw (an ablation); only mixed")
     if model.policy not in EXPORTABLE_POLICIES:

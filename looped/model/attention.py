@@ -82,7 +82,7 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.kernel = cfg.kernel
+        self.kernel, self.window = cfg.kernel, cfg.attn_window
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -122,7 +122,7 @@ class Attention(nn.Module):
 
         k_all, v_all = store.history(pos.index)  # (B, Hkv, Tk, D)
         out, weights = attend(q, k_all, v_all, kernel=self.kernel, q_offset=offset,
-                              need_weights=recorder.want_attn)
+                              need_weights=recorder.want_attn, window=self.window)
         if weights is not None:
             recorder.attn_weights[pos.index] = weights
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))

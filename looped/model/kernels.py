@@ -22,19 +22,26 @@ from looped.registry import Registry
 Kernel = Callable[..., tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 
-def causal_mask(tq: int, tk: int, q_offset: int, device: torch.device) -> torch.Tensor:
-    """(Tq, Tk) bool, True where query i may read key j: j <= q_offset + i."""
+def causal_mask(tq: int, tk: int, q_offset: int, device: torch.device,
+                window: int = 0) -> torch.Tensor:
+    """(Tq, Tk) bool, True where query i may read key j: j <= q_offset + i, and with a sliding
+    window (> 0) also j > q_offset + i - window (the query's last `window` keys)."""
     rows = torch.arange(tq, device=device).unsqueeze(1) + q_offset
-    return torch.arange(tk, device=device).unsqueeze(0) <= rows
+    keys = torch.arange(tk, device=device).unsqueeze(0)
+    mask = keys <= rows
+    return mask & (keys > rows - window) if window else mask
 
 
-def _sdpa(q, k, v, q_offset: int, need_weights: bool):
+def _sdpa(q, k, v, q_offset: int, need_weights: bool, window: int = 0):
     if need_weights:
         raise ValueError("the sdpa kernel cannot return attention weights; use kernel='eager'")
     tq, tk = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     static = isinstance(q_offset, torch.Tensor)  # a preallocated buffer: keys past it are stale
-    if tq == 1 and not static:  # one new token reads every cached key: no mask needed
+    if window:
+        mask = causal_mask(tq, tk, q_offset, q.device, window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    elif tq == 1 and not static:  # one new token reads every cached key: no mask needed
         out = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif not static and tq == tk and q_offset == 0:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -51,11 +58,11 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def _eager(q, k, v, q_offset: int, need_weights: bool):
+def _eager(q, k, v, q_offset: int, need_weights: bool, window: int = 0):
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # (B, H, Tq, Tk)
-    mask = causal_mask(q.shape[2], k.shape[2], q_offset, q.device)
+    mask = causal_mask(q.shape[2], k.shape[2], q_offset, q.device, window)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
     return weights @ v, (weights if need_weights else None)
 
@@ -79,10 +86,13 @@ def xformers_unavailable_reason(device_type: str) -> Optional[str]:
     return None
 
 
-def _xformers(q, k, v, q_offset: int, need_weights: bool):
+def _xformers(q, k, v, q_offset: int, need_weights: bool, window: int = 0):
     reason = xformers_unavailable_reason(q.device.type)
     if reason:
         raise KernelUnavailableError(reason)
+    if window:
+        raise KernelUnavailableError("the xformers kernel here has no sliding window "
+                                     "(model.attn_window); use model.kernel=sdpa")
     if need_weights:
         raise ValueError("the xformers kernel cannot return attention weights; use kernel='eager'")
     from xformers.ops import fmha
@@ -111,8 +121,11 @@ for _name, _kernel in (("sdpa", _sdpa), ("eager", _eager), ("xformers", _xformer
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, kernel: str = "sdpa",
-           q_offset: int = 0, need_weights: bool = False):
-    """Causal attention. Returns (out (B, H, Tq, D), weights (B, H, Tq, Tk) or None)."""
+           q_offset: int = 0, need_weights: bool = False, window: int = 0):
+    """Causal attention, over each query's last `window` keys if window > 0. Returns
+    (out (B, H, Tq, D), weights (B, H, Tq, Tk) or None)."""
+    if window:
+        return KERNELS[kernel](q, k, v, q_offset, need_weights, window)
     return KERNELS[kernel](q, k, v, q_offset, need_weights)
 
 

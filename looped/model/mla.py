@@ -89,7 +89,7 @@ class MLAttention(nn.Module):
         m = cfg.mla
         self.h, self.d_nope, self.d_rope, self.d_v, self.d_c = (cfg.n_heads, m.nope_dim,
                                                                 m.rope_dim, m.v_dim, m.kv_rank)
-        self.kernel, self.depth_keys = cfg.kernel, m.depth_keys
+        self.kernel, self.depth_keys, self.window = cfg.kernel, m.depth_keys, cfg.attn_window
         self.values_only = m.depth_mix == "values"  # the ablation: keys from the raw latent
         qk = m.nope_dim + m.rope_dim
         if m.q_rank:
@@ -144,7 +144,8 @@ class MLAttention(nn.Module):
                        k_all.expand(b, h, tk, self.d_rope)], -1)  # (B, H, Tk, d_nope + d_rope)
         v = self.v_up(c_all[:, 0]).view(b, tk, h, self.d_v).transpose(1, 2)  # (B, H, Tk, d_v)
         out, weights = attend(torch.cat([q_nope, q_rope], -1), k, v, kernel=self.kernel,
-                              q_offset=offset, need_weights=recorder.want_attn)
+                              q_offset=offset, need_weights=recorder.want_attn,
+                              window=self.window)
         if weights is not None:
             recorder.attn_weights[pos.index] = weights
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.d_v))

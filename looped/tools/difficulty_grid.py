@@ -12,6 +12,11 @@ trained) and scored at each R. Written to the output directory:
                            (the best score minus the score at the largest R scored)
     <run>_vs_loops.png     accuracy against R, one line per level (Deep Thinking's figure)
     <run>_heatmap.png      the grid as a heatmap
+
+Runs of a study (<out>/<variant>/seed<k>) are named <variant>/seed<k>; where a variant has
+several seeds, difficulty_grid.md also gives per variant the mean over seeds at every cell with
+its min..max, and how many seeds reach a score of at least 0.9 at some R, and
+<variant>_mean_vs_loops.png draws the mean with a min-max band.
 """
 
 from __future__ import annotations
@@ -27,9 +32,10 @@ from looped.data import build_task
 from looped.errors import ConfigError
 from looped.model.exit import build_exit
 from looped.scoring import task_accuracy
-from looped.tools.plots import plot_heatmap, plot_metric_vs_loops
+from looped.tools.plots import plot_bands, plot_heatmap, plot_metric_vs_loops
 
 METRICS = ("accuracy", "solved", "loss", "iterations")
+SOLVED_AT = 0.9  # a seed "reaches" a level when its best accuracy there is at least this
 
 
 @dataclass
@@ -38,6 +44,15 @@ class GridRun:
     trained_loop: int
     trained_level: object  # the knob's training value
     cells: dict[int, dict[int, dict[str, float]]]  # level -> R -> metrics
+
+    @property
+    def group(self) -> str:
+        """The variant a study's seed run belongs to (its own name otherwise)."""
+        return self.name.rpartition("/")[0] or self.name
+
+    @property
+    def file_stem(self) -> str:
+        return self.name.replace("/", "_")
 
 
 @dataclass
@@ -93,7 +108,56 @@ def grid_run(path: str, args) -> GridRun:
             cells[level][r] = {k: res[k] for k in METRICS}
             print(f"  {run_dir.name}  {args.knob}={level:<4d} R={r:3d}  accuracy "
                   f"{res['accuracy']:.4f}  solved {res['solved']:.4f}", flush=True)
-    return GridRun(run_dir.name, cfg.loop, cfg.task[args.knob], cells)
+    name = (f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.startswith("seed")
+            else run_dir.name)
+    return GridRun(name, cfg.loop, cfg.task[args.knob], cells)
+
+
+def seed_table(runs: list[GridRun], knob: str) -> list[str]:
+    """Markdown: per variant with several runs, the mean (min..max) accuracy at each level and
+    R, and the seeds reaching SOLVED_AT at some R."""
+    groups: dict[str, list[GridRun]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    lines = []
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        loops = sorted({r for m in members for by_r in m.cells.values() for r in by_r})
+        lines += [f"## {group}: mean (min..max) over {len(members)} seeds", "",
+                  f"| {knob} | " + " | ".join(f"R={r}" for r in loops) + " | seeds >= "
+                  f"{SOLVED_AT} |", "|---" * (len(loops) + 2) + "|"]
+        for level in sorted(members[0].cells):
+            cells = []
+            for r in loops:
+                vals = [m.cells[level][r]["accuracy"] for m in members if r in m.cells[level]]
+                cells.append(f"{sum(vals) / len(vals):.3f} ({min(vals):.2f}..{max(vals):.2f})"
+                             if vals else "—")
+            reach = sum(max(v["accuracy"] for v in m.cells[level].values()) >= SOLVED_AT
+                        for m in members)
+            lines.append(f"| {level} | " + " | ".join(cells) + f" | {reach}/{len(members)} |")
+        lines.append("")
+    return lines
+
+
+def plot_seed_bands(runs: list[GridRun], knob: str, out: Path) -> list[Path]:
+    groups: dict[str, list[GridRun]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    figures = []
+    for group, members in groups.items():
+        if len(members) < 2:
+            continue
+        series = {f"{knob}={level}": {r: [m.cells[level][r]["accuracy"] for m in members
+                                          if r in m.cells[level]]
+                                      for r in members[0].cells[level]}
+                  for level in sorted(members[0].cells)}
+        figures.append(plot_bands(series, out / f"{group.replace('/', '_')}_mean_vs_loops.png",
+                                  xlabel="loop count R (iterations of the core)",
+                                  ylabel="held-out accuracy", log2_x=True,
+                                  title=f"{group}: mean over {len(members)} seeds (band: "
+                                        f"min-max)"))
+    return figures
 
 
 def write_grid(runs: list[GridRun], knob: str, out: Path) -> list[Path]:
@@ -122,20 +186,21 @@ def write_grid(runs: list[GridRun], knob: str, out: Path) -> list[Path]:
             lines.append(f"| {s.level} | {s.best_loops} | {s.best:.3f} | {trained} | "
                          f"{s.at_largest:.3f} (R={s.largest_loops}) | {s.overthinking_drop:.3f} |")
         lines.append("")
+    lines += seed_table(runs, knob)
     (out / "difficulty_grid.md").write_text("\n".join(lines))
     figures = []
     for run in runs:
         curves = {f"{knob}={lv}": {r: v["accuracy"] for r, v in by_r.items()}
                   for lv, by_r in sorted(run.cells.items())}
-        figures.append(plot_metric_vs_loops(curves, out / f"{run.name}_vs_loops.png",
+        figures.append(plot_metric_vs_loops(curves, out / f"{run.file_stem}_vs_loops.png",
                                             trained_loop=run.trained_loop,
                                             title=f"{run.name}: held-out accuracy vs R"))
         figures.append(plot_heatmap({lv: {r: v["accuracy"] for r, v in by_r.items()}
                                      for lv, by_r in run.cells.items()},
-                                    out / f"{run.name}_heatmap.png", row_label=knob,
+                                    out / f"{run.file_stem}_heatmap.png", row_label=knob,
                                     title=f"{run.name} (trained {knob}={run.trained_level}, "
                                           f"R={run.trained_loop})"))
-    return figures
+    return figures + plot_seed_bands(runs, knob, out)
 
 
 def run_grid(args) -> int:
@@ -145,5 +210,5 @@ def run_grid(args) -> int:
     write_grid(runs, args.knob, out)
     print((out / "difficulty_grid.md").read_text())
     print(f"wrote {out / 'difficulty_grid.csv'}, difficulty_grid.json, difficulty_grid.md and "
-          f"{2 * len(runs)} figures in {out}")
+          f"the figures in {out}")
     return 0
