@@ -124,8 +124,8 @@ class ModelConfig:
     share_weights: bool = True  # false: the core becomes `loop` untied copies (unrolled baseline)
     injection: str = "add"  # how the prelude output e enters each iteration: add | concat | none
     init_state: str = "zeros"  # the state before the first iteration: zeros | embed | noise
-    # RMS-normalise the state after every iteration (no weights): a bounded recurrence, as
-    # Labovich 2026 uses for prefix sums
+    # RMS-normalise the state after every iteration (a learned gain, starting at init_std): a
+    # bounded recurrence, as Labovich 2026 uses for prefix sums
     state_norm: bool = False
     init_std: float = 0.02  # std of the weight init (residual outputs scaled down by depth)
     exit_gate: bool = False  # a learned halting probe on the state (exit criterion 'gate')

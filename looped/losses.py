@@ -126,6 +126,10 @@ class ProgressiveLoss:
         def check(self, cfg) -> None:
             if not 0 <= self.alpha <= 1:
                 raise ConfigError(f"train.objective.alpha must be in [0, 1], got {self.alpha}")
+            if not cfg.model.share_weights:
+                raise ConfigError("train.objective.loss=progressive runs fewer iterations than "
+                                  "loop; an unrolled model (share_weights=false) runs exactly "
+                                  "loop: use train.objective.loss=final")
             if cfg.train.loops.sampler == "task":
                 raise ConfigError("train.objective.loss=progressive draws its own loop counts; "
                                   "it cannot follow per-row loop counts (train.loops.sampler="

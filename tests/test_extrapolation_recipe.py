@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model, max_diff, rand_ids, tiny_cfg
 
-from looped import load_config
+from looped import build_model, load_config
 from looped.data import build_task
 from looped.data.base import IGNORE, Batch
 from looped.data.prefix_sums import PrefixSumsTask
@@ -221,16 +221,23 @@ def test_training_with_per_row_loops_runs_and_needs_a_task_that_gives_them(tmp_p
 # -- state normalisation, and the solved score ------------------------------------------------
 
 
-def test_state_norm_hands_on_unit_rms_states():
+def test_state_norm_hands_on_states_of_its_gain():
+    """Each iteration's state is RMS-normalised times the learned gain; a fresh model's gain is
+    init_std (the embedding's scale)."""
     model = make_model(seed=2, loop=3, state_norm="true")
     plain = make_model(seed=2, loop=3)
     ids = rand_ids(batch=2, tokens=6, seed=2)
     with torch.no_grad():
+        gain = torch.rand(model.cfg.d_model, generator=torch.Generator().manual_seed(2)) + 0.5
+        model.state_norm.weight.copy_(gain)
         states = model(ids, return_states=True).states
         assert max_diff(model(ids).logits, plain(ids).logits) > 1e-3
     for s in states:
-        rms = s.pow(2).mean(-1).sqrt()
+        rms = (s / gain).pow(2).mean(-1).sqrt()
         assert max_diff(rms, torch.ones_like(rms)) <= 1e-4
+    torch.manual_seed(0)
+    fresh = build_model(tiny_cfg(loop=3, state_norm="true"))
+    assert bool((fresh.state_norm.weight == fresh.cfg.init_std).all())
 
 
 def test_state_norm_refuses_a_cross_layer_method():

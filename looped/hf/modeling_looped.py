@@ -259,6 +259,7 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
         self.adapter = (nn.Linear(2 * c.d_model, c.d_model, bias=False)
                         if c.injection == "concat" else None)
         self.exit_gate = nn.Linear(c.d_model, 1) if c.exit_gate else None  # kept, not used
+        self.state_norm = RMSNorm(c.d_model, c.norm_eps) if c.state_norm else None
         self.norm = RMSNorm(c.d_model, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size,
                                                                bias=False)
@@ -332,9 +333,7 @@ class LoopedForCausalLM(PreTrainedModel, GenerationMixin):
             x = self._inject(s, e)
             for block in (self.core if self.config.share_weights else self.core[r]):
                 x, p = block(x, st, p), p + 1
-            s = x
-            if self.config.state_norm:  # the state between iterations is RMS-normalised
-                s = F.rms_norm(x, (x.shape[-1],), eps=self.config.norm_eps)
+            s = x if self.state_norm is None else self.state_norm(x)
         for block in self.coda:
             s, p = block(s, st, p), p + 1
         logits = self._head(s)

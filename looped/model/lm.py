@@ -69,6 +69,9 @@ class LoopedLM(nn.Module):
                         if cfg.injection == "concat" else None)
         # a linear probe on the state giving a per-iteration halting logit (exit criterion 'gate')
         self.exit_gate = nn.Linear(cfg.d_model, 1) if cfg.exit_gate else None
+        # model.state_norm: the state an iteration hands on is RMS-normalised, with a learned gain
+        # that starts at the embedding's scale (init_std), so the injected input is not drowned
+        self.state_norm = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.state_norm else None
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
                                                                  bias=False)
@@ -92,6 +95,8 @@ class LoopedLM(nn.Module):
                 continue
             is_out = name.endswith(("o_proj.weight", "mlp.down.weight"))
             nn.init.normal_(p, 0.0, out_std if is_out else std)
+        if self.state_norm is not None:
+            nn.init.constant_(self.state_norm.weight, std)
 
     # -- depth positions -------------------------------------------------------------------
 
@@ -268,9 +273,7 @@ class LoopedLM(nn.Module):
 
     def _settle(self, x: torch.Tensor) -> torch.Tensor:
         """The state an iteration hands on: RMS-normalised under model.state_norm."""
-        if self.cfg.state_norm:
-            return F.rms_norm(x, (x.shape[-1],), eps=self.cfg.norm_eps)
-        return x
+        return x if self.state_norm is None else self.state_norm(x)
 
     def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         if r == 0 and self.cfg.init_state == "zeros" and self.cfg.injection == "add":

@@ -299,6 +299,13 @@ def _self_weight_table(curves: list[dict], n_seeds: int) -> list[str]:
 # -- figures -----------------------------------------------------------------------------------
 
 
+def meant_for(rows: list[dict]) -> list[dict]:
+    """The rows at the R each model is meant for: a plain decoder (trained at R = 1) only at
+    R = 1, where running it further is no experiment anyone would run; an unrolled model is
+    only ever scored at its own R, and so draws as one marker."""
+    return [r for r in rows if r["trained_loop"] != 1 or r["R"] == 1]
+
+
 def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) -> list[Path]:
     m = spec.metric
     made = []
@@ -306,7 +313,8 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
         prefix = f"{grid}_" if grid else ""
         title = f"{spec.name} ({grid})" if grid else spec.name
         bands = {}
-        for (v, R), vals in _by([r for r in rows if r["grid"] == grid], m, "variant", "R").items():
+        for (v, R), vals in _by([r for r in meant_for(rows) if r["grid"] == grid], m, "variant",
+                                "R").items():
             bands.setdefault(v, {})[R] = list(vals.values())
         if len({R for curve in bands.values() for R in curve}) > 1:  # plain decoders: R = 1
             made.append(plot_bands(bands, out / f"{prefix}{m}_vs_R.png", xlabel="loop count R",

@@ -13,7 +13,7 @@
     reference: vanilla                                # paired differences are against it
     pairs: [[depth_attention, vanilla]]               # optional: more [variant, baseline] pairs
     cache_bytes: false                                # optional: KV bytes per token per variant
-    metric: bits_per_byte                             # accuracy | loss | bits_per_byte
+    metric: bits_per_byte                   # accuracy | solved | loss | bits_per_byte
     eval: {loops: [1], n_samples: 1024}               # the `looped eval` sweep of each run
 
 Each (grid point, variant, seed) is one run: `python -m looped train <base> <grid point>
@@ -37,7 +37,7 @@ from omegaconf.errors import OmegaConfBaseException
 from looped.config import first_line, load_config, load_yaml
 from looped.errors import ConfigError, LoopedError
 
-METRICS = {"accuracy": "higher", "loss": "lower", "bits_per_byte": "lower"}
+METRICS = {"accuracy": "higher", "solved": "higher", "loss": "lower", "bits_per_byte": "lower"}
 LAUNCHERS = ("local", "slurm", "submitit_local", "submitit_debug")
 
 
@@ -72,7 +72,7 @@ class StudySpec:
     pairs: list[list[str]] = field(default_factory=list)
     # add each variant's KV-cache bytes per token (fp32, every depth position) to the report
     cache_bytes: bool = False
-    metric: str = "accuracy"  # accuracy | loss | bits_per_byte
+    metric: str = "accuracy"  # accuracy | solved (whole sequences right) | loss | bits_per_byte
     # R values the markdown table reports (default: every evaluated R)
     report_loops: list[int] = field(default_factory=list)
     eval: StudyEval = field(default_factory=StudyEval)
