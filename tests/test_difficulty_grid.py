@@ -96,3 +96,15 @@ def test_seed_table_gives_mean_min_max_and_seeds_reaching():
     assert lines[0] == "## v: mean (min..max) over 2 seeds"
     assert lines[4] == "| 8 | 0.600 (0.50..0.70) | 0.900 (0.85..0.95) | 1/2 |"
     assert not any("other" in line for line in lines)
+
+
+def test_study_figures_draw_a_plain_decoder_only_at_r_1():
+    """A plain decoder (trained at R = 1) run past R = 1 is no experiment; its points there used
+    to dominate text_looped's bits_per_byte_vs_R.png."""
+    from looped.tools.study.aggregate import meant_for
+
+    rows = [{"variant": "plain", "trained_loop": 1, "R": r} for r in (1, 2, 8)] + \
+           [{"variant": "looped", "trained_loop": 4, "R": r} for r in (1, 4, 16)] + \
+           [{"variant": "unrolled", "trained_loop": 4, "R": 4}]
+    kept = [(r["variant"], r["R"]) for r in meant_for(rows)]
+    assert kept == [("plain", 1), ("looped", 1), ("looped", 4), ("looped", 16), ("unrolled", 4)]
