@@ -455,6 +455,7 @@ def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) ->
 # by node: a run saved then carries all of them, whichever component it chose.
 _FLAT_KNOBS = {
     "task": {"n_chains", "chain_len", "n_queries", "hops", "n_distractors", "length", "alphabet",
+             "min_hops",
              "digits", "corpus", "text_field", "seq_len", "tokenizer", "bpe_vocab", "held_out"},
     "model.depth_attention": {"stride", "window"},
     "model.cross_layer": {"dilation", "period", "learnable", "block_size", "streams",

@@ -308,3 +308,22 @@ def test_held_out_scoring_over_several_batches_against_an_independent_count(loop
     want_loss = (right * -math.log(0.9) + (len(depths) - right) * wrong_nll) / len(depths)
     assert got["loss"] == pytest.approx(want_loss, rel=1e-5)
     assert got["iterations"] == loops
+
+
+def test_phop_with_a_range_of_hops_answers_each_rows_own_depth():
+    """min_hops: each row's p ~ U{min_hops..hops}; the answer is solve_phop at that row's p,
+    and hop_targets past it repeat the answer. The row's p is not given, so the solver's steps
+    must fit one p in the range."""
+    task = make("phop", dict(hops=5, length=48, alphabet=4, min_hops=2))
+    batch, inputs, targets, hops = sample_lists(task)
+    depths = set()
+    for row in range(len(inputs)):
+        steps = solve_phop(inputs[row], task.hops)[len(inputs[row]) - 1]
+        fits = [p for p in range(2, 6)
+                if targets[row][-1] == steps[p - 1]
+                and all(hops[r][row][-1] == steps[min(r + 1, p) - 1] for r in range(5))]
+        assert fits, row
+        depths.add(min(fits))
+    assert len(depths) >= 3  # rows really differ in depth
+    with pytest.raises(ConfigError, match="min_hops must be in"):
+        make("phop", dict(hops=3, min_hops=4))

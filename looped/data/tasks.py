@@ -147,7 +147,9 @@ class PHopTask(Task):
         q = p - r - 1 (the last that leaves one position per remaining hop) is set to the searched
         token instead of drawn. Only rows that would otherwise run out of room are changed; they
         are rare when length is well above p times the mean hop distance (~alphabet).
-    Needs length >= hops + 2. seq_len = length, vocab_size = alphabet.
+    Needs length >= hops + 2. seq_len = length, vocab_size = alphabet. With min_hops > 0 each
+    row draws its own p ~ U{min_hops..hops} (a range of difficulties in training; the held-out
+    split's task.eval.hops scores beyond it); hop_targets past a row's p hold its answer.
     """
 
     @dataclass
@@ -155,20 +157,24 @@ class PHopTask(Task):
         hops: int = 4  # p
         length: int = 64  # sequence length (long enough that p hops rarely run out of room)
         alphabet: int = 4  # tokens in the sequence's alphabet
+        min_hops: int = 0  # > 0: each row's p ~ U{min_hops..hops}; 0: every row `hops`
 
         def check(self, cfg=None) -> None:
             hops, length, alphabet = self.hops, self.length, self.alphabet
             if hops < 1:
                 raise knob_error("phop", f"hops must be >= 1, got {hops}")
+            if not 0 <= self.min_hops <= hops:
+                raise knob_error("phop", f"min_hops must be in [0, hops={hops}], got "
+                                 f"{self.min_hops}")
             if alphabet < 2:
                 raise knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
             if length < hops + 2:
                 raise knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
 
     def __init__(self, hops: int = Config.hops, length: int = Config.length,
-                 alphabet: int = Config.alphabet, **_):
-        self.Config(hops, length, alphabet).check()
-        self.hops, self.length, self.alphabet = hops, length, alphabet
+                 alphabet: int = Config.alphabet, min_hops: int = Config.min_hops, **_):
+        self.Config(hops, length, alphabet, min_hops).check()
+        self.hops, self.length, self.alphabet, self.min_hops = hops, length, alphabet, min_hops
         self.vocab_size = alphabet
         self.seq_len = length
 
@@ -179,7 +185,9 @@ class PHopTask(Task):
         x = torch.empty(b, n, dtype=torch.long)
         x[:, -1] = first
         target = first.clone()  # the token the current hop looks for
-        left = torch.full((b,), p)  # hops still to do, the current one included
+        row_p = (torch.randint(self.min_hops, p + 1, (b,), generator=generator)
+                 if self.min_hops else torch.full((b,), p))
+        left = row_p.clone()  # hops still to do, the current one included
         hop_pos = torch.empty(p, b, dtype=torch.long)  # hop_pos[r - 1] = find^r(N - 1)
         rows = torch.arange(b)
         for q in range(n - 2, -1, -1):
@@ -190,11 +198,13 @@ class PHopTask(Task):
             x[:, q] = tok
             found = searching & (tok == target)
             if found.any():
-                r = (p - left)[found]  # this hop's index: find^(r + 1)(N - 1) = q + 1
+                r = (row_p - left)[found]  # this hop's index: find^(r + 1)(N - 1) = q + 1
                 hop_pos[r, rows[found]] = q + 1
                 target = torch.where(found, prev, target)  # the next hop looks for x_{q+1}
                 left = left - found.long()
         assert bool((left == 0).all())
+        past = torch.arange(p)[:, None] >= row_p[None]  # hops beyond a row's p: its answer
+        hop_pos = torch.where(past, hop_pos.gather(0, (row_p - 1)[None].expand(p, b)), hop_pos)
         hop_tok = x.gather(1, hop_pos.T).T  # (p, B)
         targets = torch.full_like(x, IGNORE)
         targets[:, -1] = hop_tok[-1]
