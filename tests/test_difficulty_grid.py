@@ -22,9 +22,9 @@ from looped.tools.difficulty_grid import GridRun, summarise
 from looped.tools.evaluate import main as evaluate_main
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ["task=prefix_sums", "task.length=6", "model.vocab_size=3", "model.d_model=16",
+RUN = ["task=prefix_sums", "task.length=6", "model.vocab_size=4", "model.d_model=16",
        "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=8",
-       "model.ffn_dim=32", "model.max_seq_len=12", "loop=3", "train.steps=3",
+       "model.ffn_dim=32", "model.max_seq_len=13", "loop=3", "train.steps=3",
        "train.eval_every=3", "eval.loops=[3]", "eval.n_samples=8", "threads=1"]
 
 
@@ -50,7 +50,7 @@ def test_grid_cells_equal_scoring_each_level_by_hand(run, tmp_path, single_threa
     for r in rows:
         level_cfg = load_run_config(run, [f"task.eval.length={r['level']}"])
         task = build_task(level_cfg.task, split="eval")
-        assert task.seq_len == int(r["level"])
+        assert task.seq_len == int(r["level"]) + 1  # the BOS token
         want = task_accuracy(model, task, int(r["loops"]), 32, 16, cfg.seed)
         for key in ("accuracy", "solved", "loss"):
             assert float(r[key]) == pytest.approx(want[key], abs=1e-6)
@@ -76,7 +76,7 @@ def test_summary_picks_the_best_r_and_measures_the_drop_after_it():
     (["knob=length"], "give knob=<task knob> and levels=[...] together"),
     (["levels=[8]"], "give knob=<task knob> and levels=[...] together"),
     (["knob=hops", "levels=[8]"], "task 'prefix_sums' of ps has no such knob; its knobs: length"),
-    (["knob=length", "levels=[64]"], "needs sequences of 64 tokens"),
+    (["knob=length", "levels=[64]"], "needs sequences of 65 tokens"),
     (["knob=length", "levels=[0]"], "length must be >= 1"),
 ])
 def test_grid_bad_input_is_one_line(run, args, fragment):

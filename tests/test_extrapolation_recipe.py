@@ -39,9 +39,10 @@ def solve_prefix_sums(bits: list[int]) -> list[int]:
 def test_prefix_sums_targets_equal_an_independent_solver(min_length):
     task = PrefixSumsTask(length=12, min_length=min_length)
     batch = task.sample(64, torch.Generator().manual_seed(5))
-    assert batch.inputs.shape == (64, 12) and task.vocab_size == 3
+    assert batch.inputs.shape == (64, 13) and task.vocab_size == 4 and task.seq_len == 13
+    assert batch.inputs[:, 0].eq(task.BOS).all() and batch.targets[:, 0].eq(IGNORE).all()
     lengths = set()
-    for row_in, row_t in zip(batch.inputs.tolist(), batch.targets.tolist()):
+    for row_in, row_t in zip(batch.inputs[:, 1:].tolist(), batch.targets[:, 1:].tolist()):
         n = row_in.index(task.PAD) if task.PAD in row_in else len(row_in)
         lengths.add(n)
         assert all(b in (0, 1) for b in row_in[:n]) and set(row_in[n:]) <= {task.PAD}
@@ -53,7 +54,7 @@ def test_prefix_sums_targets_equal_an_independent_solver(min_length):
 
 
 def test_prefix_sums_last_answers_the_parity_at_the_end_only():
-    task = PrefixSumsTask(length=9, min_length=2, answer="last")
+    task = PrefixSumsTask(length=9, min_length=2, answer="last", bos=False)
     batch = task.sample(32, torch.Generator().manual_seed(6))
     for row_in, row_t in zip(batch.inputs.tolist(), batch.targets.tolist()):
         n = row_in.index(task.PAD) if task.PAD in row_in else len(row_in)
@@ -65,7 +66,7 @@ def test_prefix_sums_last_answers_the_parity_at_the_end_only():
 def test_prefix_sums_asks_loops_proportional_to_length():
     task = PrefixSumsTask(length=10, min_length=1, loops_per_bit=1.5)
     batch = task.sample(40, torch.Generator().manual_seed(7))
-    n = (batch.inputs != task.PAD).sum(1)
+    n = (batch.inputs[:, 1:] != task.PAD).sum(1)
     assert batch.loops.tolist() == [math.ceil(1.5 * v) for v in n.tolist()]
     assert PrefixSumsTask(length=10).sample(2, torch.Generator()).loops is None
     assert batch.rows(3, 5).loops.tolist() == batch.loops[3:5].tolist()
@@ -73,8 +74,9 @@ def test_prefix_sums_asks_loops_proportional_to_length():
 
 def test_prefix_sums_held_out_split_is_longer():
     cfg = load_config(["task=prefix_sums", "task.length=8", "task.eval.length=32",
-                       "model.vocab_size=3", "model.max_seq_len=32"])
-    assert build_task(cfg.task).seq_len == 8 and build_task(cfg.task, split="eval").seq_len == 32
+                       "model.vocab_size=4", "model.max_seq_len=33"])
+    assert build_task(cfg.task).seq_len == 9 and build_task(cfg.task, split="eval").seq_len == 33
+    assert build_task(cfg.task, split="eval").sample(2, torch.Generator()).inputs.shape == (2, 33)
 
 
 @pytest.mark.parametrize("bad,fragment", [
@@ -86,7 +88,7 @@ def test_prefix_sums_held_out_split_is_longer():
 ])
 def test_prefix_sums_bad_knobs_are_one_line_errors(bad, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config(["task=prefix_sums", "task.length=8", "model.vocab_size=3", bad])
+        load_config(["task=prefix_sums", "task.length=8", "model.vocab_size=4", bad])
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
@@ -207,7 +209,7 @@ def test_row_loops_bad_shapes_are_one_line_errors():
 def test_training_with_per_row_loops_runs_and_needs_a_task_that_gives_them(tmp_path):
     from looped.trainer import Trainer
 
-    base = ["task=prefix_sums", "task.length=6", "task.min_length=2", "model.vocab_size=3",
+    base = ["task=prefix_sums", "task.length=6", "task.min_length=2", "model.vocab_size=4",
             "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
             "model.head_dim=8", "model.ffn_dim=32", "model.max_seq_len=16", "loop=4",
             "train.loops.sampler=task", "train.batch_size=8"]
@@ -253,14 +255,14 @@ class Oracle(torch.nn.Module):
         self.wrong, self.dummy = wrong, torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, ids, loops=None, exit=None):
-        sums = torch.where(ids == 2, 0, ids).cumsum(1) % 2
+        sums = torch.where(ids <= 1, ids, 0).cumsum(1) % 2
         sums[::2, self.wrong] ^= 1
-        logits = F.one_hot(sums, 3).float()
+        logits = F.one_hot(sums, 4).float()
         return LMOutput(logits, None, iterations=torch.ones_like(ids))
 
 
 def test_solved_counts_sequences_with_every_answer_right():
-    task = PrefixSumsTask(length=8)
+    task = PrefixSumsTask(length=8)  # position 3 is the third bit (after BOS)
     res = task_accuracy(Oracle(wrong=3), task, loops=1, n_samples=64, batch_size=16, seed=0)
     assert res["solved"] == pytest.approx(0.5)
     assert res["accuracy"] == pytest.approx(1 - 0.5 / 8)

@@ -7,6 +7,11 @@ Difficulty is the string's length. Train at one length (or a range, `min_length`
 `length`) and score longer strings through `task.eval.length`. A row shorter than the batch's
 longest is padded after its end (PAD, no targets), where a causal model cannot see it.
 
+A BOS token opens every string (`bos`, default on): the first bit then has a left neighbour
+like every other, as the zero padding of Deep Thinking's convolutions gives theirs. Without it a
+model with local attention learned the first bit's boundary as a special case, and got strings
+starting 1 1 wrong at every length.
+
 Per-example loop counts: with `loops_per_bit` > 0 each row asks for
 ceil(loops_per_bit * its length) iterations (Batch.loops), as Fan et al. grow the loop count
 with the input; `train.loops.sampler=task` trains with them.
@@ -31,9 +36,9 @@ def prefix_parity(bits: torch.Tensor) -> torch.Tensor:
 
 @register_task("prefix_sums")
 class PrefixSumsTask(Task):
-    """Tokens: 0 and 1 (bits), 2 PAD. seq_len = length, vocab_size = 3."""
+    """Tokens: 0 and 1 (bits), 2 PAD, 3 BOS. seq_len = length (+ 1 with bos), vocab_size = 4."""
 
-    PAD = 2
+    PAD, BOS = 2, 3
 
     @dataclass
     class Config:
@@ -41,6 +46,7 @@ class PrefixSumsTask(Task):
         min_length: int = 0  # > 0: each row's length ~ U{min_length..length}; 0: all `length`
         answer: str = "all"  # all: the prefix sum at every bit | last: the parity at the end
         loops_per_bit: float = 0.0  # > 0: each row asks for ceil(this * length) iterations
+        bos: bool = True  # a BOS token before the bits (no target at it)
 
         def check(self, cfg=None) -> None:
             if self.length < 1:
@@ -56,12 +62,13 @@ class PrefixSumsTask(Task):
                                  f"{self.loops_per_bit}")
 
     def __init__(self, length: int = Config.length, min_length: int = Config.min_length,
-                 answer: str = Config.answer, loops_per_bit: float = Config.loops_per_bit, **_):
-        self.Config(length, min_length, answer, loops_per_bit).check()
+                 answer: str = Config.answer, loops_per_bit: float = Config.loops_per_bit,
+                 bos: bool = Config.bos, **_):
+        self.Config(length, min_length, answer, loops_per_bit, bos).check()
         self.length, self.min_length, self.answer = length, min_length, answer
-        self.loops_per_bit = loops_per_bit
-        self.vocab_size = 3
-        self.seq_len = length
+        self.loops_per_bit, self.bos = loops_per_bit, bos
+        self.vocab_size = 4
+        self.seq_len = length + int(bos)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
         b, n = batch_size, self.length
@@ -80,4 +87,7 @@ class PrefixSumsTask(Task):
         inputs = torch.where(inside, bits, self.PAD)
         loops = (torch.ceil(self.loops_per_bit * lengths.double()).long().clamp_min(1)
                  if self.loops_per_bit > 0 else None)
+        if self.bos:
+            inputs = torch.cat([torch.full((b, 1), self.BOS), inputs], dim=1)
+            targets = torch.cat([torch.full((b, 1), IGNORE), targets], dim=1)
         return Batch(inputs, targets, loops=loops)
