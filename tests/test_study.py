@@ -281,7 +281,8 @@ def test_paired_difference_pairs_only_shared_seeds(tmp_path):
 
     def row(variant, seed, acc):
         return {"grid": "", "variant": variant, "seed": seed, "R": 2, "trained_loop": 2,
-                "accuracy": acc, "loss": math.nan, "bits_per_byte": math.nan}
+                "accuracy": acc, "solved": math.nan, "loss": math.nan,
+                "bits_per_byte": math.nan}
 
     rows = [row("ref", 0, 0.50), row("ref", 1, 0.60), row("ref", 2, 0.90),
             row("new", 0, 0.55), row("new", 1, 0.75)]  # seed 2 of "new" is missing
@@ -309,8 +310,8 @@ def test_extra_pairs_are_compared_like_the_reference(tmp_path):
 
     def row(variant, seed, bpb):
         return {"grid": "", "variant": variant, "seed": seed, "R": 1, "trained_loop": 1,
-                "accuracy": math.nan, "loss": math.nan, "bits_per_byte": bpb,
-                "train_seconds": 1.0}
+                "accuracy": math.nan, "solved": math.nan, "loss": math.nan,
+                "bits_per_byte": bpb, "train_seconds": 1.0}
 
     rows = [row("ref", 0, 2.0), row("ref", 1, 2.2), row("a", 0, 1.9), row("a", 1, 2.0),
             row("b", 0, 1.7), row("b", 1, 2.0)]
