@@ -231,7 +231,7 @@ def _grads(model, batch, kind, *, gate: bool, detach_gate_input: bool = False):
         out.gate_logits = None
     loss = compute_loss(model, batch, out, kind, gate_beta=0.3)
     loss.backward()
-    return float(loss), {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+    return float(loss.detach()), {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
                          for n, p in model.named_parameters()}
 
 
@@ -255,13 +255,10 @@ def test_gate_loss_does_not_backpropagate_into_the_lm_losses(gate_setup, kind):
     assert lm["exit_gate.weight"].abs().max() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="current code: the gate's logits read the un-detached "
-                   "state (looped/model/lm.py, `out.gates.append(self.gate_logit(s))`), so "
-                   "the gate loss's gradient reaches the core through the gate's input")
 def test_gate_loss_gradient_does_not_reach_the_core_through_the_gate_input(gate_setup):
-    """Bug caught (present now, marked xfail): the gate loss pushes the LM's core weights
-    through the states the gate reads; losses.py says the gate "must not push the LM around".
-    Backward of the LM loss + gate loss must give the core the LM loss's gradient alone."""
+    """Bug caught: the gate loss pushing the LM's core weights through the states the gate
+    reads (losses.py: the gate "must not push the LM around"); found by this audit and fixed
+    (the gate reads a detached state). Backward of LM loss + gate loss must give the core the LM loss's gradient."""
     model, batch = gate_setup
     _, lm = _grads(model, batch, "final", gate=False)
     _, full = _grads(model, batch, "final", gate=True)

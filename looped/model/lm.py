@@ -317,7 +317,8 @@ class LoopedLM(nn.Module):
             if return_states:
                 out.states.append(s)
                 if self.exit_gate is not None:
-                    out.gates.append(self.gate_logit(s))
+                    # the gate reads the state, but its loss must not train the core
+                    out.gates.append(self.gate_logit(s.detach()))
             if exit is None:
                 continue
             stop = exit.check(IterationView(r, s, prev, self.head,
