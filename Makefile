@@ -1,6 +1,6 @@
 # Two commands on a fresh machine with only Python:
 #   make train   # set up .venv if needed, then run the main job: python train.py loop=8
-#   make test    # set up .venv if needed, then run the tests: python -m pytest -q
+#   make test    # set up .venv if needed, then run the tests: python -m pytest -q -n 2 (xdist)
 # Without an NVIDIA GPU, torch comes from PyTorch's CPU index (no multi-GB CUDA build); where
 # that index cannot be reached, from the configured package index.
 
@@ -30,7 +30,7 @@ train: $(STAMP)
 	$(PY) train.py loop=8
 
 test: $(STAMP)
-	HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q
+	HF_DATASETS_OFFLINE=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)

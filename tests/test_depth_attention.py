@@ -409,5 +409,7 @@ def test_keys_get_gradient_only_through_depth_attention_on_one_token():
         model = randomize_(build_model(tiny_cfg(**kw)), seed=9)
         model(ids).logits.square().sum().backward()
         grads[name] = [blk.attn.k_proj.weight.grad.abs().max().item() for blk in model.core]
-    assert all(g == 0 for g in grads["vanilla"])
-    assert all(g > 0 for g in grads["dense"])
+    # a softmax over one key has zero gradient; SDPA's backward leaves rounding (~1e-6 here,
+    # exactly 0 on other CPUs), six orders below the dense model's key gradients
+    assert all(g <= 1e-4 for g in grads["vanilla"]), grads["vanilla"]
+    assert all(g > 1e-1 for g in grads["dense"]), grads["dense"]
