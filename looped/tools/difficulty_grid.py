@@ -113,16 +113,19 @@ def grid_run(path: str, args) -> GridRun:
     return GridRun(name, cfg.loop, cfg.task[args.knob], cells)
 
 
-def seed_table(runs: list[GridRun], knob: str) -> list[str]:
-    """Markdown: per variant with several runs, the mean (min..max) accuracy at each level and
-    R, and the seeds reaching SOLVED_AT at some R."""
+def seeded_groups(runs: list[GridRun]) -> dict[str, list[GridRun]]:
+    """The variants with several runs (seeds), each with its runs."""
     groups: dict[str, list[GridRun]] = {}
     for run in runs:
         groups.setdefault(run.group, []).append(run)
+    return {g: members for g, members in groups.items() if len(members) > 1}
+
+
+def seed_table(runs: list[GridRun], knob: str) -> list[str]:
+    """Markdown: per variant with several runs, the mean (min..max) accuracy at each level and
+    R, and the seeds reaching SOLVED_AT at some R."""
     lines = []
-    for group, members in groups.items():
-        if len(members) < 2:
-            continue
+    for group, members in seeded_groups(runs).items():
         loops = sorted({r for m in members for by_r in m.cells.values() for r in by_r})
         lines += [f"## {group}: mean (min..max) over {len(members)} seeds", "",
                   f"| {knob} | " + " | ".join(f"R={r}" for r in loops) + " | seeds >= "
@@ -141,13 +144,8 @@ def seed_table(runs: list[GridRun], knob: str) -> list[str]:
 
 
 def plot_seed_bands(runs: list[GridRun], knob: str, out: Path) -> list[Path]:
-    groups: dict[str, list[GridRun]] = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
     figures = []
-    for group, members in groups.items():
-        if len(members) < 2:
-            continue
+    for group, members in seeded_groups(runs).items():
         series = {f"{knob}={level}": {r: [m.cells[level][r]["accuracy"] for m in members
                                           if r in m.cells[level]]
                                       for r in members[0].cells[level]}
