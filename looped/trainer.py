@@ -84,7 +84,9 @@ class Trainer:
             setup(self.env, self.device)
             self.train_model = wrap_model(self.model, self.env, cfg.train.parallel, self.device)
         if cfg.train.compile:
-            self.train_model = torch.compile(self.train_model)
+            # dynamic=False: R is a Python int the loop unrolls over; a symbolic one cannot
+            # drive it, so each distinct (R, gradient iterations) compiles its own graph
+            self.train_model = torch.compile(self.train_model, dynamic=False)
         # bf16 autocast on GPU; CPU trains in fp32
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                          if self.device.type == "cuda" else contextlib.nullcontext())

@@ -252,7 +252,8 @@ RANGES: dict[str, Range | Unbounded] = {
     "task[phop].hops": Range(("0", "63"), "62", ("task.length=64",)),  # length >= hops + 2
     "task[phop].length": Range(("5",), "6", ("task.hops=4",)),
     "task[phop].alphabet": Range(("1",), "2"),
-    "task[phop].min_hops": Range(("-1", "5"), "2", ("task.hops=4",)),
+    "task[phop].min_hops": Range(("-1", "5"), "2", ("task.hops=4", "task.loops_per_hop=1")),
+    "task[phop].loops_per_hop": Range(("-1",), "0"),
     "task[addition].digits": Range(("0",), "1"),
     "task[text].seq_len": Range(("0",), "1"),
     "task[text].bpe_vocab": Range(("255",), "256", ("task.tokenizer=bpe",)),

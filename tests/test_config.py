@@ -75,9 +75,9 @@ def test_a_components_knobs_join_its_node():
     cfg = load_config(["task=phop", "task.eval.hops=8", "exit.criterion=kl",
                        "train.loops.sampler=poisson_lognormal", "train.loops.cap=12"])
     assert dict(cfg.task) == {"name": "phop", "hops": 4, "length": 64, "alphabet": 4,
-                              "min_hops": 0,
+                              "min_hops": 0, "loops_per_hop": 0,
                               "eval": {"hops": 8, "length": None, "alphabet": None,
-                                       "min_hops": None}}
+                                       "min_hops": None, "loops_per_hop": None}}
     assert dict(cfg.exit) == {"criterion": "kl", "drop_rows_from": 16, "threshold": 1e-3}
     cross = load_config(["model.cross_layer.method=denseformer", "model.cross_layer.dilation=2"])
     assert dict(cross.model.cross_layer) == {"method": "denseformer", "param_loops": 0,

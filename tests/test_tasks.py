@@ -312,9 +312,9 @@ def test_held_out_scoring_over_several_batches_against_an_independent_count(loop
 
 def test_phop_with_a_range_of_hops_answers_each_rows_own_depth():
     """min_hops: each row's p ~ U{min_hops..hops}; the answer is solve_phop at that row's p,
-    and hop_targets past it repeat the answer. The row's p is not given, so the solver's steps
-    must fit one p in the range."""
-    task = make("phop", dict(hops=5, length=48, alphabet=4, min_hops=2))
+    and hop_targets past it repeat the answer. The input does not give p; the row's loop
+    count (p * loops_per_hop) does, and min_hops without it is refused."""
+    task = make("phop", dict(hops=5, length=48, alphabet=4, min_hops=2, loops_per_hop=3))
     batch, inputs, targets, hops = sample_lists(task)
     depths = set()
     for row in range(len(inputs)):
@@ -323,7 +323,11 @@ def test_phop_with_a_range_of_hops_answers_each_rows_own_depth():
                 if targets[row][-1] == steps[p - 1]
                 and all(hops[r][row][-1] == steps[min(r + 1, p) - 1] for r in range(5))]
         assert fits, row
+        assert int(batch.loops[row]) == 3 * min(fits)
         depths.add(min(fits))
     assert len(depths) >= 3  # rows really differ in depth
     with pytest.raises(ConfigError, match="min_hops must be in"):
-        make("phop", dict(hops=3, min_hops=4))
+        make("phop", dict(hops=3, min_hops=4, loops_per_hop=1))
+    with pytest.raises(ConfigError, match="min_hops needs loops_per_hop"):
+        make("phop", dict(hops=3, min_hops=2))
+    assert make("phop", dict(hops=3)).sample(4, torch.Generator().manual_seed(1)).loops is None

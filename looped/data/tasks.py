@@ -150,6 +150,8 @@ class PHopTask(Task):
     Needs length >= hops + 2. seq_len = length, vocab_size = alphabet. With min_hops > 0 each
     row draws its own p ~ U{min_hops..hops} (a range of difficulties in training; the held-out
     split's task.eval.hops scores beyond it); hop_targets past a row's p hold its answer.
+    Nothing in the input says p, so a range of p needs loops_per_hop: the row's loop count
+    p * loops_per_hop (Batch.loops, trained with train.loops.sampler=task) is how it is told.
     """
 
     @dataclass
@@ -158,6 +160,7 @@ class PHopTask(Task):
         length: int = 64  # sequence length (long enough that p hops rarely run out of room)
         alphabet: int = 4  # tokens in the sequence's alphabet
         min_hops: int = 0  # > 0: each row's p ~ U{min_hops..hops}; 0: every row `hops`
+        loops_per_hop: int = 0  # > 0: each row asks for p * this iterations (Batch.loops)
 
         def check(self, cfg=None) -> None:
             hops, length, alphabet = self.hops, self.length, self.alphabet
@@ -166,15 +169,22 @@ class PHopTask(Task):
             if not 0 <= self.min_hops <= hops:
                 raise knob_error("phop", f"min_hops must be in [0, hops={hops}], got "
                                  f"{self.min_hops}")
+            if self.loops_per_hop < 0:
+                raise knob_error("phop", f"loops_per_hop must be >= 0, got {self.loops_per_hop}")
+            if self.min_hops and not self.loops_per_hop:
+                raise knob_error("phop", "min_hops needs loops_per_hop > 0: nothing in the input "
+                                 "says a row's p, its loop count must")
             if alphabet < 2:
                 raise knob_error("phop", f"alphabet must be >= 2, got {alphabet}")
             if length < hops + 2:
                 raise knob_error("phop", f"length must be >= hops + 2 = {hops + 2}, got {length}")
 
     def __init__(self, hops: int = Config.hops, length: int = Config.length,
-                 alphabet: int = Config.alphabet, min_hops: int = Config.min_hops, **_):
-        self.Config(hops, length, alphabet, min_hops).check()
+                 alphabet: int = Config.alphabet, min_hops: int = Config.min_hops,
+                 loops_per_hop: int = Config.loops_per_hop, **_):
+        self.Config(hops, length, alphabet, min_hops, loops_per_hop).check()
         self.hops, self.length, self.alphabet, self.min_hops = hops, length, alphabet, min_hops
+        self.loops_per_hop = loops_per_hop
         self.vocab_size = alphabet
         self.seq_len = length
 
@@ -210,7 +220,8 @@ class PHopTask(Task):
         targets[:, -1] = hop_tok[-1]
         hop_targets = torch.full((p, b, n), IGNORE, dtype=torch.long)
         hop_targets[:, :, -1] = hop_tok
-        return Batch(x, targets, hop_targets)
+        loops = row_p * self.loops_per_hop if self.loops_per_hop else None
+        return Batch(x, targets, hop_targets, loops)
 
 
 @register_task("addition")
