@@ -19,7 +19,8 @@ def build_model(cfg) -> LoopedLM:
 def load_run(path, overrides: list[str] | None = None):
     """(cfg, model) of a trained run: a run directory or one of its checkpoint directories.
     The model is in eval mode, with the weights of the latest (or the given) checkpoint."""
-    from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+    from looped.config import load_run_config
+    from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
 
     ckpt = resolve_checkpoint(path)
     cfg = load_run_config(run_dir_of(ckpt), overrides)

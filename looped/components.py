@@ -2,17 +2,21 @@
 
 Six parts of a run are chosen by name from a registry, and each names a node of the config:
 
-    slot                   selector    registry
-    task                   name        looped.data.TASKS
-    model.depth_attention  sources     looped.model.depth.SOURCE_POLICIES
+    slot                   selector    registry (the slot's shared fields beside it)
+    task                   name        looped.data.TASKS (TaskConfig)
+    model.depth_attention  sources     looped.model.depth.SOURCE_POLICIES (DepthAttentionConfig)
     model.cross_layer      method      looped.model.cross_layer.CROSS_LAYER_METHODS
-    train.loops            sampler     looped.loop_sampling.LOOP_SAMPLERS
-    train.objective        loss        looped.losses.LOSSES
-    exit                   criterion   looped.model.exit.EXIT_CRITERIA
+                                       (CrossLayerConfig, in cross_layer/base.py)
+    train.loops            sampler     looped.training.loop_sampling.LOOP_SAMPLERS
+                                       (LoopSamplingConfig)
+    train.objective        loss        looped.training.losses.LOSSES (ObjectiveConfig)
+    exit                   criterion   looped.model.exit.EXIT_CRITERIA (ExitConfig)
 
-A component registers with its knobs as a small dataclass next to it (`register(name,
-config=MyKnobs)`, or a nested `Config` class). The node's schema is then the slot's shared fields
-(`slot.base`, e.g. `method` and `param_loops` for a cross-layer method) plus the chosen
+Each registry knows its slot (path, selector, shared fields), so the slots are read off the
+registries and nothing that defines a component imports the config. A component registers with
+its knobs as a small dataclass next to it (`register(name, config=MyKnobs)`, or a nested
+`Config` class). The node's schema is then the slot's shared fields (`slot.base`, e.g. `method`
+and `param_loops` for a cross-layer method) plus the chosen
 component's knobs, so `task.n_nodes=5` is checked against the chosen task's dataclass, and a new
 component needs no edit of `looped/config.py`. A knobs dataclass may define `check(self, cfg)`
 (cfg: the whole resolved config) to validate its values; that is their one home.
@@ -27,39 +31,24 @@ import dataclasses
 import functools
 import sys
 import typing
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from dataclasses import field
+from typing import Optional
+
+from looped.registry import NoKnobs, Registry
 
 
-@dataclass
-class NoKnobs:
-    """The knobs of a component that has none."""
-
-
-def knobs_of(obj: Any, config: Optional[type] = None) -> type:
-    """The knobs dataclass a component registers with: `config`, else its nested `Config`."""
-    knobs = config or getattr(obj, "Config", None) or NoKnobs
-    if not dataclasses.is_dataclass(knobs):
-        raise TypeError(f"{obj!r}: the knobs {knobs!r} must be a dataclass")
-    missing = [f.name for f in dataclasses.fields(knobs)
-               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise TypeError(f"{obj!r}: every knob needs a default, {', '.join(missing)} has none")
-    return knobs
-
-
-@dataclass(frozen=True)
 class Slot:
-    path: str  # where the node sits in the config, e.g. "model.cross_layer"
-    selector: str  # the field that names the component, e.g. "method"
-    base: type  # the dataclass of the fields every component of the slot shares
-    registry: Callable[[], Any]  # the Registry (a callable, so importing this module is cheap)
-    # the component a selector value means (None for depth_attention.sources picks by `loop`)
-    resolve: Callable[[Any, Any], str] = lambda value, loose: value
+    """A node of the config that holds a component chosen by name: a view of the registry that
+    fills it (which knows its path, selector and shared fields)."""
+
+    def __init__(self, registry: Registry):
+        self.registry = registry
+        self.path, self.selector, self.base = registry.path, registry.selector, registry.base
+        self.resolve = registry.resolve or (lambda value, loose: value)
 
     @property
     def kind(self) -> str:
-        return self.registry().kind
+        return self.registry.kind
 
     def component(self, loose) -> str:
         """The component a loosely merged config (a DictConfig without schema) chooses."""
@@ -91,7 +80,7 @@ def schema(slot: Slot, component: str) -> type:
     """The node's dataclass for `component`: the slot's shared fields, then the component's knobs
     (and, for tasks, `eval`). Unknown components keep the shared fields alone, so a bad name
     fails with the registry's own message at validation."""
-    registry = slot.registry()
+    registry = slot.registry
     knobs = registry.configs.get(component, NoKnobs)
     name = _schema_name(slot.base, component)
     module = sys.modules[__name__]
@@ -126,8 +115,8 @@ def component_config(slot_path: str, component: str, **values):
     """A node's dataclass instance built in code, e.g. component_config("model.cross_layer",
     "denseformer", dilation=2): what the config loader would make of those keys."""
     slot = slots()[slot_path]
-    if component not in slot.registry():
-        slot.registry().lookup(component)  # the registry's one-line error
+    if component not in slot.registry:
+        slot.registry.lookup(component)  # the registry's one-line error
     return schema(slot, component)(**{slot.selector: component}, **values)
 
 
@@ -138,7 +127,7 @@ def check(slot: Slot, node, cfg) -> None:
     from omegaconf import OmegaConf
 
     values = OmegaConf.to_object(node)  # the dataclass, so checks may use its methods
-    slot.registry().lookup(type(values).__component__)
+    slot.registry.lookup(type(values).__component__)
     knobs = type(values).__knobs__
     for cls in (slot.base, knobs):
         if hasattr(cls, "check"):
@@ -166,46 +155,24 @@ def unknown_knob_hint(key: str, cfg) -> str:
         if key.startswith(slot.path + "."):
             schema_cls = OmegaConf.get_type(OmegaConf.select(cfg, slot.path))
             component = schema_cls.__component__
-            if component not in slot.registry():
+            if component not in slot.registry:
                 return ""
             names = [f.name for f in dataclasses.fields(schema_cls.__knobs__)] or ["none"]
             return f" ({slot.kind} '{component}' has knobs: {', '.join(names)})"
     return ""
 
 
-def _depth_policy(value, loose) -> str:
-    """depth_attention.sources: None means `same_layer` for a looped model, else `strided`."""
-    if value is not None:
-        return value
-    from omegaconf import OmegaConf
-
-    try:  # the loose config is untyped: loop=abc is reported against the schema later
-        looped = int(OmegaConf.select(loose, "loop", default=1)) > 1
-    except (TypeError, ValueError):
-        looped = False
-    return "same_layer" if looped else "strided"
-
-
 @functools.cache
 def slots() -> dict[str, Slot]:
-    """The slots by path (built on first use: config.py defines their base dataclasses)."""
-    from looped import config as c
+    """The slots by path, in the order their nodes are checked (a node's check may rely on an
+    earlier one's: the loop sampler's on the cross-layer method's)."""
+    from looped.data import TASKS
+    from looped.training.loop_sampling import LOOP_SAMPLERS
+    from looped.training.losses import LOSSES
+    from looped.model.cross_layer import CROSS_LAYER_METHODS
+    from looped.model.depth import SOURCE_POLICIES
+    from looped.model.exit import EXIT_CRITERIA
 
-    def lazy(module: str, name: str) -> Callable[[], Any]:
-        def get():
-            import importlib
-
-            return getattr(importlib.import_module(module), name)
-        return get
-
-    return {s.path: s for s in (
-        Slot("task", "name", c.TaskConfig, lazy("looped.data", "TASKS")),
-        Slot("model.depth_attention", "sources", c.DepthAttentionConfig,
-             lazy("looped.model.depth", "SOURCE_POLICIES"), _depth_policy),
-        Slot("model.cross_layer", "method", c.CrossLayerConfig,
-             lazy("looped.model.cross_layer", "CROSS_LAYER_METHODS")),
-        Slot("train.loops", "sampler", c.LoopSamplingConfig,
-             lazy("looped.loop_sampling", "LOOP_SAMPLERS")),
-        Slot("train.objective", "loss", c.ObjectiveConfig, lazy("looped.losses", "LOSSES")),
-        Slot("exit", "criterion", c.ExitConfig, lazy("looped.model.exit", "EXIT_CRITERIA")),
-    )}
+    registries = (TASKS, SOURCE_POLICIES, CROSS_LAYER_METHODS, LOOP_SAMPLERS, LOSSES,
+                  EXIT_CRITERIA)
+    return {r.path: Slot(r) for r in registries}

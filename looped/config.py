@@ -23,78 +23,25 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from looped.data.base import TaskConfig
 from looped.errors import ConfigError
+from looped.model.attention import ATTENTION_KINDS
+from looped.model.cross_layer import CrossLayerConfig
+from looped.model.depth import DepthAttentionConfig
+from looped.model.exit import ExitConfig
+from looped.model.kernels import KERNELS
+from looped.model.mla import MLAConfig
+from looped.model.recurrence import INIT_STATES, INJECTIONS
+from looped.training.loop_sampling import LoopSamplingConfig
+from looped.training.losses import ObjectiveConfig
+from looped.training.scoring import EvalConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-# The five nodes below hold a component chosen by name, plus that component's own knobs, which
-# it declares next to its code (see looped.components); the dataclasses here are the fields every
-# component of the kind shares, and their checks.
-
-
-@dataclass
-class DepthAttentionConfig:
-    enabled: bool = True  # false: the vanilla model
-    # Name in looped.model.depth.SOURCE_POLICIES (knobs: `strided` has stride and window). None
-    # picks `strided` for a plain decoder and `same_layer` for a looped one.
-    sources: Optional[str] = None
-    mix: str = "mixed"  # mixed: sources contribute their mixed values; raw: their raw values
-
-    def check(self, cfg) -> None:
-        _require(self.mix in ("mixed", "raw"),
-                 f"unknown model.depth_attention.mix '{self.mix}'; choose one of: mixed, raw")
-
-
-@dataclass
-class MLAConfig:
-    """Multi-head latent attention (model.attention=mla, DeepSeek-V2 style; looped.model.mla).
-    model.n_heads is its head count; model.head_dim and n_kv_heads are not used by it."""
-
-    kv_rank: int = 32  # d_c: the latent each token caches per depth position (with its RoPE key)
-    q_rank: int = 0  # low-rank queries through a latent of this width; 0: a full-rank projection
-    nope_dim: int = 16  # per head: the query/key part without RoPE, keys up-projected from c
-    rope_dim: int = 8  # the decoupled RoPE key (one per token, all heads) and each query's part
-    v_dim: int = 16  # per head: the value width, up-projected from the latent
-    # how Depth-Attention scores source j's latent: `absorbed` through this layer's key
-    # up-projection (one latent-space query; equals `own` when j is the same layer, as in a
-    # looped core); `own` through layer j's (j's keys as its own attention read them)
-    depth_keys: str = "absorbed"
-    # what Depth-Attention mixes: `latent` (the design: the cache keeps only the mixed latent and
-    # the RoPE key); `values` (an ablation: keys stay on the raw latent, which the cache then
-    # also keeps, d_c more per token and position)
-    depth_mix: str = "latent"
-
-
-@dataclass
-class CrossLayerConfig:
-    """A cross-layer baseline (looped.model.cross_layer); `none` is the plain residual stream."""
-
-    # none | denseformer | value_residual | attn_res | mhc | hyper_connections (knobs: each
-    # method's Config)
-    method: str = "none"
-    # methods with parameters per depth position hold them for this many iterations; 0: loop
-    param_loops: int = 0
-
-    def check(self, cfg) -> None:
-        from looped.loop_sampling import max_sampled_loops
-        from looped.model.cross_layer import CROSS_LAYER_METHODS, exit_conflict
-
-        loop = cfg.loop
-        _require(self.param_loops == 0 or self.param_loops >= loop,
-                 f"model.cross_layer.param_loops must be 0 (= loop) or >= loop={loop}, "
-                 f"got {self.param_loops}")
-        _require(cfg.model.share_weights or self.param_loops in (0, loop),
-                 f"an unrolled model (share_weights=false) runs exactly loop={loop} iterations; "
-                 f"model.cross_layer.param_loops must be 0 or {loop}")
-        if cfg.exit.criterion != "none":
-            _require(not exit_conflict(self.method), exit_conflict(self.method))
-        if CROSS_LAYER_METHODS[self.method].has_position_params(self):
-            top = max_sampled_loops(cfg.train.loops, loop)
-            _require(top <= (self.param_loops or loop),
-                     f"train.loops.sampler={cfg.train.loops.sampler} draws up to {top} "
-                     f"iterations, but cross_layer.method={self.method} has parameters for "
-                     f"{self.param_loops or loop}; set model.cross_layer.param_loops={top}")
+# The nodes that hold a component chosen by name (task, model.depth_attention, model.cross_layer,
+# train.loops, train.objective, exit) take their shared fields from the dataclass beside the
+# component's registry, and the chosen component's knobs (looped.components).
 
 
 @dataclass
@@ -134,33 +81,11 @@ class ModelConfig:
 
 
 @dataclass
-class LoopSamplingConfig:
-    """How many iterations each training step runs (looped.loop_sampling)."""
-
-    # fixed (= loop) | uniform | poisson_lognormal | task (per-row counts the task gives; knobs:
-    # see looped.loop_sampling)
-    sampler: str = "fixed"
-
-    def check(self, cfg) -> None:
-        _require(self.sampler == "fixed" or cfg.model.share_weights,
-                 "an unrolled model (model.share_weights=false) runs exactly `loop` iterations; "
-                 "use train.loops.sampler=fixed")
-
-
-@dataclass
-class ObjectiveConfig:
-    """The training loss (looped.losses)."""
-
-    # final | per_iteration | progressive (knobs: each loss's Config)
-    loss: str = "final"
-
-
-@dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps
     batch_size: int = 64  # sequences per step (global under torchrun)
     lr: float = 2e-3  # peak learning rate (AdamW, betas 0.9 / 0.95)
-    weight_decay: float = 0.1  # on weight matrices only (looped.optim)
+    weight_decay: float = 0.1  # on weight matrices only (looped.training.optim)
     warmup_steps: int = 20  # linear warmup, then a cosine to 10% of lr
     warmup_fraction: Optional[float] = None  # warmup as a fraction of steps; set, it wins
     grad_clip: float = 1.0  # global gradient-norm clip; 0: none
@@ -176,40 +101,6 @@ class TrainConfig:
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
     # data parallelism under torchrun (world size > 1): ddp | fsdp (FSDP2); batch_size is global
     parallel: str = "ddp"
-
-
-@dataclass
-class ExitConfig:
-    """Adaptive exit at inference (looped.model.exit)."""
-
-    # none | kl | entropy | latent | gate | max_loops (knobs: each criterion's Config)
-    criterion: str = "none"
-    # decoding a batch of at least this many rows, a row whose tokens all exited leaves the
-    # later iterations; a smaller batch is bound by reading the weights, so dropping rows saves
-    # nothing there (see `looped bench decode`); 0: never
-    drop_rows_from: int = 16
-
-    def check(self, cfg) -> None:
-        _require(self.drop_rows_from >= 0,
-                 f"exit.drop_rows_from must be >= 0 (0: never), got {self.drop_rows_from}")
-
-
-@dataclass
-class TaskConfig:
-    # a registered task: roots, chain, phop, addition, text, or a plugin's (knobs: each task's
-    # Config, in looped/data)
-    name: str = "roots"
-    # The chosen task's schema adds its knobs, then `eval`: the held-out split's difficulty, any
-    # of the task's knobs again, None keeping the training value, so evaluation can go beyond
-    # the trained difficulty (task.eval.hops=8 after task.hops=4).
-
-
-@dataclass
-class EvalConfig:
-    # loop counts to score during training; empty: follow `loop` (see default_eval_loops)
-    loops: list[int] = field(default_factory=list)
-    n_samples: int = 1024  # held-out sequences per loop count
-    batch_size: int = 256  # held-out sequences per forward
 
 
 @dataclass
@@ -229,22 +120,6 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     exit: ExitConfig = field(default_factory=ExitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def default_eval_loops(loop: int) -> list[int]:
-    """What training scores when eval.loops is empty: a plain decoder (loop=1) at R = 1 only; a
-    looped model at 1..loop (above 8: 1, 2, 3, 4, 6, 8, 12, ... and loop) and past it, at 1.5
-    and 2 times loop."""
-    if loop == 1:
-        return [1]
-    ladder = {k * 2 ** e for k in (2, 3) for e in range(loop.bit_length())}
-    inside = range(1, loop + 1) if loop <= 8 else {1, loop} | {r for r in ladder if r <= loop}
-    return sorted(set(inside) | {loop + loop // 2, 2 * loop})
-
-
-def eval_loops(cfg) -> list[int]:
-    """The loop counts training evaluates: eval.loops, or default_eval_loops(loop)."""
-    return list(cfg.eval.loops) or default_eval_loops(cfg.loop)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,9 +268,9 @@ def _preset(group: str, value: str) -> DictConfig:
     if value in presets(group):
         return OmegaConf.create({group: load_yaml(CONFIG_DIR / group / f"{value}.yaml")})
     slot = slots().get(group)
-    if slot is not None and value in slot.registry():
+    if slot is not None and value in slot.registry:
         return OmegaConf.create({group: {slot.selector: value}})
-    registered = f"; or a registered {slot.kind}: {', '.join(slot.registry())}" if slot else ""
+    registered = f"; or a registered {slot.kind}: {', '.join(slot.registry)}" if slot else ""
     raise ConfigError(f"unknown {group} preset '{value}'; choose one of: "
                       f"{', '.join(presets(group))}{registered}")
 
@@ -436,6 +311,11 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
         else:
             dotlist.append(item)
     return _resolve(sources, dotlist)
+
+
+def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> DictConfig:
+    """The config a run was trained with (its config.yaml), with optional dotlist overrides."""
+    return load_config_file(Path(run_dir) / "config.yaml", overrides or [])
 
 
 def load_config_file(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -536,32 +416,10 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_attention(m) -> None:
-    from looped.model.attention import ATTENTION_KINDS
-
-    ATTENTION_KINDS.lookup(m.attention)
-    if m.attention != "mla":
-        return
-    a = m.mla
-    for name in ("kv_rank", "nope_dim", "rope_dim", "v_dim"):
-        _require(a[name] >= 1, f"model.mla.{name} must be >= 1, got {a[name]}")
-    _require(a.q_rank >= 0, f"model.mla.q_rank must be >= 0, got {a.q_rank}")
-    _require(a.rope_dim % 2 == 0, f"model.mla.rope_dim must be even for RoPE, got {a.rope_dim}")
-    _require(a.depth_keys in ("absorbed", "own"),
-             f"unknown model.mla.depth_keys '{a.depth_keys}'; choose one of: absorbed, own")
-    _require(a.depth_mix in ("latent", "values"),
-             f"unknown model.mla.depth_mix '{a.depth_mix}'; choose one of: latent, values")
-    _require(m.cross_layer.method == "none", f"model.attention=mla runs on the plain residual "
-             f"stream; model.cross_layer.method={m.cross_layer.method} is not supported with it")
-    _require(m.kernel != "xformers", "model.attention=mla needs model.kernel=sdpa or eager "
-             "(its values are narrower than its queries and keys)")
-
-
 def validate(cfg: DictConfig) -> None:
     """The general ranges and shapes; each component node is checked by its own classes
     (looped.components.check)."""
     from looped.components import check, slots
-    from looped.model.kernels import KERNELS
 
     m = cfg.model
     _require(cfg.loop >= 1, f"loop must be >= 1, got {cfg.loop}")
@@ -585,11 +443,9 @@ def validate(cfg: DictConfig) -> None:
              f"model.state_norm normalises the residual stream between iterations; "
              f"cross_layer.method={m.cross_layer.method} carries its own streams: use one")
     KERNELS.lookup(m.kernel)
-    _check_attention(m)
-    _require(m.injection in ("add", "concat", "none"),
-             f"unknown model.injection '{m.injection}'; choose one of: add, concat, none")
-    _require(m.init_state in ("zeros", "embed", "noise"),
-             f"unknown model.init_state '{m.init_state}'; choose one of: zeros, embed, noise")
+    ATTENTION_KINDS.lookup(m.attention).check_config(m)
+    INJECTIONS.lookup(m.injection)
+    INIT_STATES.lookup(m.init_state)
     _require(not (m.injection == "none" and m.init_state == "zeros"),
              "model.injection=none with model.init_state=zeros feeds the core only zeros; "
              "use model.init_state=embed")

@@ -88,7 +88,7 @@ def _components() -> list[str]:
     lines = ["components (the selector picks one; its knobs join the node):"]
     for slot in slots().values():
         lines.append(f"  {slot.path}.{slot.selector}:")
-        registry = slot.registry()
+        registry = slot.registry
         for name in registry:
             knobs = registry.configs[name]
             shown = ", ".join(f"{f.name}={_default(f)}" for f in dataclasses.fields(knobs))

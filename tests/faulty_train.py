@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import looped.checkpoint as checkpoint  # noqa: E402
-import looped.trainer as trainer  # noqa: E402
+import looped.training.checkpoint as checkpoint  # noqa: E402
+import looped.training.trainer as trainer  # noqa: E402
 from looped.errors import cli_main  # noqa: E402
 from looped.tools.train import main  # noqa: E402
 
@@ -46,7 +46,7 @@ def poison_loss_at(step: int) -> None:
 
 
 class _PausingOs:
-    """The os module as looped.checkpoint sees it, with a replace() that holds still before
+    """The os module as looped.training.checkpoint sees it, with a replace() that holds still before
     publishing the checkpoint of one step."""
 
     def __init__(self, step: int):

@@ -315,14 +315,13 @@ class StopAfterRow(ExitCriterion):
 def subset_calls(monkeypatch):
     """Per core iteration run: the number of rows it computed, and whether on a subset."""
     calls = []
-    original = DepthPass.stack
+    original = DepthPass.iteration
 
-    def spy(self, blocks, x, frozen=None, rows=None):
-        if blocks is self.model.core:
-            calls.append((int(x.shape[0]), rows is not None))
-        return original(self, blocks, x, frozen, rows)
+    def spy(self, x, frozen=None, rows=None):
+        calls.append((int(x.shape[0]), rows is not None))
+        return original(self, x, frozen, rows)
 
-    monkeypatch.setattr(DepthPass, "stack", spy)
+    monkeypatch.setattr(DepthPass, "iteration", spy)
     return calls
 
 

@@ -183,7 +183,7 @@ TINY_RUN = [o for o in CLI_TINY_MODEL if not o.startswith("threads=")] + [
 def test_each_optimizer_step_uses_the_lr_of_its_own_step(tmp_path):
     """Bug caught: the LR schedule applied one step off (`lr_at(step + 1)` when setting the
     optimizer's lr): step 0 must run at lr / warmup, not 2 lr / warmup."""
-    from looped.trainer import Trainer
+    from looped.training.trainer import Trainer
 
     cfg = load_config([*TINY_RUN, "train.lr=0.001", "train.warmup_steps=4",
                        "train.warmup_fraction=null", "train.steps=10", "train.batch_size=4"])
@@ -220,7 +220,7 @@ def gate_setup():
 
 
 def _grads(model, batch, kind, *, gate: bool, detach_gate_input: bool = False):
-    from looped.losses import compute_loss
+    from looped.training.losses import compute_loss
 
     model.zero_grad(set_to_none=True)
     out = model(batch.inputs, return_states=True)
@@ -238,8 +238,8 @@ def _grads(model, batch, kind, *, gate: bool, detach_gate_input: bool = False):
 @pytest.mark.parametrize("kind", ["final", "per_iteration"])
 def test_gate_loss_does_not_backpropagate_into_the_lm_losses(gate_setup, kind):
     """Bug caught: the exit gate's loss not detached from the LM losses (gate_loss fed
-    `per_iter` instead of `per_iter.detach()` in looped/losses.py): its gradient would reach
-    the LM's weights through the per-iteration losses L_r it weighs."""
+    `per_iter` instead of `per_iter.detach()` in looped/training/losses.py): its gradient would
+    reach the LM's weights through the per-iteration losses L_r it weighs."""
     model, batch = gate_setup
     lm_loss, lm = _grads(model, batch, kind, gate=False)
     total, with_gate = _grads(model, batch, kind, gate=True, detach_gate_input=True)
@@ -335,7 +335,7 @@ HELD_OUT = dict(n_chains=2, chain_len=4, n_queries=3, vocab_size=9, seq_len=12)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from looped.checkpoint import save_checkpoint, save_run_config
+    from looped.training.checkpoint import save_checkpoint, save_run_config
 
     cfg = load_config([*TINY_RUN, "task.eval.chain_len=4"])
     assert cfg.task.chain_len == 3 and cfg.task.eval.chain_len == 4
@@ -377,7 +377,7 @@ def test_eval_scores_the_runs_held_out_task(run_dir, monkeypatch):
     """Bug caught: `looped eval` (looped/tools/evaluate.py) building the held-out task with
     default knobs (or without task.eval.*) instead of the run's saved task config."""
     from looped import load_run
-    from looped.scoring import task_accuracy
+    from looped.training.scoring import task_accuracy
     from looped.tools import evaluate
 
     rec = Recorder(evaluate.task_accuracy, 1)
@@ -433,7 +433,7 @@ def test_bench_cache_scores_the_runs_held_out_task(run_dir, monkeypatch):
     """Bug caught: `looped bench cache` (looped/tools/bench_cache.py) scoring a task built with
     default knobs (or without task.eval.*) instead of the run's."""
     from looped import load_run
-    from looped.scoring import task_accuracy
+    from looped.training.scoring import task_accuracy
     from looped.tools import bench_cache
 
     rec = Recorder(bench_cache.task_accuracy, 1)

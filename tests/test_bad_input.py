@@ -63,7 +63,7 @@ def _walk(cls: type, prefix: str, label: str, context: tuple[str, ...]):
         if slot is not None:
             yield "node", Leaf(path, path, hint, optional, ())
             base_fields = {b.name for b in dataclasses.fields(slot.base)}
-            for component in slot.registry():
+            for component in slot.registry:
                 node = schema(slot, component)
                 choose = (f"{slot.path}.{slot.selector}={component}",)
                 for kind, leaf in _walk(node, path + ".", f"{path}[{component}].", choose):
@@ -335,7 +335,7 @@ def test_the_enumeration_sees_every_component():
     """The leaves cover each registered component's own knobs and the held-out split."""
     labels = {leaf.label for leaf in LEAVES}
     for slot in slots().values():
-        for component, knobs in slot.registry().configs.items():
+        for component, knobs in slot.registry.configs.items():
             for f in dataclasses.fields(knobs):
                 assert f"{slot.path}[{component}].{f.name}" in labels or \
                     f"{slot.path}.{f.name}" in labels, (slot.path, component, f.name)

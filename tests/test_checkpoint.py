@@ -10,8 +10,8 @@ from conftest import CLI_TINY_MODEL, assert_same_checkpoint
 import torch
 
 from looped import build_model, load_config
-from looped.checkpoint import (CheckpointError, load_state, load_weights, resolve_checkpoint,
-                               save_checkpoint)
+from looped.training.checkpoint import (CheckpointError, load_state, load_weights,
+                                        resolve_checkpoint, save_checkpoint)
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = CLI_TINY_MODEL + ["train.batch_size=16", "eval.n_samples=32", "eval.loops=[1,2]"]

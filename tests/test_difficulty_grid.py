@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from looped import build_model
-from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint
+from looped.config import load_run_config
+from looped.training.checkpoint import load_weights, resolve_checkpoint
 from looped.data import build_task
 from looped.errors import ConfigError
-from looped.scoring import task_accuracy
+from looped.training.scoring import task_accuracy
 from looped.tools.difficulty_grid import GridRun, summarise
 from looped.tools.evaluate import main as evaluate_main
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from looped.distributed import DistEnv, shard_batch
+from looped.training.distributed import DistEnv, shard_batch
 from looped.data.tasks import Batch
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ from looped.data import build_task
 from looped.data.base import IGNORE, Batch
 from looped.data.prefix_sums import PrefixSumsTask
 from looped.errors import ConfigError, ShapeError
-from looped.losses import LOSSES, ProgressiveLoss, Step, build_objective, final_loss
+from looped.training.losses import LOSSES, ProgressiveLoss, Step, build_objective, final_loss
 from looped.model.lm import LMOutput
-from looped.scoring import task_accuracy
+from looped.training.scoring import task_accuracy
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -207,7 +207,7 @@ def test_row_loops_bad_shapes_are_one_line_errors():
 
 
 def test_training_with_per_row_loops_runs_and_needs_a_task_that_gives_them(tmp_path):
-    from looped.trainer import Trainer
+    from looped.training.trainer import Trainer
 
     base = ["task=prefix_sums", "task.length=6", "task.min_length=2", "model.vocab_size=4",
             "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",

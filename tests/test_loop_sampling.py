@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from looped.errors import ConfigError
-from looped.loop_sampling import LOOP_SAMPLERS, sample_loops
+from looped.training.loop_sampling import LOOP_SAMPLERS, sample_loops
 
 from conftest import tiny_cfg
 

@@ -102,3 +102,61 @@ def test_a_plugin_task_knob_is_validated_against_its_own_dataclass(tmp_path, ove
                cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+USER_ATTENTION = '''
+import torch
+
+from looped.model.attention import ATTENTION_KINDS, Attention
+from looped.model.recurrence import INJECTIONS, Injection
+
+
+@ATTENTION_KINDS.register("gqa_doubled")
+class DoubledAttention(Attention):
+    """GQA whose output is doubled: one file, one registration."""
+
+    def forward(self, x, ctx, pos, value_hook=None):
+        return 2 * super().forward(x, ctx, pos, value_hook)
+
+
+@INJECTIONS.register("half_add")
+class HalfAdd(Injection):
+    def __call__(self, state, e, adapter):
+        return state + 0.5 * e
+'''
+
+
+def test_an_attention_kind_and_an_injection_from_a_user_file(tmp_path):
+    """A new attention kind (and an injection) is one file with one registration each, chosen
+    by name: the plugin kind's model equals GQA's with every output projection doubled, and the
+    plugin injection's equals `add` with the prelude's output halved (no prelude: the
+    embedding)."""
+    import torch
+
+    from looped import build_model, load_config
+
+    plugin = tmp_path / "my_attention.py"
+    plugin.write_text(USER_ATTENTION)
+    tiny = ["loop=3", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+            "model.head_dim=16", "model.ffn_dim=64", "model.vocab_size=24"]
+    ids = torch.randint(0, 24, (2, 7), generator=torch.Generator().manual_seed(5))
+
+    mine = build_model(load_config([f"imports=[{plugin}]", "model.attention=gqa_doubled", *tiny]))
+    ref = build_model(load_config(tiny))
+    ref.load_state_dict(mine.state_dict())
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("attn.o_proj.weight"):
+                p.mul_(2)
+    torch.testing.assert_close(mine(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+    # an untied head, so it does not read the embedding; the zero state, so the input is all
+    # that enters (the defaults start from the embedding and inject nothing)
+    untied = [*tiny, "model.tie_embeddings=false", "model.init_state=zeros",
+              "model.pos_embedding=false"]
+    half = build_model(load_config([f"imports=[{plugin}]", "model.injection=half_add", *untied]))
+    add = build_model(load_config([*untied, "model.injection=add"]))
+    add.load_state_dict(half.state_dict())
+    with torch.no_grad():
+        add.embed.weight.mul_(0.5)
+    torch.testing.assert_close(half(ids).logits, add(ids).logits, rtol=1e-5, atol=1e-5)

@@ -13,12 +13,12 @@ import torch
 from conftest import make_model
 
 from looped import build_model, load_config
-from looped.config import default_eval_loops, eval_loops
+from looped.training.scoring import default_eval_loops, eval_loops
 from looped.data.tasks import IGNORE, Batch
 from looped.errors import ConfigError
-from looped.losses import compute_loss
+from looped.training.losses import compute_loss
 from looped.model.lm import LMOutput
-from looped.optim import decayed_parameter_names, lr_at, param_groups
+from looped.training.optim import decayed_parameter_names, lr_at, param_groups
 
 V = 5  # vocabulary of the hand-made logits
 
@@ -190,7 +190,7 @@ def test_cross_layer_scalars_and_vectors_are_not_decayed(method, expected_decaye
 
 
 def test_trainer_optimizer_uses_the_groups(tmp_path):
-    from looped.trainer import Trainer
+    from looped.training.trainer import Trainer
 
     cfg = load_config(["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
                        "model.head_dim=16", "model.ffn_dim=64", "train.weight_decay=0.3"])

@@ -340,7 +340,7 @@ def test_bad_pairs_are_one_line(tmp_path, pairs):
 def test_cache_bytes_per_token_follow_each_runs_attention(tmp_path):
     """GQA: 2 x n_kv_heads x head_dim per layer; MLA: kv_rank + rope_dim; fp32."""
     from looped import load_config
-    from looped.checkpoint import save_run_config
+    from looped.training.checkpoint import save_run_config
     from looped.tools.study.aggregate import cache_bytes_per_token
 
     for name, extra, per_layer in (("gqa", [], 2 * 1 * 16),

@@ -237,7 +237,7 @@ def test_held_out_scoring_matches_a_recompute_by_hand():
     """task_accuracy's accuracy and loss equal argmax/cross-entropy over the answer tokens of the
     same held-out batch, recomputed here from the model's logits."""
     from looped import build_model
-    from looped.scoring import HELD_OUT_SEED_OFFSET, task_accuracy
+    from looped.training.scoring import HELD_OUT_SEED_OFFSET, task_accuracy
 
     cfg = load_config(["loop=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
                        "model.head_dim=16", "model.ffn_dim=64"])
@@ -290,7 +290,7 @@ def test_held_out_scoring_over_several_batches_against_an_independent_count(loop
     -log 0.9 on those and -log(0.1 / (vocab - 1)) on the others."""
     import math
 
-    from looped.scoring import HELD_OUT_SEED_OFFSET, task_accuracy
+    from looped.training.scoring import HELD_OUT_SEED_OFFSET, task_accuracy
 
     cfg = load_config(["task=roots"])
     task = build_task(cfg.task, split="eval")

@@ -55,7 +55,18 @@ class Task:
         raise NotImplementedError
 
 
-TASKS = Registry("task")
+@dataclass
+class TaskConfig:
+    """The `task` node's shared field. The chosen task's schema adds its knobs, then `eval`: the
+    held-out split's difficulty, any of the task's knobs again, None keeping the training value,
+    so evaluation can go beyond the trained difficulty (task.eval.hops=8 after task.hops=4)."""
+
+    # a registered task: roots, chain, phop, addition, prefix_sums, text, or a plugin's (knobs:
+    # each task's Config, in looped/data)
+    name: str = "roots"
+
+
+TASKS = Registry("task", path="task", selector="name", base=TaskConfig)
 register_task = TASKS.register
 
 

@@ -58,7 +58,12 @@ class DepthContext:
 
 @ATTENTION_KINDS.register("gqa")
 class Attention(nn.Module):
-    # -- what the flops tool and the cache ask of an attention kind -----------------------------
+    # -- what the config, the flops tool and the cache ask of an attention kind -----------------
+
+    @staticmethod
+    def check_config(m) -> None:
+        """Checks of the resolved `model` node that only this kind needs (a one-line
+        ConfigError); GQA's shapes are the general ones."""
 
     @staticmethod
     def cache_geometry(cfg) -> tuple[int, int, int]:

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from looped.errors import ConfigError
 from looped.registry import Registry
 
 # ---------------------------------------------------------------------------------------------
@@ -69,8 +70,46 @@ class DepthLayout:
 # ---------------------------------------------------------------------------------------------
 # Source policies: name -> function(p, layout, cfg) giving the earlier positions p reads.
 
-SourcePolicy = Callable[[int, DepthLayout, "DepthAttentionConfig"], tuple[int, ...]]  # noqa: F821
-SOURCE_POLICIES = Registry("depth source policy")  # name -> SourcePolicy
+MIXES = ("mixed", "raw")
+
+
+@dataclass
+class DepthAttentionConfig:
+    """The `model.depth_attention` node's shared fields; the chosen source policy adds its knobs."""
+
+    enabled: bool = True  # false: the vanilla model
+    # Name in SOURCE_POLICIES (knobs: `strided` has stride and window). None picks the default
+    # for the model (default_policy: `same_layer` for a looped one, `strided` for a plain one).
+    sources: Optional[str] = None
+    mix: str = "mixed"  # mixed: sources contribute their mixed values; raw: their raw values
+
+    def check(self, cfg) -> None:
+        if self.mix not in MIXES:
+            raise ConfigError(f"unknown model.depth_attention.mix '{self.mix}'; choose one of: "
+                              f"{', '.join(MIXES)}")
+
+
+def default_policy(looped: bool) -> str:
+    """The source policy of `sources: null`: a looped model reads the same layer in earlier
+    iterations, a plain decoder every stride-th layer (the authors' released setting)."""
+    return "same_layer" if looped else "strided"
+
+
+def _resolve_sources(value, loose) -> str:
+    """The policy a loosely merged config (untyped, see looped.components) chooses."""
+    if value is not None:
+        return value
+    try:
+        looped = int(loose.get("loop", 1)) > 1
+    except Exception:  # `loop=abc`, a bad ${...}: reported against the schema later
+        looped = False
+    return default_policy(looped)
+
+
+SourcePolicy = Callable[[int, DepthLayout, DepthAttentionConfig], tuple[int, ...]]
+SOURCE_POLICIES = Registry("depth source policy", path="model.depth_attention",
+                           selector="sources", base=DepthAttentionConfig,
+                           resolve=_resolve_sources)  # name -> SourcePolicy
 register_source_policy = SOURCE_POLICIES.register
 
 
@@ -95,8 +134,6 @@ class StridedKnobs:
     window: int = 0  # also attend to the w most recent depth positions
 
     def check(self, cfg) -> None:
-        from looped.errors import ConfigError
-
         if self.stride is not None and self.stride < 1:
             raise ConfigError(f"model.depth_attention.stride must be >= 1, got {self.stride}")
         if self.window < 0:
@@ -131,12 +168,10 @@ def _same_layer(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
 
 
 def resolve_policy(cfg, looped: bool) -> str:
-    """The configured policy, or the default: `same_layer` for looped models, else `strided`."""
+    """The configured policy, or the default for the model (default_policy)."""
     if not cfg.enabled:
         return "none"
-    if cfg.sources is not None:
-        return cfg.sources
-    return "same_layer" if looped else "strided"
+    return cfg.sources if cfg.sources is not None else default_policy(looped)
 
 
 def sources_for_layout(policy: str, layout: DepthLayout, cfg) -> list[tuple[int, ...]]:

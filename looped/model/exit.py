@@ -14,7 +14,6 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from looped.config import ExitConfig
 from looped.errors import ConfigError
 from looped.registry import Registry
 
@@ -37,6 +36,23 @@ class IterationView:
         return self._cache["lp"]
 
 
+@dataclass
+class ExitConfig:
+    """Adaptive exit at inference (the `exit` node)."""
+
+    # none | kl | entropy | latent | gate | max_loops (knobs: each criterion's Config)
+    criterion: str = "none"
+    # decoding a batch of at least this many rows, a row whose tokens all exited leaves the
+    # later iterations; a smaller batch is bound by reading the weights, so dropping rows saves
+    # nothing there (see `looped bench decode`); 0: never
+    drop_rows_from: int = 16
+
+    def check(self, cfg) -> None:
+        if self.drop_rows_from < 0:
+            raise ConfigError(f"exit.drop_rows_from must be >= 0 (0: never), got "
+                              f"{self.drop_rows_from}")
+
+
 class ExitCriterion:
     # decoding a batch of at least this many rows, rows whose tokens all exited are dropped
     # from the later iterations (exit.drop_rows_from; 0: never)
@@ -56,7 +72,7 @@ def check_threshold(threshold: float, at_most: Optional[float] = None) -> None:
         raise ConfigError(f"exit.threshold must be {bound}, got {threshold}")
 
 
-EXIT_CRITERIA = Registry("exit criterion")
+EXIT_CRITERIA = Registry("exit criterion", path="exit", selector="criterion", base=ExitConfig)
 register_exit = EXIT_CRITERIA.register
 register_exit("none")(None)  # every token runs all iterations
 

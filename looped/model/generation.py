@@ -20,15 +20,13 @@ def cached_forward(model, input_ids: torch.Tensor, *, kv: str = "per_iteration",
     Under `per_iteration` this equals the full forward; under `last` it shows what the
     approximation costs over whole sequences (prefill=0: every token decoded). Returns an
     LMOutput with logits and iterations."""
-    from looped.model.lm import LMOutput
-
     b, t = input_ids.shape
     cache = model.new_cache(b, t, loops, kv)
     bounds = ([0, prefill] if prefill else [0]) + list(range(max(prefill, 1), t + 1))
     outs = [model(input_ids[:, a:z], loops=loops, cache=cache, exit=exit)
             for a, z in zip(bounds, bounds[1:]) if z > a]
-    return LMOutput(torch.cat([o.logits for o in outs], 1), outs[0].layout,
-                    iterations=torch.cat([o.iterations for o in outs], 1))
+    return type(outs[0])(torch.cat([o.logits for o in outs], 1), outs[0].layout,
+                         iterations=torch.cat([o.iterations for o in outs], 1))
 
 
 @torch.no_grad()

@@ -26,6 +26,7 @@ from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, source
 from looped.model.depth_pass import CoreResult, DepthPass
 from looped.model.exit import ExitCriterion, IterationView, RowBudget
 from looped.model.norm import RMSNorm
+from looped.model.recurrence import INIT_STATES, INJECTIONS, first_input_is_embedding
 from looped.model.rope import RotaryEmbedding
 
 
@@ -65,8 +66,9 @@ class LoopedLM(nn.Module):
             self.core = nn.ModuleList(
                 nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers)) for _ in range(loop))
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.injection, self.init_state = INJECTIONS[cfg.injection](), INIT_STATES[cfg.init_state]()
         self.adapter = (nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
-                        if cfg.injection == "concat" else None)
+                        if self.injection.adapter else None)
         # a linear probe on the state giving a per-iteration halting logit (exit criterion 'gate')
         self.exit_gate = nn.Linear(cfg.d_model, 1) if cfg.exit_gate else None
         # model.state_norm: the state an iteration hands on is RMS-normalised, with a learned gain
@@ -127,10 +129,9 @@ class LoopedLM(nn.Module):
         input is the prelude output itself."""
         c, first = self.cfg, self.cfg.n_prelude
         out = set()
-        if not ((c.init_state == "zeros" and c.injection == "add") or
-                (c.init_state == "embed" and c.injection == "none")):
+        if not first_input_is_embedding(c.init_state, c.injection):
             out.add(first)
-        if c.injection != "none":
+        if not self.injection.ignores_input:
             out.update(first + r * c.n_layers for r in range(1, self.param_loops))
         return frozenset(out)
 
@@ -189,18 +190,10 @@ class LoopedLM(nn.Module):
                        dtype=ref.dtype, device=ref.device)
 
     def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        if self.cfg.injection == "add":
-            return state + e
-        if self.cfg.injection == "concat":
-            return self.adapter(torch.cat([state, e], dim=-1))
-        return state
+        return self.injection(state, e, self.adapter)
 
     def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        if self.cfg.init_state == "embed":
-            return e
-        if self.cfg.init_state == "noise":
-            return torch.randn_like(e) * self.cfg.init_std
-        return torch.zeros_like(e)
+        return self.init_state(e, self.cfg.init_std)
 
     def forward(self, input_ids: torch.Tensor, *, loops: Optional[int] = None,
                 cache: Optional[KVCache] = None, exit: Optional[ExitCriterion] = None,
@@ -276,8 +269,8 @@ class LoopedLM(nn.Module):
         return x if self.state_norm is None else self.state_norm(x)
 
     def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        if r == 0 and self.cfg.init_state == "zeros" and self.cfg.injection == "add":
-            return e  # zeros + e, exactly; the same tensor tells methods nothing changed
+        if r == 0 and first_input_is_embedding(self.cfg.init_state, self.cfg.injection):
+            return e  # the same tensor tells methods nothing changed
         return self._inject(state, e)
 
     def _loop(self, run: DepthPass, e: torch.Tensor, loops: int,

@@ -34,11 +34,13 @@ no parameter and no cached byte is added. Consequences, and the choices made:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
+from looped.errors import ConfigError
 from looped.model.attention import (ATTENTION_KINDS, Attention, DepthContext, DepthPosition,
                                     DepthWeights)
 from looped.model.depth import SOFTMAX_FLOPS, _softmax, weighted_sum
@@ -46,8 +48,56 @@ from looped.model.kernels import attend
 from looped.model.norm import RMSNorm
 
 
+DEPTH_KEYS = ("absorbed", "own")
+DEPTH_MIXES = ("latent", "values")
+
+
+@dataclass
+class MLAConfig:
+    """The `model.mla` node: multi-head latent attention's knobs (model.attention=mla).
+    model.n_heads is its head count; model.head_dim and n_kv_heads are not used by it."""
+
+    kv_rank: int = 32  # d_c: the latent each token caches per depth position (with its RoPE key)
+    q_rank: int = 0  # low-rank queries through a latent of this width; 0: a full-rank projection
+    nope_dim: int = 16  # per head: the query/key part without RoPE, keys up-projected from c
+    rope_dim: int = 8  # the decoupled RoPE key (one per token, all heads) and each query's part
+    v_dim: int = 16  # per head: the value width, up-projected from the latent
+    # how Depth-Attention scores source j's latent: `absorbed` through this layer's key
+    # up-projection (one latent-space query; equals `own` when j is the same layer, as in a
+    # looped core); `own` through layer j's (j's keys as its own attention read them)
+    depth_keys: str = "absorbed"
+    # what Depth-Attention mixes: `latent` (the design: the cache keeps only the mixed latent and
+    # the RoPE key); `values` (an ablation: keys stay on the raw latent, which the cache then
+    # also keeps, d_c more per token and position)
+    depth_mix: str = "latent"
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 @ATTENTION_KINDS.register("mla")
 class MLAttention(nn.Module):
+    @staticmethod
+    def check_config(m) -> None:
+        """The model node's checks that only MLA needs (m: the resolved `model` node)."""
+        a = m.mla
+        for name in ("kv_rank", "nope_dim", "rope_dim", "v_dim"):
+            _require(a[name] >= 1, f"model.mla.{name} must be >= 1, got {a[name]}")
+        _require(a.q_rank >= 0, f"model.mla.q_rank must be >= 0, got {a.q_rank}")
+        _require(a.rope_dim % 2 == 0,
+                 f"model.mla.rope_dim must be even for RoPE, got {a.rope_dim}")
+        _require(a.depth_keys in DEPTH_KEYS, f"unknown model.mla.depth_keys '{a.depth_keys}'; "
+                 f"choose one of: {', '.join(DEPTH_KEYS)}")
+        _require(a.depth_mix in DEPTH_MIXES, f"unknown model.mla.depth_mix '{a.depth_mix}'; "
+                 f"choose one of: {', '.join(DEPTH_MIXES)}")
+        _require(m.cross_layer.method == "none", f"model.attention=mla runs on the plain "
+                 f"residual stream; model.cross_layer.method={m.cross_layer.method} is not "
+                 f"supported with it")
+        _require(m.kernel != "xformers", "model.attention=mla needs model.kernel=sdpa or eager "
+                 "(its values are narrower than its queries and keys)")
+
     @staticmethod
     def cache_geometry(cfg) -> tuple[int, int, int]:
         """One 'head' per token: the RoPE key in the K slot, the (mixed) latent in the V slot;

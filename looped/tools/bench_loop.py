@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from looped import build_model
-from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+from looped.config import load_run_config
+from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
 from looped.data import IGNORE, build_task
 from looped.config import parse_tool_args
 from looped.config_help import tool_help

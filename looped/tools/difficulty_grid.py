@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from looped import build_model
-from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+from looped.config import load_run_config
+from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
 from looped.data import build_task
 from looped.errors import ConfigError
 from looped.model.exit import build_exit
-from looped.scoring import task_accuracy
+from looped.training.scoring import task_accuracy
 from looped.tools.plots import plot_bands, plot_heatmap, plot_metric_vs_loops
 
 METRICS = ("accuracy", "solved", "loss", "iterations")

@@ -25,13 +25,14 @@ from typing import Optional
 import torch
 
 from looped import build_model
-from looped.checkpoint import load_run_config, load_weights, resolve_checkpoint, run_dir_of
+from looped.config import load_run_config
+from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
 from looped.config import parse_tool_args
 from looped.config_help import tool_help
 from looped.data import build_task
 from looped.errors import ConfigError, cli_main
 from looped.model.exit import build_exit
-from looped.scoring import task_accuracy
+from looped.training.scoring import task_accuracy
 from looped.tools.plots import plot_metric_vs_loops
 
 

@@ -1,7 +1,8 @@
 """`python train.py loop=8 ...` (or `looped train ...`): train a looped Depth-Attention model.
 
 Under `torchrun --nproc_per_node=N train.py ...` it trains data-parallel (DDP, or FSDP2 with
-train.parallel=fsdp) on N processes; rank 0 alone writes and prints. See looped.distributed."""
+train.parallel=fsdp) on N processes; rank 0 alone writes and prints. See
+looped.training.distributed."""
 
 from __future__ import annotations
 
@@ -12,11 +13,12 @@ from pathlib import Path
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from looped.config import eval_loops, load_config
-from looped.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
+from looped.config import load_config
+from looped.training.scoring import eval_loops
+from looped.training.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
 from looped.errors import EXIT_BAD_INPUT, ConfigError, LoopedError, cli_main
 from looped.tools.plots import plot_metric_vs_loops
-from looped.trainer import Trainer
+from looped.training.trainer import Trainer
 
 
 class _NoWriter:

@@ -3,14 +3,15 @@
 line here."""
 
 from looped.model.cross_layer.attn_res import AttnRes
-from looped.model.cross_layer.base import CrossLayer, LayerCall
+from looped.model.cross_layer.base import CrossLayer, CrossLayerConfig, LayerCall, exit_conflict
 from looped.model.cross_layer.denseformer import DenseFormer
 from looped.model.cross_layer.hyper_connections import HyperConnections
 from looped.model.cross_layer.mhc import ManifoldHyperConnections, sinkhorn
 from looped.model.cross_layer.value_residual import ValueResidual
 from looped.registry import Registry
 
-CROSS_LAYER_METHODS = Registry("cross-layer method")
+CROSS_LAYER_METHODS = Registry("cross-layer method", path="model.cross_layer", selector="method",
+                               base=CrossLayerConfig)
 CROSS_LAYER_METHODS.register("none")(CrossLayer)
 CROSS_LAYER_METHODS.register("denseformer")(DenseFormer)
 CROSS_LAYER_METHODS.register("value_residual")(ValueResidual)
@@ -19,18 +20,9 @@ CROSS_LAYER_METHODS.register("mhc")(ManifoldHyperConnections)
 CROSS_LAYER_METHODS.register("hyper_connections")(HyperConnections)
 
 
-def exit_conflict(method: str) -> str:
-    """Why adaptive exit cannot run with `method` ('' when it can): the one home of the rule,
-    checked by the config and by the model."""
-    if method == "none":
-        return ""
-    return (f"adaptive exit freezes the plain residual state; cross_layer.method={method} keeps "
-            f"other state, so use exit.criterion=none")
-
-
 def build_cross_layer(cfg, d_model: int, n_slots: int, kv_dim: int) -> CrossLayer:
     return CROSS_LAYER_METHODS.lookup(cfg.method)(cfg, d_model, n_slots, kv_dim)
 
 
-__all__ = ["CROSS_LAYER_METHODS", "CrossLayer", "LayerCall", "build_cross_layer", "exit_conflict",
-           "sinkhorn"]
+__all__ = ["CROSS_LAYER_METHODS", "CrossLayer", "CrossLayerConfig", "LayerCall", "build_cross_layer",
+           "exit_conflict", "sinkhorn"]

@@ -20,10 +20,44 @@ holds per token while a forward pass runs is its `extra_state_vectors` (see loop
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 from torch import nn
+
+from looped.errors import ConfigError
+
+
+@dataclass
+class CrossLayerConfig:
+    """The `model.cross_layer` node's shared fields; `none` is the plain residual stream."""
+
+    # none | denseformer | value_residual | attn_res | mhc | hyper_connections (knobs: each
+    # method's Config)
+    method: str = "none"
+    # methods with parameters per depth position hold them for this many iterations; 0: loop
+    param_loops: int = 0
+
+    def check(self, cfg) -> None:
+        loop = cfg.loop
+        if not (self.param_loops == 0 or self.param_loops >= loop):
+            raise ConfigError(f"model.cross_layer.param_loops must be 0 (= loop) or >= "
+                              f"loop={loop}, got {self.param_loops}")
+        if not (cfg.model.share_weights or self.param_loops in (0, loop)):
+            raise ConfigError(f"an unrolled model (share_weights=false) runs exactly loop={loop} "
+                              f"iterations; model.cross_layer.param_loops must be 0 or {loop}")
+        if cfg.exit.criterion != "none" and exit_conflict(self.method):
+            raise ConfigError(exit_conflict(self.method))
+
+
+def exit_conflict(method: str) -> str:
+    """Why adaptive exit cannot run with `method` ('' when it can): the one home of the rule,
+    checked by the config and by the model."""
+    if method == "none":
+        return ""
+    return (f"adaptive exit freezes the plain residual state; cross_layer.method={method} keeps "
+            f"other state, so use exit.criterion=none")
 
 
 class LayerCall:

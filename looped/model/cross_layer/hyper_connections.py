@@ -56,7 +56,7 @@ class HyperConnections(CrossLayer):
                                   f"got {self.streams}")
 
     position_params = True
-    weight_matrices = ("phi",)  # per-slot projections: weight-decayed (looped.optim)
+    weight_matrices = ("phi",)  # per-slot projections: weight-decayed (looped.training.optim)
 
     def __init__(self, cfg, d_model: int, n_slots: int, kv_dim: int, eps: float = 1e-6):
         super().__init__(cfg, d_model, n_slots, kv_dim)

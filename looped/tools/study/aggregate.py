@@ -19,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from looped.checkpoint import METRICS_FILE
+from looped.training.checkpoint import METRICS_FILE
 from looped.tools.plots import plot_bands
 from looped.tools.study.runner import ERROR, finished_result
 from looped.tools.study.spec import METRICS, RunSpec, StudySpec
@@ -38,7 +38,7 @@ def cache_bytes_per_token(run_dir: Path) -> int:
     import torch
 
     from looped import build_model
-    from looped.checkpoint import load_run_config
+    from looped.config import load_run_config
 
     with torch.device("meta"):
         return build_model(load_run_config(run_dir)).new_cache(1, 1).nbytes

@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from looped.checkpoint import CKPT_DIR, LATEST
-from looped.config import eval_loops, load_config
+from looped.training.checkpoint import CKPT_DIR, LATEST
+from looped.config import load_config
+from looped.training.scoring import eval_loops
 from looped.tools.study.spec import RunSpec
 
 RESULT = "result.json"

@@ -1,7 +1,7 @@
 """The training loop: AdamW with warmup + cosine, loop-count sampling, per-iteration or final
 loss, periodic held-out evaluation at several loop counts, TensorBoard, atomic checkpoints.
 Data-parallel over torchrun processes (DDP or FSDP2) when given a DistEnv with world size > 1;
-see looped.distributed for what keeps that identical to a 1-rank run."""
+see looped.training.distributed for what keeps that identical to a 1-rank run."""
 
 from __future__ import annotations
 
@@ -18,22 +18,21 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from looped import build_model
-from looped.checkpoint import (METRICS_FILE, CheckpointError, load_state, load_weights,
-                               resolve_checkpoint, save_checkpoint, save_run_config)
-from looped.config import eval_loops
 from looped.data import IGNORE, build_task
-from looped.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier, check_parallel,
-                                full_model_state, full_optimizer_state, is_fsdp,
-                                load_optimizer_state, local_batch_size, loss_weight, setup,
-                                shard_batch, to_float, wrap_model)
 from looped.errors import ConfigError, NonFiniteError
-from looped.scoring import task_accuracy
-from looped.loop_sampling import sample_loops, step_generator
-from looped.losses import Step, build_objective
+from looped.model import LoopedLM
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
-from looped.optim import build_optimizer, lr_at
+from looped.training.checkpoint import (METRICS_FILE, CheckpointError, load_state, load_weights,
+                                        resolve_checkpoint, save_checkpoint, save_run_config)
+from looped.training.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier,
+                                         check_parallel, full_model_state, full_optimizer_state,
+                                         is_fsdp, load_optimizer_state, local_batch_size,
+                                         loss_weight, setup, shard_batch, to_float, wrap_model)
+from looped.training.loop_sampling import sample_loops, step_generator
+from looped.training.losses import Step, build_objective
+from looped.training.optim import build_optimizer, lr_at
+from looped.training.scoring import eval_loops, task_accuracy
 
 DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
 OBJECTIVE_STREAM = 104729  # and the objective's own draws (the progressive loss's n, k)
@@ -77,7 +76,7 @@ class Trainer:
         self.device = pick_device(cfg.device, self.env)
         check_kernel(m.kernel, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg).to(self.device)
+        self.model = LoopedLM(cfg.model, loop=cfg.loop).to(self.device)
         # what training forwards run through: the model, DDP around it, or it sharded by FSDP
         self.train_model = self.model
         if self.env.enabled:

@@ -14,10 +14,35 @@ from typing import Callable
 import torch
 
 from looped.errors import ConfigError
+from looped.model.cross_layer import CROSS_LAYER_METHODS
 from looped.registry import Registry
 
-LoopSampler = Callable[["LoopSamplingConfig", int, torch.Generator], int]  # noqa: F821
-LOOP_SAMPLERS = Registry("loop sampler")  # name -> LoopSampler
+
+@dataclass
+class LoopSamplingConfig:
+    """How many iterations each training step runs (the `train.loops` node)."""
+
+    # fixed (= loop) | uniform | poisson_lognormal | task (per-row counts the task gives; knobs:
+    # each sampler's below)
+    sampler: str = "fixed"
+
+    def check(self, cfg) -> None:
+        if not (self.sampler == "fixed" or cfg.model.share_weights):
+            raise ConfigError("an unrolled model (model.share_weights=false) runs exactly `loop` "
+                              "iterations; use train.loops.sampler=fixed")
+        cross = cfg.model.cross_layer  # checked before this node: a known method
+        if CROSS_LAYER_METHODS[cross.method].has_position_params(cross):
+            top, held = max_sampled_loops(self, cfg.loop), cross.param_loops or cfg.loop
+            if top > held:
+                raise ConfigError(f"train.loops.sampler={self.sampler} draws up to {top} "
+                                  f"iterations, but cross_layer.method={cross.method} has "
+                                  f"parameters for {held}; set model.cross_layer.param_loops="
+                                  f"{top}")
+
+
+LoopSampler = Callable[[LoopSamplingConfig, int, torch.Generator], int]
+LOOP_SAMPLERS = Registry("loop sampler", path="train.loops", selector="sampler",
+                         base=LoopSamplingConfig)  # name -> LoopSampler
 register_loop_sampler = LOOP_SAMPLERS.register
 
 

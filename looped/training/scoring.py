@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -10,6 +11,33 @@ import torch.nn.functional as F
 from looped.data.base import IGNORE, Task
 from looped.data.text import TextTask, lm_metrics
 from looped.model.exit import ExitCriterion
+
+
+@dataclass
+class EvalConfig:
+    """The `eval` node: what training scores on the held-out split."""
+
+    # loop counts to score during training; empty: follow `loop` (see default_eval_loops)
+    loops: list[int] = field(default_factory=list)
+    n_samples: int = 1024  # held-out sequences per loop count
+    batch_size: int = 256  # held-out sequences per forward
+
+
+def default_eval_loops(loop: int) -> list[int]:
+    """What training scores when eval.loops is empty: a plain decoder (loop=1) at R = 1 only; a
+    looped model at 1..loop (above 8: 1, 2, 3, 4, 6, 8, 12, ... and loop) and past it, at 1.5
+    and 2 times loop."""
+    if loop == 1:
+        return [1]
+    ladder = {k * 2 ** e for k in (2, 3) for e in range(loop.bit_length())}
+    inside = range(1, loop + 1) if loop <= 8 else {1, loop} | {r for r in ladder if r <= loop}
+    return sorted(set(inside) | {loop + loop // 2, 2 * loop})
+
+
+def eval_loops(cfg) -> list[int]:
+    """The loop counts training evaluates: eval.loops, or default_eval_loops(loop)."""
+    return list(cfg.eval.loops) or default_eval_loops(cfg.loop)
+
 
 # Held-out data comes from a seed stream disjoint from training's (seed, step) draws.
 HELD_OUT_SEED_OFFSET = 1_000_003

@@ -26,7 +26,15 @@ from looped.model.exit import gate_loss
 from looped.model.lm import LMOutput, LoopedLM
 from looped.registry import Registry
 
-LOSSES = Registry("loss")
+@dataclass
+class ObjectiveConfig:
+    """The training loss (the `train.objective` node)."""
+
+    # final | per_iteration | progressive (knobs: each loss's Config)
+    loss: str = "final"
+
+
+LOSSES = Registry("loss", path="train.objective", selector="loss", base=ObjectiveConfig)
 register_loss = LOSSES.register
 
 # (loops, grad_loops) -> the forward output with return_states; grad_loops None: the run's own

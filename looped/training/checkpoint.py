@@ -132,13 +132,6 @@ def load_state(ckpt: Path) -> dict[str, Any]:
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
 
-def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None):
-    """The config a run was trained with, with optional dotlist overrides on top."""
-    from looped.config import load_config_file
-
-    return load_config_file(Path(run_dir) / "config.yaml", overrides or [])
-
-
 def _few(keys: list[str], n: int = 3) -> str:
     return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 

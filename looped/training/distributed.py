@@ -7,9 +7,9 @@ The contract that makes an N-rank run the same training as a 1-rank run:
   * `train.batch_size` is the global batch. Every rank draws the full global batch from the
     per-step generator and keeps its own `batch_size / world_size` rows (`shard_batch`), and the
     loop count R comes from (seed, step), so all ranks run the same R on a partition of the data.
-  * The losses (looped.losses) are means over the answer tokens of the local rows. Each rank
-    scales its loss by world_size * n_local / n_global before backward (`loss_weight`); DDP and
-    FSDP average gradients over ranks, so the reduced gradient is the gradient of the mean over
+  * The losses (looped.training.losses) are means over the answer tokens of the local rows.
+    Each rank scales its loss by world_size * n_local / n_global before backward
+    (`loss_weight`); DDP and FSDP average gradients over ranks, so the reduced gradient is the gradient of the mean over
     the global batch's answer tokens, as in a 1-rank run. The logged loss is the all-reduced
     global mean. (Not covered: model.init_state=noise draws noise of the local batch's shape,
     so its noise differs from a 1-rank run's.)
