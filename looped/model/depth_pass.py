@@ -1,10 +1,11 @@
 """One forward pass through the depth positions of a LoopedLM (looped.model.lm), and what its
 loop hands back.
 
-DepthPass numbers the layer applications in depth order (prelude, core x R, coda), gives each
-its Depth-Attention sources and, for exited tokens, the entries they keep, and runs the layers:
-on the plain residual path `x = block(x)`, or, for a model with a cross-layer method, through
-the method's stream (see looped.model.cross_layer.base).
+A DepthPlan lists, for a run of R iterations, what runs at each depth position (prelude, core x R,
+coda): its block, its Depth-Attention sources and its cross-layer parameter slot. The model
+builds the plan once per R; DepthPass walks it, running the layers on the plain residual path
+(`x = block(x)`) or, for a model with a cross-layer method, through the method's stream (see
+looped.model.cross_layer.base), and gives exited tokens the entries they keep.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
+from torch import nn
 
 from looped.model.attention import DepthContext, DepthPosition, Recorder
 from looped.model.cross_layer import CrossLayer, LayerCall
-from looped.model.depth import DepthSlot
+from looped.model.depth import DepthLayout, DepthSlot
+from looped.model.rope import RotaryEmbedding
 
 
 @dataclass
@@ -33,20 +36,25 @@ class CoreResult:
         return torch.stack(self.gates) if self.gates else None
 
 
-class DepthPass:
-    """One forward pass through the depth positions, in order: it numbers them, gives each its
-    Depth-Attention sources, and runs the layers, on the plain residual path (`x = block(x)`)
-    or, for a model with a cross-layer method, through the method's stream."""
+@dataclass(frozen=True)
+class DepthPlan:
+    """What runs at each depth position of a forward pass with layout.loops iterations."""
 
-    def __init__(self, model, store, loops: int, recorder: Recorder):
-        self.model = model
-        self.ctx = DepthContext(store, model.rope, model.cfg.depth_attention.mix == "raw",
-                                recorder, self.attention_at)
-        self.layout = model.layout(loops)
-        self.sources = model.depth_sources(loops)
-        self.slots = model.position_slots(loops)
-        plain = type(model.cross_layer) is CrossLayer
-        self.method = None if plain else model.cross_layer
+    layout: DepthLayout
+    blocks: tuple[nn.Module, ...]  # the block at each position
+    sources: tuple[tuple[int, ...], ...]  # the earlier positions its Depth-Attention reads
+    slots: tuple[int, ...]  # its cross-layer method's parameter slot
+
+
+class DepthPass:
+    """One forward pass through the depth positions of a plan, in order."""
+
+    def __init__(self, plan: DepthPlan, store, rope: RotaryEmbedding, raw_mix: bool,
+                 recorder: Recorder, method: CrossLayer):
+        self.plan, self.layout = plan, plan.layout
+        self.ctx = DepthContext(store, rope, raw_mix, recorder, self.attention_at)
+        # the plain residual stream needs no method calls
+        self.method = None if type(method) is CrossLayer else method
         self.stream = None  # the method's state of this forward pass
         self.p = 0  # the next depth position
 
@@ -62,28 +70,41 @@ class DepthPass:
             self.method.set_input(self.stream, x)
         return x
 
-    def stack(self, blocks, x: torch.Tensor, frozen: Optional[torch.Tensor] = None,
-              rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Run blocks at the next depth positions; the hidden state after them (B, T, d). A
-        method's stream already holds x. rows: x holds only these rows of the batch (a 1-D
-        index into the cache's rows; the plain path with a KVCache only)."""
+    def prelude(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.layout.n_prelude, x)
+
+    def iteration(self, x: torch.Tensor, frozen: Optional[torch.Tensor] = None,
+                  rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The core's layers at the next iteration. frozen (B, T): tokens that exited, which
+        keep their entries of one iteration back. rows: x holds only these rows of the batch (a
+        1-D index into the cache's rows; the plain path with a KVCache only)."""
+        return self._run(self.layout.n_core, x, frozen, rows)
+
+    def coda(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(self.layout.n_coda, x)
+
+    def _run(self, n: int, x: torch.Tensor, frozen: Optional[torch.Tensor] = None,
+             rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The next n positions; the hidden state after them (B, T, d). A method's stream
+        already holds x."""
         ctx = self.ctx if rows is None else replace(self.ctx, store=self.ctx.store.rows(rows))
-        for block in blocks:
-            p, self.p = self.p, self.p + 1
+        for p in range(self.p, self.p + n):
+            block = self.plan.blocks[p]
             # an exited token keeps the key and mixed value of the same layer one iteration back
-            pos = DepthPosition(p, self.sources[p], frozen,
-                                None if frozen is None else p - self.model.cfg.n_layers)
+            pos = DepthPosition(p, self.plan.sources[p], frozen,
+                                None if frozen is None else p - self.layout.n_core)
             if self.method is None:
                 x = block(x, ctx, pos)
             else:
-                slot = self.slots[p]
+                slot = self.plan.slots[p]
                 hook = self.method.value_hook(self.stream, slot)
                 self.method.apply(self.stream, slot, LayerCall(block, self.ctx, pos, hook))
+        self.p += n
         return x if self.method is None else self.method.read(self.stream)
 
-    def attention_at(self, p: int):
+    def attention_at(self, p: int) -> nn.Module:
         """The attention module that runs at depth position p."""
-        return self.model.block_at(p, self.layout.loops).attn
+        return self.plan.blocks[p].attn
 
     @property
     def can_drop_rows(self) -> bool:
@@ -94,9 +115,8 @@ class DepthPass:
     def carry_forward(self, last: int, loops: int, rows: Optional[torch.Tensor] = None) -> None:
         """Rows (all when None) whose tokens all exited after iteration `last` keep its entries
         at the positions of the later iterations, as the frozen-token rule says."""
-        n = self.model.cfg.n_layers
         for r in range(last + 1, loops):
-            for layer in range(n):
+            for layer in range(self.layout.n_core):
                 src = self.layout.position(DepthSlot("core", layer, last))
                 dst = self.layout.position(DepthSlot("core", layer, r))
                 self.ctx.store.copy_position(src, dst, rows)
@@ -104,4 +124,4 @@ class DepthPass:
     def skip_core_iterations(self, last: int, loops: int) -> None:
         """All tokens exited after iteration `last`: later iterations' positions get copies."""
         self.carry_forward(last, loops)
-        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + self.model.cfg.n_layers
+        self.p = self.layout.position(DepthSlot("core", 0, loops - 1)) + self.layout.n_core

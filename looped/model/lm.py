@@ -23,8 +23,9 @@ from looped.model.cache import ActivationStore, KVCache
 from looped.model.compiled_decode import CompiledDecoder, decoder_for
 from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
 from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
-from looped.model.depth_pass import CoreResult, DepthPass
-from looped.model.exit import ExitCriterion, IterationView, RowBudget
+from looped.model.adaptive import adaptive_loop
+from looped.model.depth_pass import CoreResult, DepthPass, DepthPlan
+from looped.model.exit import ExitCriterion, RowBudget
 from looped.model.norm import RMSNorm
 from looped.model.recurrence import INIT_STATES, INJECTIONS, first_input_is_embedding
 from looped.model.rope import RotaryEmbedding
@@ -80,6 +81,7 @@ class LoopedLM(nn.Module):
         # unrolled baselines (share_weights=false) get the looped default too, for a fair match
         self.policy = resolve_policy(cfg.depth_attention, looped=loop > 1)
         self._sources: dict[int, list[tuple[int, ...]]] = {}
+        self._plans: dict[int, DepthPlan] = {}
         # how hidden states travel between depth positions (a plain residual stream by default)
         self.param_loops = cfg.cross_layer.param_loops or loop
         self.cross_layer: CrossLayer = build_cross_layer(
@@ -113,6 +115,15 @@ class LoopedLM(nn.Module):
             self._sources[loops] = sources_for_layout(self.policy, self.layout(loops),
                                                       self.cfg.depth_attention)
         return self._sources[loops]
+
+    def plan(self, loops: int) -> DepthPlan:
+        """What runs at each depth position of a forward pass with `loops` iterations."""
+        if loops not in self._plans:
+            layout = self.layout(loops)
+            self._plans[loops] = DepthPlan(
+                layout, tuple(self.block_at(p, loops) for p in range(layout.n_positions)),
+                tuple(self.depth_sources(loops)), tuple(self.position_slots(loops)))
+        return self._plans[loops]
 
     def position_slots(self, loops: int) -> list[int]:
         """Per depth position of a run with `loops` iterations, the slot of the cross-layer
@@ -189,12 +200,6 @@ class LoopedLM(nn.Module):
                        max_len or self.cfg.max_seq_len, k_dim, v_dim=v_dim, policy=kv,
                        dtype=ref.dtype, device=ref.device)
 
-    def _inject(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return self.injection(state, e, self.adapter)
-
-    def _initial_state(self, e: torch.Tensor) -> torch.Tensor:
-        return self.init_state(e, self.cfg.init_std)
-
     def forward(self, input_ids: torch.Tensor, *, loops: Optional[int] = None,
                 cache: Optional[KVCache] = None, exit: Optional[ExitCriterion] = None,
                 grad_loops: Optional[int] = None, return_states: bool = False,
@@ -213,21 +218,25 @@ class LoopedLM(nn.Module):
             loops = self._check_row_loops(row_loops, input_ids, loops)
             exit = RowBudget(row_loops, exit)
         b, t, start, loops = self._check_call(input_ids, loops, cache, exit, grad_loops)
-        layout = self.layout(loops)
+        plan = self.plan(loops)
         if cache is not None:
-            cache.begin(t, layout, b)
+            cache.begin(t, plan.layout, b)
         recorder = Recorder(return_depth_weights, return_attn_weights)
-        run = DepthPass(self, cache if cache is not None else ActivationStore(), loops, recorder)
+        run = DepthPass(plan, cache if cache is not None else ActivationStore(), self.rope,
+                        self.cfg.depth_attention.mix == "raw", recorder, self.cross_layer)
 
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
             x = x + self.pos_embed(torch.arange(t, device=input_ids.device) + start)
-        e = run.stack(self.prelude, run.start(x))  # the prelude's output, injected every iteration
-        core = self._loop(run, e, loops, exit, grad_loops, return_states)
-        x = run.stack(self.coda, core.state)
+        e = run.prelude(run.start(x))  # the prelude's output, injected every iteration
+        if exit is None:
+            core = self._loop(run, e, loops, grad_loops, return_states)
+        else:  # tokens may stop early: looped.model.adaptive
+            core = adaptive_loop(self, run, e, loops, exit, grad_loops, return_states)
+        x = run.coda(core.state)
         if cache is not None:
             cache.commit()
-        return LMOutput(self.head(x), layout,
+        return LMOutput(self.head(x), plan.layout,
                         recorder.depth_weights if return_depth_weights else None,
                         recorder.attn_weights if return_attn_weights else None,
                         core.iterations, core.states if return_states else None,
@@ -264,92 +273,52 @@ class LoopedLM(nn.Module):
             raise ShapeError(f"loops={loops} is fewer than the largest of row_loops ({top})")
         return top if loops is None else loops
 
-    def _settle(self, x: torch.Tensor) -> torch.Tensor:
-        """The state an iteration hands on: RMS-normalised under model.state_norm."""
-        return x if self.state_norm is None else self.state_norm(x)
+    # -- the recurrence ----------------------------------------------------------------------
 
-    def _core_input(self, r: int, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        if r == 0 and first_input_is_embedding(self.cfg.init_state, self.cfg.injection):
-            return e  # the same tensor tells methods nothing changed
-        return self._inject(state, e)
-
-    def _loop(self, run: DepthPass, e: torch.Tensor, loops: int,
-              exit: Optional[ExitCriterion], grad_loops: Optional[int],
+    def _loop(self, run: DepthPass, e: torch.Tensor, loops: int, grad_loops: Optional[int],
               return_states: bool) -> CoreResult:
-        """s_0 = init_state(e); s_{r+1} = core(inject(s_r, e)) for r < loops, where a token that
-        an exit criterion stops keeps its state (and, in the cache, its entries). Decoding
-        through a KVCache a batch of at least exit.drop_rows_from rows, a row whose tokens have
-        all exited drops out of the later iterations: only the rows still running are
-        computed."""
-        b, t, _ = e.shape
-        s = self._initial_state(e)
-        done: Optional[torch.Tensor] = None  # (B, T) tokens that exited, once a criterion runs
-        active: Optional[torch.Tensor] = None  # rows still computed (1-D index); None: all
-        dropped: list[tuple[int, torch.Tensor]] = []  # (last iteration computed, rows)
-        out = CoreResult(s, torch.full((b, t), loops, dtype=torch.long, device=e.device))
-        first_with_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
-        if exit is not None:
-            exit.init()
-        for r in range(loops):
-            with torch.set_grad_enabled(torch.is_grad_enabled() and r >= first_with_grad):
-                x = run.inject(self._core_input(r, s, e))
-                if active is None:
-                    x = self._settle(run.stack(self.core_blocks(r), x, frozen=done))
-                    if done is not None:  # exited tokens keep their state
-                        x = torch.where(done.unsqueeze(-1), s, x)
-                else:
-                    # with one token per row, a running row's token has not exited: nothing
-                    # in it is frozen
-                    keep = done[active] if t > 1 else None
-                    x = self._settle(run.stack(self.core_blocks(r), x[active], frozen=keep,
-                                               rows=active))
-                    if keep is not None:
-                        x = torch.where(keep.unsqueeze(-1), s[active], x)
-                    x = s.index_copy(0, active, x)
-            prev, s = s, x
-            if return_states:
-                out.states.append(s)
-                if self.exit_gate is not None:
-                    # the gate reads the state, but its loss must not train the core
-                    out.gates.append(self.gate_logit(s.detach()))
-            if exit is None:
-                continue
-            stop = exit.check(IterationView(r, s, prev, self.head,
-                                            self.gate_logit if self.exit_gate else None))
-            stop = stop if done is None else stop & ~done
-            out.iterations = torch.where(stop, r + 1, out.iterations)
-            done = stop if done is None else done | stop
-            if r + 1 == loops:
-                break
-            if bool(done.all()):
-                for last, rows in dropped:  # rows that stopped earlier, then everyone else
-                    run.carry_forward(last, loops, rows)
-                run.skip_core_iterations(r, loops)  # every token exited: copy, don't compute
-                dropped = []
-                break
-            if run.can_drop_rows and 0 < exit.drop_rows_from <= b:
-                active, newly = self._drop_finished_rows(done, active)
-                if newly is not None:
-                    dropped.append((r, newly))
-        for last, rows in dropped:
-            run.carry_forward(last, loops, rows)
+        """The fixed-R recurrence: s_0 = init_state(e), s_{r+1} = core(inject(s_r, e)) for
+        r < loops. Truncated backprop (grad_loops = k): the first loops - k iterations run
+        without gradient. (With an exit criterion, looped.model.adaptive runs instead.)"""
+        s = self.initial_state(e)
+        out = CoreResult(s, torch.full(e.shape[:2], loops, dtype=torch.long, device=e.device))
+        no_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
+        with torch.no_grad():
+            for r in range(no_grad):
+                s = self.iterate(run, r, s, e)
+                self.record(out, s, return_states)
+        for r in range(no_grad, loops):
+            s = self.iterate(run, r, s, e)
+            self.record(out, s, return_states)
         out.state = s
         return out
 
-    @staticmethod
-    def _drop_finished_rows(done: torch.Tensor, active: Optional[torch.Tensor]):
-        """(the rows still running, the rows that just finished or None): a row finishes when
-        all its tokens have exited."""
-        running = ~done.all(1)
-        if active is not None:
-            was = torch.zeros_like(running)
-            was[active] = True
-            finished_now = was & ~running
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        """s_0 from the prelude's output e (model.init_state)."""
+        return self.init_state(e, self.cfg.init_std)
+
+    def iterate(self, run: DepthPass, r: int, s: torch.Tensor, e: torch.Tensor,
+                frozen: Optional[torch.Tensor] = None,
+                rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One iteration, s_r -> s_{r+1} (B, T, d); on `rows` of the batch only, if given (the
+        result then holds those rows). frozen: tokens that exited (see DepthPass.iteration)."""
+        if r == 0 and first_input_is_embedding(self.cfg.init_state, self.cfg.injection):
+            x = e  # the same tensor tells cross-layer methods nothing changed
         else:
-            finished_now = ~running
-        if not bool(finished_now.any()):
-            return active, None
-        return running.nonzero().flatten(), finished_now.nonzero().flatten()
+            x = self.injection(s, e, self.adapter)
+        x = run.inject(x)
+        if rows is not None:
+            x = x[rows]
+        x = run.iteration(x, frozen=frozen, rows=rows)
+        return x if self.state_norm is None else self.state_norm(x)
+
+    def record(self, out: CoreResult, s: torch.Tensor, return_states: bool) -> None:
+        """Keep the state after an iteration (and the gate's halting logit) if asked."""
+        if return_states:
+            out.states.append(s)
+            if self.exit_gate is not None:
+                # the gate reads the state, but its loss must not train the core
+                out.gates.append(self.gate_logit(s.detach()))
 
     def gate_logit(self, state: torch.Tensor) -> torch.Tensor:
         """Halting logit of the exit gate for a state (B, T, d) -> (B, T)."""
