@@ -100,6 +100,9 @@ def test_cache_bytes_scale_as_documented(loops):
     if loops == 1:
         plain = make_model(seed=83, n_layers=4, max_seq_len=64)
         assert per_it.nbytes == last.nbytes == plain.new_cache(3, 64).nbytes
+    # the one per-token figure (benchmarks and studies read it) is what the cache keeps
+    assert model.cache_bytes_per_token(loops, "per_iteration") * 3 * 64 == per_it.nbytes
+    assert model.cache_bytes_per_token(loops, "last") * 3 * 64 == last.nbytes
 
 
 def test_last_cache_serves_any_loop_count():

@@ -341,11 +341,11 @@ def test_cache_bytes_per_token_follow_each_runs_attention(tmp_path):
     """GQA: 2 x n_kv_heads x head_dim per layer; MLA: kv_rank + rope_dim; fp32."""
     from looped import load_config
     from looped.training.checkpoint import save_run_config
-    from looped.tools.study.aggregate import cache_bytes_per_token
+    from looped.tools.study.aggregate import run_cache_bytes_per_token
 
     for name, extra, per_layer in (("gqa", [], 2 * 1 * 16),
                                    ("mla", ["model.attention=mla", "model.mla.kv_rank=12",
                                             "model.mla.rope_dim=4"], 12 + 4)):
         save_run_config(tmp_path / name, load_config([*BASE, *extra]))
         positions = 1 * 2  # the default one-layer core x loop 2 (CLI_TINY_MODEL)
-        assert cache_bytes_per_token(tmp_path / name) == positions * per_layer * 4
+        assert run_cache_bytes_per_token(tmp_path / name) == positions * per_layer * 4

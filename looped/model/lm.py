@@ -20,6 +20,7 @@ from looped.model.attention import ATTENTION_KINDS, Recorder
 from looped.model import generation
 from looped.model.block import Block
 from looped.model.cache import ActivationStore, KVCache
+from looped.model.cache_policy import cache_policy
 from looped.model.compiled_decode import CompiledDecoder, decoder_for
 from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
 from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
@@ -199,6 +200,14 @@ class LoopedLM(nn.Module):
         return KVCache(self.layout(self._check_loops(loops)), batch_size, heads,
                        max_len or self.cfg.max_seq_len, k_dim, v_dim=v_dim, policy=kv,
                        dtype=ref.dtype, device=ref.device)
+
+    def cache_bytes_per_token(self, loops: Optional[int] = None,
+                              kv: str = "per_iteration") -> int:
+        """Bytes one token takes in a cache of policy kv for `loops` iterations (default: the
+        config's loop), at the weights' dtype: what new_cache keeps per token and row."""
+        heads, k_dim, v_dim = self.attention_kind.cache_geometry(self.cfg)
+        slots = cache_policy(kv).n_slots(self.layout(self._check_loops(loops)))
+        return slots * heads * (k_dim + v_dim) * self.embed.weight.element_size()
 
     def forward(self, input_ids: torch.Tensor, *, loops: Optional[int] = None,
                 cache: Optional[KVCache] = None, exit: Optional[ExitCriterion] = None,

@@ -22,6 +22,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -101,31 +102,35 @@ def weight_bytes(model) -> int:
     return total
 
 
-def cache_bytes_per_token(model) -> int:
-    c = model.cfg
-    return 2 * model.layout().n_positions * c.n_kv_heads * c.head_dim * 4
-
-
 @torch.no_grad()
 def time_decode(steppers: dict, prompt: torch.Tensor, args) -> dict[str, list[float]]:
-    """Seconds per decode step of each stepper (name -> (prefill, step, reset)), alternating."""
+    """Seconds per decode step of each stepper (name -> Stepper), alternating."""
     times: dict[str, list[float]] = {k: [] for k in steppers}
     names = list(steppers)
     for _ in range(args.repeats):
         nxt = {}
-        for k, (prefill, _, reset) in steppers.items():
-            reset()
-            nxt[k] = prefill(prompt)[:, -1:].argmax(-1)
+        for k, stepper in steppers.items():
+            stepper.reset()
+            nxt[k] = stepper.prefill(prompt)[:, -1:].argmax(-1)
         for i in range(args.decode_tokens):
             for k in names if i % 2 == 0 else names[::-1]:
                 t0 = time.perf_counter()
-                logits = steppers[k][1](nxt[k])
+                logits = steppers[k].step(nxt[k])
                 times[k].append(time.perf_counter() - t0)
                 nxt[k] = logits[:, -1:].argmax(-1)
     return times
 
 
-def eager_stepper(model, max_len: int):
+class Stepper(NamedTuple):
+    """One way to decode: prefill(prompt ids) and step(one token's ids) -> logits, and reset()
+    to start a new sequence."""
+
+    prefill: Callable[[torch.Tensor], torch.Tensor]
+    step: Callable[[torch.Tensor], torch.Tensor]
+    reset: Callable[[], None]
+
+
+def eager_stepper(model, max_len: int) -> Stepper:
     state = {}
 
     def reset():
@@ -133,12 +138,12 @@ def eager_stepper(model, max_len: int):
 
     def run(ids):
         return model(ids, cache=state["cache"]).logits
-    return run, run, reset
+    return Stepper(prefill=run, step=run, reset=reset)
 
 
-def compiled_stepper(model, max_len: int):
+def compiled_stepper(model, max_len: int) -> Stepper:
     decoder = model.compiled_decoder(1, max_len)
-    return decoder.prefill, decoder.step, decoder.reset
+    return Stepper(prefill=decoder.prefill, step=decoder.step, reset=decoder.reset)
 
 
 def bench_recompute(model, args) -> dict[str, float]:
@@ -232,12 +237,12 @@ def main(argv: list[str]) -> int:
     steppers = {f"{k} eager": eager_stepper(m, max_len) for k, m in models.items()}
     if args.compile:
         for k, m in models.items():
-            steppers[f"{k} compiled"] = compiled_stepper(m, max_len)
+            compiled = steppers[f"{k} compiled"] = compiled_stepper(m, max_len)
             prompt = torch.randint(0, args.vocab, (1, args.prompt_len))
-            steppers[f"{k} compiled"][2]()
-            steppers[f"{k} compiled"][0](prompt)
+            compiled.reset()
+            compiled.prefill(prompt)
             t0 = time.perf_counter()
-            steppers[f"{k} compiled"][1](prompt[:, :1])  # compile outside the timing
+            compiled.step(prompt[:, :1])  # compile outside the timing
             print(f"compiled {k} step in {time.perf_counter() - t0:.1f} s", flush=True)
     prompt = torch.randint(0, args.vocab, (1, args.prompt_len),
                            generator=torch.Generator().manual_seed(1))
@@ -251,7 +256,7 @@ def main(argv: list[str]) -> int:
         model = models[k.split()[0]]
         cached_tokens = (compiled_len(model, max_len) if k.endswith("compiled")
                          else args.prompt_len + args.decode_tokens / 2)
-        step_bytes = weight_bytes(model) + cache_bytes_per_token(model) * cached_tokens
+        step_bytes = weight_bytes(model) + model.cache_bytes_per_token() * cached_tokens
         print(f"{k:24s} {1 / sec:8.1f} {bw / step_bytes:8.1f} {step_bytes / (bw * sec):9.3f}"
               f"   reads {step_bytes / 1e6:.1f} MB/step")
     print("\nratio                                          value   goal")

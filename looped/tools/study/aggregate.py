@@ -32,16 +32,16 @@ def _num(x) -> float:
     return float(x) if x not in (None, "") else math.nan
 
 
-def cache_bytes_per_token(run_dir: Path) -> int:
-    """The KV-cache bytes one token takes over all depth positions of a run's model (fp32, at
-    its trained loop count), from its config, built on the meta device."""
+def run_cache_bytes_per_token(run_dir: Path) -> int:
+    """LoopedLM.cache_bytes_per_token of a run's model (fp32, at its trained loop count), from
+    its config, built on the meta device."""
     import torch
 
     from looped import build_model
     from looped.config import load_run_config
 
     with torch.device("meta"):
-        return build_model(load_run_config(run_dir)).new_cache(1, 1).nbytes
+        return build_model(load_run_config(run_dir)).cache_bytes_per_token()
 
 
 def collect(runs: list[RunSpec], spec_cache: bool = False
@@ -59,7 +59,7 @@ def collect(runs: list[RunSpec], spec_cache: bool = False
             continue
         base = {"grid": run.grid_label, "variant": run.variant, "seed": run.seed,
                 "trained_loop": result["trained_loop"]}
-        cache = {"cache_bytes": cache_bytes_per_token(d)} if spec_cache else {}
+        cache = {"cache_bytes": run_cache_bytes_per_token(d)} if spec_cache else {}
         for r, metrics in result["eval"].items():
             rows.append({**base, "R": int(r), **{m: _num(metrics.get(m)) for m in METRICS},
                          "iterations": _num(metrics.get("iterations")),
