@@ -259,3 +259,34 @@ def test_decode_and_generate_with_learned_positions(kw):
     with torch.no_grad():
         logits = model(with_cache[:, :-1]).logits
     assert torch.equal(logits[:, 4:].argmax(-1), with_cache[:, 5:])
+
+
+def test_every_store_speaks_the_depth_store_protocol():
+    """ActivationStore, KVCache, its RowView and the compiled decoder's StaticKVCache all
+    implement looped.model.cache.DepthStore (the methods an attention layer calls)."""
+    from looped.model.cache import ActivationStore, DepthStore, KVCache
+    from looped.model.compiled_decode import StaticKVCache
+
+    cache = KVCache(2, 3, 1, 8, 4)
+    stores = [ActivationStore(), cache, cache.rows(torch.tensor([0, 2])),
+              StaticKVCache(2, 3, 1, 8, 4)]
+    assert all(isinstance(s, DepthStore) for s in stores)
+
+
+def test_put_after_depth_sources_keeps_the_key_it_stored():
+    """The handshake: depth_sources writes position p's key and value; the put that follows
+    with key_stored=True writes the mixed value only, and without it the key too."""
+    from looped.model.cache import KVCache
+    from looped.model.depth import DepthLayout
+
+    g = torch.Generator().manual_seed(7)
+    cache = KVCache(DepthLayout(0, 2, 1, 0), 2, 1, 5, 4)
+    cache.begin(3, DepthLayout(0, 2, 1, 0), 2)
+    k0, v0, k1, v1, mixed, other = (torch.randn(2, 1, 3, 4, generator=g) for _ in range(6))
+    cache.put(0, k0, v0)
+    cache.depth_sources(1, (0,), k1, v1, raw=False)
+    cache.put(1, other, mixed, key_stored=True)  # a different tensor: not written
+    k, v, _ = cache.entries(1)
+    assert torch.equal(k, k1) and torch.equal(v, mixed)
+    cache.put(1, other, mixed)
+    assert torch.equal(cache.entries(1)[0], other)

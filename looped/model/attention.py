@@ -56,8 +56,75 @@ class DepthContext:
     attention_at: Optional[Callable[[int], nn.Module]] = None
 
 
+class DepthAttentionLayer(nn.Module):
+    """The skeleton every attention kind shares: Depth-Attention over the same token's earlier
+    depth positions, then causal attention over the sequence reading the mixed values.
+
+        q, k, v  = project(x)                    the kind's projections (v: what is cached and
+                                                 mixed; GQA's values, MLA's latent)
+        k_src, v_src = store.depth_sources(...)  position p's sources and itself
+        v, alpha = mix(q, k_src, v_src)          only where p has sources; else v, exactly
+        (exited tokens keep their k and mixed v of one iteration back)
+        store.put(p, k, v)                       the cache holds the mixed v
+        out      = read(q, store.history(p))     sequence attention, the output projection
+
+    A kind implements project, mix and read (and the static hooks the config, the cache and
+    the flops tool ask of it: check_config, cache_geometry, rope_dim, attention_flops,
+    depth_flops)."""
+
+    def project(self, x: torch.Tensor, ctx: DepthContext,
+                value_hook: Optional[Callable[[torch.Tensor], torch.Tensor]]):
+        """(queries in the kind's form, key (B, Hkv, T, Dk), value (B, Hkv, T, Dv))."""
+        raise NotImplementedError
+
+    def mix(self, q, k_src, v_src, pos: DepthPosition, ctx: DepthContext):
+        """(the mixed value (B, Hkv, T, Dv), the weights (B, Hkv, T, S + 1))."""
+        raise NotImplementedError
+
+    def read(self, q, k_all: torch.Tensor, v_all: torch.Tensor, ctx: DepthContext,
+             pos: DepthPosition) -> torch.Tensor:
+        """Sequence attention over every token's cached (k, mixed v) -> (B, T, d_model)."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, ctx: DepthContext, pos: DepthPosition,
+                value_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                ) -> torch.Tensor:
+        """x (B, T, d) -> (B, T, d). value_hook: a cross-layer method's change to the value
+        (B, Hkv, T, D) before Depth-Attention (value residual learning)."""
+        q, k, v = self.project(x, ctx, value_hook)
+        store, recorder = ctx.store, ctx.recorder
+        raw_v = v if ctx.raw_mix else None
+        if pos.sources:
+            k_src, v_src = store.depth_sources(pos.index, pos.sources, k, v, raw=ctx.raw_mix)
+            v, alpha = self.mix(q, k_src, v_src, pos, ctx)  # v mixed across depth
+            if recorder.want_depth:
+                recorder.depth_weights[pos.index] = DepthWeights(
+                    alpha.transpose(1, 2).detach(), pos.sources + (pos.index,))
+        elif recorder.want_depth:  # no source: all weight on itself, exactly vanilla
+            recorder.depth_weights[pos.index] = DepthWeights(
+                v.new_ones(x.shape[0], x.shape[1], v.shape[1], 1), (pos.index,))
+        if pos.frozen is not None:
+            k, v, raw_v = self._keep_frozen(store, pos, k, v, raw_v)
+        # the handshake of looped.model.cache.DepthStore: depth_sources stored this key
+        store.put(pos.index, k, v, raw_v, key_stored=bool(pos.sources) and pos.frozen is None)
+        k_all, v_all = store.history(pos.index)  # (B, Hkv, Tk, D)
+        return self.read(q, k_all, v_all, ctx, pos)
+
+    @staticmethod
+    def _keep_frozen(store, pos: DepthPosition, k, v, raw_v):
+        """Exited tokens reuse their last key and mixed value (and raw value, for mix=raw)."""
+        keep = pos.frozen[:, None, :, None]  # (B, 1, T, 1)
+        k_old, v_old, raw_old = store.entries(pos.frozen_from)
+        k, v = torch.where(keep, k_old, k), torch.where(keep, v_old, v)
+        if raw_v is not None:
+            raw_v = torch.where(keep, raw_old, raw_v)
+        return k, v, raw_v
+
+
 @ATTENTION_KINDS.register("gqa")
-class Attention(nn.Module):
+class Attention(DepthAttentionLayer):
+    """GQA with QK-norm and RoPE (Qwen3)."""
+
     # -- what the config, the flops tool and the cache ask of an attention kind -----------------
 
     @staticmethod
@@ -95,11 +162,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)  # per head, before RoPE (Qwen3)
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, ctx: DepthContext, pos: DepthPosition,
-                value_hook: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-                ) -> torch.Tensor:
-        """x (B, T, d) -> (B, T, d). value_hook: a cross-layer method's change to the value
-        (B, Hkv, T, D) before Depth-Attention (value residual learning)."""
+    def project(self, x, ctx, value_hook):
         b, t, _ = x.shape
         h, h_kv, d = self.n_heads, self.n_kv_heads, self.head_dim
         q = self.q_norm(self.q_proj(x).view(b, t, h, d))
@@ -107,37 +170,18 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, h_kv, d).transpose(1, 2)  # (B, Hkv, T, D)
         if value_hook is not None:
             v = value_hook(v)
-        store, recorder, offset = ctx.store, ctx.recorder, ctx.store.offset
+        offset = ctx.store.offset
         q = ctx.rope(q.transpose(1, 2), offset)  # (B, H, T, D)
         k = ctx.rope(k.transpose(1, 2), offset)  # (B, Hkv, T, D)
+        return q, k, v
 
-        raw_v = v if ctx.raw_mix else None
-        if pos.sources:
-            k_src, v_src = store.depth_sources(pos.index, pos.sources, k, v, raw=ctx.raw_mix)
-            v, alpha = depth_mix(q, k_src, v_src)  # v: (B, Hkv, T, D) mixed across depth
-            if recorder.want_depth:
-                recorder.depth_weights[pos.index] = DepthWeights(
-                    alpha.transpose(1, 2).detach(), pos.sources + (pos.index,))
-        elif recorder.want_depth:  # no source: all weight on itself, exactly vanilla
-            recorder.depth_weights[pos.index] = DepthWeights(v.new_ones(b, t, h_kv, 1),
-                                                             (pos.index,))
-        if pos.frozen is not None:
-            k, v, raw_v = self._keep_frozen(store, pos, k, v, raw_v)
-        store.put(pos.index, k, v, raw_v)
+    def mix(self, q, k_src, v_src, pos, ctx):
+        return depth_mix(q, k_src, v_src)
 
-        k_all, v_all = store.history(pos.index)  # (B, Hkv, Tk, D)
-        out, weights = attend(q, k_all, v_all, kernel=self.kernel, q_offset=offset,
-                              need_weights=recorder.want_attn, window=self.window)
+    def read(self, q, k_all, v_all, ctx, pos):
+        b, _, t, _ = q.shape
+        out, weights = attend(q, k_all, v_all, kernel=self.kernel, q_offset=ctx.store.offset,
+                              need_weights=ctx.recorder.want_attn, window=self.window)
         if weights is not None:
-            recorder.attn_weights[pos.index] = weights
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, h * d))
-
-    @staticmethod
-    def _keep_frozen(store, pos: DepthPosition, k, v, raw_v):
-        """Exited tokens reuse their last key and mixed value (and raw value, for mix=raw)."""
-        keep = pos.frozen[:, None, :, None]  # (B, 1, T, 1)
-        k_old, v_old, raw_old = store.entries(pos.frozen_from)
-        k, v = torch.where(keep, k_old, k), torch.where(keep, v_old, v)
-        if raw_v is not None:
-            raw_v = torch.where(keep, raw_old, raw_v)
-        return k, v, raw_v
+            ctx.recorder.attn_weights[pos.index] = weights
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim))

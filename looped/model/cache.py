@@ -3,21 +3,53 @@
 - sequence attention at position p reads the keys and (mixed) values of all tokens so far at p;
 - Depth-Attention at position p reads the entries of the *same* tokens at earlier positions.
 
-`ActivationStore` holds one forward pass's tensors (training, no cache). `KVCache` is the
-inference cache: preallocated (K, mixed V) per storage slot, exactly the size of a vanilla
+Every store speaks the DepthStore protocol below. `ActivationStore` holds one forward pass's
+tensors (training, no cache). `KVCache` is the inference cache: preallocated (K, mixed V) per storage slot, exactly the size of a vanilla
 KV cache, because the mixed value lives in the ordinary V slot and nothing else is kept. Its
 cache policy says which depth positions share a slot (looped.model.cache_policy).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol, runtime_checkable
 
 import torch
 
 from looped.errors import ShapeError
 from looped.model.cache_policy import CachePolicy, cache_policy
 from looped.model.depth import DepthLayout
+
+
+@runtime_checkable
+class DepthStore(Protocol):
+    """What an attention layer at depth position p asks of the store, in this order:
+
+        k_src, v_src = store.depth_sources(p, sources, k, v, raw)   # only if p has sources
+        store.put(p, k, v_mixed, raw_v, key_stored=...)
+        k_all, v_all = store.history(p)
+
+    The handshake: depth_sources may store p's own key and value already (a KVCache does, so
+    that one gather reads the sources and p together). The put that follows says
+    key_stored=True when its key is the one depth_sources was given (no exited token replaced
+    it), and the store then writes only the mixed value. entries(p) reads back what put wrote
+    for this chunk (exited tokens keep them), copy_position(src, dst, rows) copies them to a
+    later position, and rows(index) is a view of some rows of the batch (drops_rows says
+    whether the store has one)."""
+
+    offset: int  # tokens before this chunk
+    drops_rows: bool
+
+    def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
+                      raw: bool): ...
+
+    def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
+            raw_v: Optional[torch.Tensor] = None, *, key_stored: bool = False) -> None: ...
+
+    def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def entries(self, p: int): ...
+
+    def copy_position(self, src: int, dst: int, rows: Optional[torch.Tensor] = None) -> None: ...
 
 
 class ActivationStore:
@@ -38,8 +70,8 @@ class ActivationStore:
         return [self.k[j] for j in sources] + [k], [values[j] for j in sources] + [v]
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
-            raw_v: Optional[torch.Tensor] = None) -> None:
-        self.k[p], self.v[p] = k, v
+            raw_v: Optional[torch.Tensor] = None, *, key_stored: bool = False) -> None:
+        self.k[p], self.v[p] = k, v  # references: storing the key again costs nothing
         if raw_v is not None:
             self.raw_v[p] = raw_v
 
@@ -101,7 +133,6 @@ class KVCache:
         self._scratch_kv: Optional[torch.Tensor] = None
         self._raw_v: dict[int, torch.Tensor] = {}  # only for mix=raw: this chunk's raw values
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
-        self._k_written: Optional[torch.Tensor] = None  # skips rewriting an unchanged key
 
     def buffers(self) -> list[torch.Tensor]:
         """The tensors that hold the cache (what a compiled step marks as static)."""
@@ -201,29 +232,54 @@ class KVCache:
         return self._scratch_k[idx], self._scratch_v[idx]
 
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
-                      raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        # Write this position's raw entries first, so one gather reads sources and self together.
-        # Decoding one token is bound by per-op overhead, hence the fewest ops here.
-        self.put(p, k, v)
-        self._k_written = k
+                      raw: bool, rows: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """rows: k and v hold only these rows of the batch (see RowView)."""
+        # Write this position's raw entries first, so one gather reads sources and self together
+        # (the put that follows then passes key_stored). Decoding one token is bound by per-op
+        # overhead, hence the fewest ops here.
+        self.put(p, k, v, rows=rows)
         k_stack, v_stack = self.chunk_sources(sources + (p,))  # (S + 1, B, Hkv, T, D)
+        if rows is not None:
+            k_stack, v_stack = k_stack.index_select(1, rows), v_stack.index_select(1, rows)
         if raw:
-            v_stack = torch.stack([self._raw_v[j] for j in sources] + [v])
+            own = [self._raw_v[j] if rows is None else self._raw_v[j].index_select(0, rows)
+                   for j in sources]
+            v_stack = torch.stack(own + [v])
         return k_stack, v_stack
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
-            raw_v: Optional[torch.Tensor] = None) -> None:
+            raw_v: Optional[torch.Tensor] = None, *, key_stored: bool = False,
+            rows: Optional[torch.Tensor] = None) -> None:
+        """The chunk's entries at p; rows: k, v and raw_v hold only these rows of the batch."""
         s = self._slot[p]
-        if k is not self._k_written:
+        if rows is not None:
+            self._put_rows(p, s, rows, None if key_stored else k, v, raw_v)
+            return
+        if not key_stored:
             self._write_chunk(self.k[s], 2, k)
             if self._scratch_k is not None:
                 self._scratch_k[p] = k
-        self._k_written = None
         self._write_chunk(self.v[s], 2, v)
         if self._scratch_v is not None:
             self._scratch_v[p] = v
         if raw_v is not None:
             self._raw_v[p] = raw_v
+
+    def _put_rows(self, p: int, s: int, rows: torch.Tensor, k: Optional[torch.Tensor],
+                  v: torch.Tensor, raw_v: Optional[torch.Tensor]) -> None:
+        if k is not None:
+            self._chunk(self.k[s], 2).index_copy_(0, rows, k)
+            if self._scratch_k is not None:
+                self._scratch_k[p].index_copy_(0, rows, k)
+        self._chunk(self.v[s], 2).index_copy_(0, rows, v)
+        if self._scratch_v is not None:
+            self._scratch_v[p].index_copy_(0, rows, v)
+        if raw_v is not None:
+            full = self._raw_v.get(p)
+            if full is None:
+                full = self._raw_v[p] = raw_v.new_zeros((self.batch_size,) + raw_v.shape[1:])
+            full.index_copy_(0, rows, raw_v)
 
     def history(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every token's (K, mixed V) at p that sequence attention may read."""
@@ -270,7 +326,9 @@ class RowView:
     """Rows `rows` (a 1-D index) of a KVCache, for the layers of an iteration that runs only the
     rows still computing: a row whose tokens all exited drops out of the later iterations (its
     entries there are copied from its exit iteration afterwards, see KVCache.copy_position).
-    Reads gather the rows; writes go into the cache in place."""
+    Reads gather the rows; writes go into the cache in place, through its public methods."""
+
+    drops_rows = False  # a view of rows is not narrowed again
 
     def __init__(self, cache: KVCache, rows: torch.Tensor):
         self.cache, self.index = cache, rows
@@ -280,27 +338,13 @@ class RowView:
         return x.index_select(dim, self.index)
 
     def depth_sources(self, p, sources, k, v, raw):
-        self.put(p, k, v)
-        c = self.cache
-        k_all, v_all = c.chunk_sources(sources + (p,))
-        k_stack, v_stack = self._rows(k_all, 1), self._rows(v_all, 1)  # (S + 1, Ba, Hkv, T, D)
-        if raw:
-            v_stack = torch.stack([self._rows(c._raw_v[j]) for j in sources] + [v])
-        return k_stack, v_stack
+        return self.cache.depth_sources(p, sources, k, v, raw, rows=self.index)
 
-    def put(self, p, k, v, raw_v=None) -> None:
-        c = self.cache
-        s = c._slot[p]
-        c._chunk(c.k[s], 2).index_copy_(0, self.index, k)
-        c._chunk(c.v[s], 2).index_copy_(0, self.index, v)
-        if c._scratch_k is not None:
-            c._scratch_k[p].index_copy_(0, self.index, k)
-            c._scratch_v[p].index_copy_(0, self.index, v)
-        if raw_v is not None:
-            full = c._raw_v.get(p)
-            if full is None:
-                full = c._raw_v[p] = raw_v.new_zeros((c.batch_size,) + raw_v.shape[1:])
-            full.index_copy_(0, self.index, raw_v)
+    def put(self, p, k, v, raw_v=None, *, key_stored=False) -> None:
+        self.cache.put(p, k, v, raw_v, key_stored=key_stored, rows=self.index)
+
+    def copy_position(self, src, dst, rows=None) -> None:
+        self.cache.copy_position(src, dst, self.index if rows is None else self.index[rows])
 
     def history(self, p):
         k, v = self.cache.history(p)

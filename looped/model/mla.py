@@ -35,14 +35,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from looped.errors import ConfigError
-from looped.model.attention import (ATTENTION_KINDS, Attention, DepthContext, DepthPosition,
-                                    DepthWeights)
+from looped.model.attention import (ATTENTION_KINDS, DepthAttentionLayer, DepthContext,
+                                    DepthPosition)
 from looped.model.depth import SOFTMAX_FLOPS, _softmax, weighted_sum
 from looped.model.kernels import attend
 from looped.model.norm import RMSNorm
@@ -78,7 +77,7 @@ def _require(ok: bool, message: str) -> None:
 
 
 @ATTENTION_KINDS.register("mla")
-class MLAttention(nn.Module):
+class MLAttention(DepthAttentionLayer):
     @staticmethod
     def check_config(m) -> None:
         """The model node's checks that only MLA needs (m: the resolved `model` node)."""
@@ -161,43 +160,36 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_up(self.q_norm(self.q_down(x)))
 
-    def forward(self, x: torch.Tensor, ctx: DepthContext, pos: DepthPosition,
-                value_hook: Optional[Callable] = None) -> torch.Tensor:
+    def project(self, x, ctx, value_hook):
+        """((q_nope, q_rope), the cached key (B, 1, T, d_rope [+ d_c]), the latent (B, 1, T,
+        d_c)): the latent takes the V slot, the one thing Depth-Attention mixes."""
         b, t, _ = x.shape
-        h, store, recorder, offset = self.h, ctx.store, ctx.recorder, ctx.store.offset
-        q = self.queries(x).view(b, t, h, self.d_nope + self.d_rope).transpose(1, 2)
+        offset = ctx.store.offset
+        q = self.queries(x).view(b, t, self.h, self.d_nope + self.d_rope).transpose(1, 2)
         q_nope, q_rope = q.split([self.d_nope, self.d_rope], -1)  # (B, H, T, *)
         q_rope = ctx.rope(q_rope, offset)
         c = self.kv_norm(self.kv_down(x)).unsqueeze(1)  # (B, 1, T, d_c): the latent
         k_r = ctx.rope(self.k_rope(x).unsqueeze(1), offset)  # (B, 1, T, d_rope)
         if self.values_only:  # the K slot keeps the raw latent beside the RoPE key
             k_r = torch.cat([k_r, c], -1)
+        return (q_nope, q_rope), k_r, c
 
-        raw_c = c if ctx.raw_mix else None
-        if pos.sources:
-            k_src, c_src = store.depth_sources(pos.index, pos.sources, k_r, c, raw=ctx.raw_mix)
-            c, alpha = self.depth_mix(q_nope, q_rope, k_src, c_src, pos, ctx)
-            if recorder.want_depth:
-                recorder.depth_weights[pos.index] = DepthWeights(
-                    alpha.transpose(1, 2).detach(), pos.sources + (pos.index,))
-        elif recorder.want_depth:
-            recorder.depth_weights[pos.index] = DepthWeights(c.new_ones(b, t, 1, 1),
-                                                             (pos.index,))
-        if pos.frozen is not None:
-            k_r, c, raw_c = Attention._keep_frozen(store, pos, k_r, c, raw_c)
-        store.put(pos.index, k_r, c, raw_c)
+    def mix(self, q, k_src, v_src, pos, ctx):
+        return self.depth_mix(*q, k_src, v_src, pos, ctx)
 
-        k_all, c_all = store.history(pos.index)  # (B, 1, Tk, d_rope), (B, 1, Tk, d_c)
+    def read(self, q, k_all, c_all, ctx, pos):
+        (q_nope, q_rope), h = q, self.h
+        b, _, t, _ = q_nope.shape
         tk = c_all.shape[2]
         k_all, key_latents = self._split_keys(k_all, c_all)
         k = torch.cat([self.k_up(key_latents[:, 0]).view(b, tk, h, self.d_nope).transpose(1, 2),
                        k_all.expand(b, h, tk, self.d_rope)], -1)  # (B, H, Tk, d_nope + d_rope)
         v = self.v_up(c_all[:, 0]).view(b, tk, h, self.d_v).transpose(1, 2)  # (B, H, Tk, d_v)
         out, weights = attend(torch.cat([q_nope, q_rope], -1), k, v, kernel=self.kernel,
-                              q_offset=offset, need_weights=recorder.want_attn,
+                              q_offset=ctx.store.offset, need_weights=ctx.recorder.want_attn,
                               window=self.window)
         if weights is not None:
-            recorder.attn_weights[pos.index] = weights
+            ctx.recorder.attn_weights[pos.index] = weights
         return self.o_proj(out.transpose(1, 2).reshape(b, t, h * self.d_v))
 
     def _split_keys(self, k_entry, latents):
