@@ -1,21 +1,29 @@
-"""Figures written by training and evaluation (matplotlib, headless)."""
+"""Figures written by training and evaluation (matplotlib, headless).
+
+matplotlib is imported at the first figure, not with this module: every `looped` command and
+`train.py` import this file, and most of their runs (a --help, a failing config) draw nothing."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import ticker  # noqa: E402
+@functools.cache
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def plot_metric_vs_loops(curves: dict[str, dict[int, float]], path: Path, *,
                          ylabel: str = "held-out accuracy", trained_loop: int | None = None,
                          title: str = "") -> Path:
     """One line per run: metric against loop count R (log2 x axis)."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for label, curve in curves.items():
         xs = sorted(curve)
         ax.plot(xs, [curve[x] for x in xs], marker="o", label=label)
@@ -31,7 +39,7 @@ def plot_bands(series: dict[str, dict[int, list[float]]], path: Path, *, xlabel:
                ylabel: str, title: str = "", log2_x: bool = False,
                zero_line: bool = False) -> Path:
     """One line per series: the mean over its values at each x, with a min–max band."""
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = _pyplot().subplots(figsize=(6.5, 4))
     if zero_line:
         ax.axhline(0.0, color="black", linewidth=0.8)
     for label, points in series.items():
@@ -51,6 +59,8 @@ def _log2_loop_axis(ax, xs) -> None:
     """A log2 x axis with a plain-number tick at each loop count drawn."""
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(xs))
+    from matplotlib import ticker
+
     ax.xaxis.set_major_formatter(ticker.ScalarFormatter())
     ax.xaxis.set_minor_locator(ticker.NullLocator())
 
@@ -66,7 +76,7 @@ def _finish(fig, ax, path: Path, *, xlabel: str, ylabel: str, title: str, legend
     ax.legend(fontsize=legend_size)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
 
 
@@ -77,7 +87,7 @@ def plot_heatmap(grid: dict[int, dict[int, float]], path: Path, *, row_label: st
     rows = sorted(grid)
     cols = sorted({r for row in grid.values() for r in row})
     values = [[grid[row].get(c, float("nan")) for c in cols] for row in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(cols) + 2), max(3.0, 0.5 * len(rows) + 1.5)))
+    fig, ax = _pyplot().subplots(figsize=(max(4.0, 0.6 * len(cols) + 2), max(3.0, 0.5 * len(rows) + 1.5)))
     image = ax.imshow(values, origin="lower", aspect="auto", vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(cols)), [str(c) for c in cols])
     ax.set_yticks(range(len(rows)), [str(r) for r in rows])
@@ -93,5 +103,5 @@ def plot_heatmap(grid: dict[int, dict[int, float]], path: Path, *, row_label: st
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
     return Path(path)
