@@ -7,7 +7,7 @@ Six parts of a run are chosen by name from a registry, and each names a node of 
     model.depth_attention  sources     looped.model.depth.SOURCE_POLICIES (DepthAttentionConfig)
     model.cross_layer      method      looped.model.cross_layer.CROSS_LAYER_METHODS
                                        (CrossLayerConfig, in cross_layer/base.py)
-    train.loops            sampler     looped.training.loop_sampling.LOOP_SAMPLERS
+    train.loop_sampling            sampler     looped.training.loop_sampling.LOOP_SAMPLERS
                                        (LoopSamplingConfig)
     train.objective        loss        looped.training.losses.LOSSES (ObjectiveConfig)
     exit                   criterion   looped.model.exit.EXIT_CRITERIA (ExitConfig)

@@ -40,7 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 # The nodes that hold a component chosen by name (task, model.depth_attention, model.cross_layer,
-# train.loops, train.objective, exit) take their shared fields from the dataclass beside the
+# train.loop_sampling, train.objective, exit) take their shared fields from the dataclass beside the
 # component's registry, and the chosen component's knobs (looped.components).
 
 
@@ -90,7 +90,9 @@ class TrainConfig:
     warmup_fraction: Optional[float] = None  # warmup as a fraction of steps; set, it wins
     grad_clip: float = 1.0  # global gradient-norm clip; 0: none
     log_every: int = 10  # print a training line every N steps
-    loops: LoopSamplingConfig = field(default_factory=LoopSamplingConfig)
+    # how many iterations each step runs: the sampler and its knobs (`loops` elsewhere is always
+    # a loop count, or a list of them)
+    loop_sampling: LoopSamplingConfig = field(default_factory=LoopSamplingConfig)
     grad_loops: int = 0  # truncated backprop: only the last k iterations carry gradient; 0: all
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
@@ -152,17 +154,38 @@ def _all_keys(node: Any, prefix: str = "") -> list[str]:
 # Keys that were renamed, so an old command or config gets a pointer, not a guess.
 RENAMED = {
     "model.cross_layer.max_loops": "model.cross_layer.param_loops",
-    "train.loops.max_loops": "train.loops.cap",
+    "train.loops.max_loops": "train.loop_sampling.cap",
     "exit.max_loops": "exit.after",
     "train.loss": "train.objective.loss",
+    # a node: every key under it moves (after the renames of its own keys above)
+    "train.loops": "train.loop_sampling",
 }
+
+
+def renamed_key(key: str) -> Optional[str]:
+    """The key that replaced an old one (a renamed key, or a key under a renamed node), or
+    None when `key` was never renamed."""
+    for old, new in RENAMED.items():
+        if key == old:
+            return new
+        if key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def renamed_override(item: str) -> str:
+    """`old.key=value` as today's `new.key=value`; any other override as it is."""
+    key, sep, value = item.partition("=")
+    new = renamed_key(key) if sep else None
+    return f"{new}={value}" if new else item
 
 
 def _unknown_key_message(cfg: DictConfig, key: str) -> str:
     from looped.components import unknown_knob_hint
 
-    if key in RENAMED:
-        return f"config key '{key}' is now '{RENAMED[key]}'"
+    new = renamed_key(key)
+    if new is not None:
+        return f"config key '{key}' is now '{new}'"
     close = difflib.get_close_matches(key, _all_keys(cfg), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     own = unknown_knob_hint(key, cfg)
@@ -340,7 +363,7 @@ _FLAT_KNOBS = {
     "model.depth_attention": {"stride", "window"},
     "model.cross_layer": {"dilation", "period", "learnable", "block_size", "streams",
                           "sinkhorn_iters"},
-    "train.loops": {"min_loops", "mean", "sigma", "cap"},
+    "train.loop_sampling": {"min_loops", "mean", "sigma", "cap"},
     "exit": {"threshold", "after"},
     "train.objective": set(),  # a node since the losses became a registry
 }
@@ -356,8 +379,11 @@ def _migrate(saved: DictConfig) -> DictConfig:
         parent_path, _, leaf = old.rpartition(".")
         parent = OmegaConf.select(saved, parent_path)
         if isinstance(parent, DictConfig) and leaf in parent:
-            value = parent.pop(leaf)
-            if OmegaConf.select(saved, new) is None:
+            value, current = parent.pop(leaf), OmegaConf.select(saved, new)
+            if isinstance(value, DictConfig) and isinstance(current, DictConfig):
+                # a renamed node whose new home already holds renamed keys: those win
+                OmegaConf.update(saved, new, OmegaConf.merge(value, current), force_add=True)
+            elif current is None:
                 OmegaConf.update(saved, new, value, force_add=True)
     loose = _loose([saved], [])
     for slot in slots().values():

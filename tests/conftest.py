@@ -47,7 +47,8 @@ def overrides(*, loop: int = 1, enabled: bool = True, policy: str | None = None,
     m = dict(BASE_MODEL)
     m.update(model)
     # a fixed loop count keeps every model buildable (unrolled ones accept no sampler)
-    out = [f"loop={loop}", "train.loops.sampler=fixed"] + [f"model.{k}={v}" for k, v in m.items()]
+    out = [f"loop={loop}", "train.loop_sampling.sampler=fixed"] + [f"model.{k}={v}"
+                                                                    for k, v in m.items()]
     da = "model.depth_attention"
     out.append(f"{da}.enabled={'true' if enabled else 'false'}")
     if policy is not None:
@@ -397,7 +398,7 @@ def decode_run(model, ids: torch.Tensor, chunks: tuple[int, ...], *, loops=None,
 
 # An unrolled model (share_weights=false) only validates with the fixed loop sampler, whatever
 # configs/defaults.yaml picks for training.
-FIXED_LOOPS = ("train.loops.sampler=fixed",)
+FIXED_LOOPS = ("train.loop_sampling.sampler=fixed",)
 
 
 def unrolled_copy(model, **kw):

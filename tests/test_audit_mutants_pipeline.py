@@ -176,8 +176,9 @@ def test_changed_study_eval_settings_do_not_reuse_stale_results(tmp_path, change
 # -- 2. trainer --------------------------------------------------------------------------------
 
 TINY_RUN = [o for o in CLI_TINY_MODEL if not o.startswith("threads=")] + [
-    "model.vocab_size=12", "model.max_seq_len=16", "device=cpu", "train.loops.sampler=fixed",
-    "task=roots", "task.n_chains=2", "task.chain_len=3", "task.n_queries=3"]
+    "model.vocab_size=12", "model.max_seq_len=16", "device=cpu",
+    "train.loop_sampling.sampler=fixed", "task=roots", "task.n_chains=2", "task.chain_len=3",
+    "task.n_queries=3"]
 
 
 def test_each_optimizer_step_uses_the_lr_of_its_own_step(tmp_path):

@@ -238,11 +238,12 @@ RANGES: dict[str, Range | Unbounded] = {
     "train.gate_beta": Range(("-1",), "0"),
     "train.eval_every": Range(("0",), "1"),
     "train.keep_checkpoints": Range(("0",), "1"),
-    "train.loops[uniform].min_loops": Range(("0", "9"), "8", LOOP8),  # in [1, loop]
-    "train.loops[poisson_lognormal].min_loops": Range(("0", "9"), "1", LOOP8),
-    "train.loops[poisson_lognormal].mean": Range(("-1",), "0"),
-    "train.loops[poisson_lognormal].sigma": Range(("-0.5",), "0"),
-    "train.loops[poisson_lognormal].cap": Range(("-1", "2"), "3", ("train.loops.min_loops=3",)),
+    "train.loop_sampling[uniform].min_loops": Range(("0", "9"), "8", LOOP8),  # in [1, loop]
+    "train.loop_sampling[poisson_lognormal].min_loops": Range(("0", "9"), "1", LOOP8),
+    "train.loop_sampling[poisson_lognormal].mean": Range(("-1",), "0"),
+    "train.loop_sampling[poisson_lognormal].sigma": Range(("-0.5",), "0"),
+    "train.loop_sampling[poisson_lognormal].cap": Range(("-1", "2"), "3",
+                                                        ("train.loop_sampling.min_loops=3",)),
     "train.objective[progressive].alpha": Range(("-0.1", "1.5"), "1"),
     "task[roots].n_chains": Range(("0",), "1"),
     "task[roots].chain_len": Range(("1",), "2"),

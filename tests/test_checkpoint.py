@@ -111,7 +111,7 @@ def _train(*args):
 
 def test_resume_continues_exactly(tmp_path):
     common = ["train.steps=6", "train.eval_every=3", "train.log_every=1",
-              "train.loops.sampler=uniform", f"out_dir={tmp_path}"]
+              "train.loop_sampling.sampler=uniform", f"out_dir={tmp_path}"]
     full = _train(*common, "name=full")
     assert sorted(full) == [1, 2, 3, 4, 5, 6]
     resumed = _train(*common, "name=resumed",

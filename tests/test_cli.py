@@ -107,7 +107,7 @@ def test_generate_prints_the_models_greedy_text(tmp_path):
     corpus.write_text("".join(f"ROMEO: line {i} of a play, said twice.\n" for i in range(300)))
     run = _train(tmp_path, "task=text", f"task.corpus={corpus}", "task.seq_len=32",
                  "model.vocab_size=256", "model.max_seq_len=64", "train.objective.loss=final",
-                 "train.loops.sampler=fixed")
+                 "train.loop_sampling.sampler=fixed")
     proc = looped("generate", f"run={run}", "prompt=ROMEO: line", "max_new_tokens=12",
                   "temperature=0", "loops=3")
     assert proc.returncode == 0, proc.stderr

@@ -55,12 +55,14 @@ def test_struct_mode_rejects_new_keys_after_loading():
     (["task.name=nope", "task.hops=3"], "unknown config key 'task.hops'; did you mean"),
     (["model.cross_layer.method=attn_res", "model.cross_layer.streams=2"],
      "cross-layer method 'attn_res' has knobs: block_size"),
-    (["train.loops.sampler=fixed", "train.loops.min_loops=2"], "'fixed' has knobs: none"),
+    (["train.loop_sampling.sampler=fixed", "train.loop_sampling.min_loops=2"],
+     "'fixed' has knobs: none"),
     (["exit.criterion=max_loops", "exit.after=0"], "exit.after must be >= 1"),
     (["task=nothing"], "or a registered task: roots, chain"),
     # renamed keys point at their new names
     (["model.cross_layer.max_loops=8"], "is now 'model.cross_layer.param_loops'"),
-    (["train.loops.max_loops=8"], "is now 'train.loops.cap'"),
+    (["train.loops.max_loops=8"], "is now 'train.loop_sampling.cap'"),
+    (["train.loops.sampler=uniform"], "is now 'train.loop_sampling.sampler'"),
     (["exit.max_loops=2"], "is now 'exit.after'"),
 ])
 def test_bad_input_is_one_line_config_error(overrides, fragment):
@@ -73,7 +75,8 @@ def test_bad_input_is_one_line_config_error(overrides, fragment):
 
 def test_a_components_knobs_join_its_node():
     cfg = load_config(["task=phop", "task.eval.hops=8", "exit.criterion=kl",
-                       "train.loops.sampler=poisson_lognormal", "train.loops.cap=12"])
+                       "train.loop_sampling.sampler=poisson_lognormal",
+                       "train.loop_sampling.cap=12"])
     assert dict(cfg.task) == {"name": "phop", "hops": 4, "length": 64, "alphabet": 4,
                               "min_hops": 0, "loops_per_hop": 0,
                               "eval": {"hops": 8, "length": None, "alphabet": None,
@@ -82,8 +85,8 @@ def test_a_components_knobs_join_its_node():
     cross = load_config(["model.cross_layer.method=denseformer", "model.cross_layer.dilation=2"])
     assert dict(cross.model.cross_layer) == {"method": "denseformer", "param_loops": 0,
                                              "dilation": 2, "period": 1}
-    assert dict(cfg.train.loops) == {"sampler": "poisson_lognormal", "min_loops": 1,
-                                     "mean": 0.0, "sigma": 0.5, "cap": 12}
+    assert dict(cfg.train.loop_sampling) == {"sampler": "poisson_lognormal", "min_loops": 1,
+                                             "mean": 0.0, "sigma": 0.5, "cap": 12}
     # the last selection wins, and only its knobs are in the node
     assert dict(load_config(["task=chain", "task=roots"]).task)["name"] == "roots"
 
@@ -111,7 +114,8 @@ def test_a_run_saved_with_the_flat_knobs_of_older_versions_loads_unchanged(tmp_p
     old = load_config_file(tmp_path / "config.yaml")
     new = load_config(["loop=4", "model.depth_attention.sources=strided",
                        "model.depth_attention.stride=2", "model.depth_attention.window=1",
-                       "train.loops.min_loops=2", "task=chain", "task.hops=3",
+                       "train.loop_sampling.min_loops=2", "task=chain", "task.hops=3",
                        "task.eval.hops=6", "exit.criterion=entropy"])
-    for node in ("model.depth_attention", "model.cross_layer", "train.loops", "task", "exit"):
+    for node in ("model.depth_attention", "model.cross_layer", "train.loop_sampling", "task",
+                 "exit"):
         assert OmegaConf.select(old, node) == OmegaConf.select(new, node), node

@@ -358,10 +358,10 @@ def test_exit_with_a_cross_layer_method_is_refused():
 @pytest.mark.parametrize("overrides,fragment", [
     ([f"{CL}.method=densformer"], "choose one of: none, denseformer"),
     ([f"{CL}.method=mhc", f"{CL}.streams=1"], "streams must be in [2, 64]"),
-    ([f"{CL}.method=attn_res", "train.loops.sampler=poisson_lognormal"],
+    ([f"{CL}.method=attn_res", "train.loop_sampling.sampler=poisson_lognormal"],
      "set model.cross_layer.param_loops=16"),
     ([f"{CL}.param_loops=3"], "param_loops must be 0 (= loop) or >= loop=8"),
-    ([f"{CL}.param_loops=9", "model.share_weights=false", "train.loops.sampler=fixed"],
+    ([f"{CL}.param_loops=9", "model.share_weights=false", "train.loop_sampling.sampler=fixed"],
      "param_loops must be 0 or 8"),
 ])
 def test_bad_cross_layer_configs(overrides, fragment):

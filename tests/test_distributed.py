@@ -25,7 +25,7 @@ TINY = ["imports=[tests/plugins/ragged_task.py]", "task.name=ragged",
         "loop=3", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
         "model.head_dim=16", "model.ffn_dim=64", "model.n_prelude=1", "model.n_coda=1",
         "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_every=2",
-        "train.loops.sampler=uniform", "train.lr=1e-2", "train.warmup_steps=0",
+        "train.loop_sampling.sampler=uniform", "train.lr=1e-2", "train.warmup_steps=0",
         "train.grad_clip=0.5", "eval.n_samples=16", "eval.loops=[1,2]", "threads=1"]
 TIMEOUT = 120
 REL = 1e-5

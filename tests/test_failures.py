@@ -63,7 +63,7 @@ BAD_INPUTS = [  # (id, args, a fragment the error line must contain)
     ("unknown kernel", ["model.kernel=flash"], "sdpa, eager, xformers"),
     ("unknown source policy", ["model.depth_attention.sources=all"], "same_layer"),
     ("unknown exit criterion", ["exit.criterion=halt"], "kl"),
-    ("unknown loop sampler", ["train.loops.sampler=geometric"], "uniform"),
+    ("unknown loop sampler", ["train.loop_sampling.sampler=geometric"], "uniform"),
     ("unknown cross-layer method", ["model.cross_layer.method=densformer"], "denseformer"),
     ("other architecture", ["model.d_model=64", "resume_from={ckpt}"], "shape mismatch"),
     ("truncated checkpoint", ["resume_from={trunc}"], "truncated or corrupted"),

@@ -27,11 +27,11 @@ PRESETS = {
 }
 VOCAB, HEAD_DIM = 50304, 64
 MLA_TINY = ["model.attention=mla", "model.mla.kv_rank=24", "model.mla.rope_dim=8",
-            "model.mla.nope_dim=16", "model.mla.v_dim=12", "train.loops.sampler=fixed"]
+            "model.mla.nope_dim=16", "model.mla.v_dim=12", "train.loop_sampling.sampler=fixed"]
 
 
 def paper_cfg(preset: str, *extra: str):
-    return load_config([f"model={preset}", "loop=1", "train.loops.sampler=fixed", *extra])
+    return load_config([f"model={preset}", "loop=1", "train.loop_sampling.sampler=fixed", *extra])
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -59,7 +59,7 @@ def test_presets_build_on_meta_with_their_parameter_count(preset):
 ])
 def test_forward_flops_equal_the_flop_counter(extra):
     """Eager attention is matmuls the counter sees, so the counts must agree exactly."""
-    cfg = load_config(extra + ["train.loops.sampler=fixed", "model.kernel=eager",
+    cfg = load_config(extra + ["train.loop_sampling.sampler=fixed", "model.kernel=eager",
                                "model.depth_attention.enabled=false"])
     model = build_model(cfg).eval()
     t = 48
@@ -153,8 +153,8 @@ def test_depth_attention_flops_equal_the_executed_arithmetic(extra):
     accounting counts a dot product of length D as 2D (multiply-add convention); executed, it is
     2D - 1, and a weighted sum of n vectors is (2n - 1) D: per position with n = S + 1 sources
     and per KV head, the accounting is n + D higher."""
-    cfg = load_config(extra + ["train.loops.sampler=fixed"])
-    vanilla_cfg = load_config(extra + ["train.loops.sampler=fixed",
+    cfg = load_config(extra + ["train.loop_sampling.sampler=fixed"])
+    vanilla_cfg = load_config(extra + ["train.loop_sampling.sampler=fixed",
                                        "model.depth_attention.enabled=false"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()

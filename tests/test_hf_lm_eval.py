@@ -25,7 +25,8 @@ from looped.tools.train import main as train_main
 QUICK = ["train.steps=4", "train.batch_size=8", "train.eval_every=4", "eval.n_samples=8",
          "train.log_every=2"]
 TEXT = ["task=text", "model.vocab_size=256", "task.seq_len=64", "model.max_seq_len=160",
-        "train.objective.loss=final", "train.loops.sampler=fixed", "model.depth_attention.enabled=true"]
+        "train.objective.loss=final", "train.loop_sampling.sampler=fixed",
+        "model.depth_attention.enabled=true"]
 DOCS = ["ROMEO:\nBut soft, what light through yonder window breaks?",
         "JULIET:\nO Romeo, Romeo, wherefore art thou Romeo?",
         "HAMLET:\nTo be, or not to be, that is the question."]

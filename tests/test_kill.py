@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PAUSE_HOOK = "LOOPED_TEST_PAUSE_IN_SAVE"  # read by tests/faulty_train.py
 ARGS = CLI_TINY_MODEL + ["train.batch_size=8", "eval.n_samples=16", "eval.loops=[1,2]",
                          "train.steps=8", "train.eval_every=2", "train.log_every=1",
-                         "train.loops.sampler=uniform"]
+                         "train.loop_sampling.sampler=uniform"]
 
 
 def losses(stdout: str) -> dict[int, float]:

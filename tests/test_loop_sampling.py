@@ -14,9 +14,9 @@ from conftest import tiny_cfg
 
 
 def loops_cfg(loop: int = 4, **kw):
-    """cfg.train.loops of a validated tiny config (and the config's loop)."""
-    cfg = tiny_cfg(loop=loop, extra=tuple(f"train.loops.{k}={v}" for k, v in kw.items()))
-    return cfg.train.loops, cfg.loop
+    """cfg.train.loop_sampling of a validated tiny config (and the config's loop)."""
+    cfg = tiny_cfg(loop=loop, extra=tuple(f"train.loop_sampling.{k}={v}" for k, v in kw.items()))
+    return cfg.train.loop_sampling, cfg.loop
 
 
 def draws(cfg, loop, seed, steps):
@@ -90,4 +90,4 @@ def test_sampler_config_is_validated():
     with pytest.raises(ConfigError, match="min_loops"):
         loops_cfg(loop=4, sampler="uniform", min_loops=5)
     with pytest.raises(ConfigError, match="unrolled"):
-        tiny_cfg(loop=3, share_weights="false", extra=("train.loops.sampler=uniform",))
+        tiny_cfg(loop=3, share_weights="false", extra=("train.loop_sampling.sampler=uniform",))

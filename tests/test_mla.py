@@ -34,7 +34,7 @@ VARIANTS = {
     "looped_dense_own": dict(loop=2, policy="dense", extra=("model.mla.depth_keys=own",),
                              **LOOPED_MODEL),
     "unrolled_own": dict(loop=2, policy="same_layer", share_weights="false",
-                         extra=("model.mla.depth_keys=own", "train.loops.sampler=fixed"),
+                         extra=("model.mla.depth_keys=own", "train.loop_sampling.sampler=fixed"),
                          **LOOPED_MODEL),
     # the ablation: only the value path mixed, the raw latent cached for the keys
     "plain_values": dict(policy="dense", extra=("model.mla.depth_mix=values",)),

@@ -349,3 +349,19 @@ def test_cache_bytes_per_token_follow_each_runs_attention(tmp_path):
         save_run_config(tmp_path / name, load_config([*BASE, *extra]))
         positions = 1 * 2  # the default one-layer core x loop 2 (CLI_TINY_MODEL)
         assert run_cache_bytes_per_token(tmp_path / name) == positions * per_layer * 4
+
+
+def test_runs_recorded_under_a_renamed_key_still_count():
+    """A study file updated for a renamed config key (train.loops -> train.loop_sampling) keeps
+    the runs finished before the rename: recorded overrides are read in today's keys. A changed
+    value is still a change."""
+    from looped.tools.study.runner import same_settings, settings
+    from looped.tools.study.spec import RunSpec
+
+    run = RunSpec("v", 0, (), ("train.loop_sampling.sampler=fixed", "loop=2"), "unused", 1,
+                  (1, 2), 16, 8)
+    recorded = {**settings(run), "overrides": ["train.loops.sampler=fixed", "loop=2"]}
+    assert same_settings(recorded, run)
+    assert not same_settings({**recorded, "overrides": ["train.loops.sampler=uniform",
+                                                        "loop=2"]}, run)
+    assert not same_settings({**recorded, "seed": 1}, run)

@@ -17,7 +17,7 @@ def run_train(*args, timeout=300):
 def test_short_run_trains_and_loss_drops(tmp_path):
     proc = run_train("loop=2", "train.steps=40", "train.log_every=20", "train.batch_size=32",
                      "threads=1", f"out_dir={tmp_path}", "name=run", "eval.n_samples=64",
-                     "train.loops.sampler=fixed",
+                     "train.loop_sampling.sampler=fixed",
                      "eval.loops=[1,2]")
     assert proc.returncode == 0, proc.stderr
     losses = [float(line.split()[3]) for line in proc.stdout.splitlines()
@@ -47,7 +47,7 @@ def test_compiled_training_matches_eager(tmp_path):
     """train.compile=true runs and gives the eager run's losses (fp32 on CPU), also where the
     loop counts change from call to call, as the progressive loss's do (a bug: dynamo made
     them symbolic at their second value, and the loop raised an internal error)."""
-    common = ["loop=3", "train.steps=4", "train.log_every=1", "train.loops.sampler=fixed",
+    common = ["loop=3", "train.steps=4", "train.log_every=1", "train.loop_sampling.sampler=fixed",
               "train.objective.loss=progressive",
               "train.batch_size=16", "threads=1", f"out_dir={tmp_path}", "eval.n_samples=16",
               "eval.loops=[3]"]

@@ -26,7 +26,7 @@ class Batch:
     # (H, B, T); steps beyond H use `targets`. Used by the per-iteration loss.
     hop_targets: Optional[torch.Tensor] = None
     # optional loop counts per row (B,), where the task asks for more iterations on harder rows
-    # (train.loops.sampler=task trains with them); None: the step's sampled R for every row
+    # (train.loop_sampling.sampler=task trains with them); None: the step's sampled R for every row
     loops: Optional[torch.Tensor] = None
 
     def target_after(self, steps: int) -> torch.Tensor:

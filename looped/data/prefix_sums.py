@@ -14,7 +14,7 @@ starting 1 1 wrong at every length.
 
 Per-example loop counts: with `loops_per_bit` > 0 each row asks for
 ceil(loops_per_bit * its length) iterations (Batch.loops), as Fan et al. grow the loop count
-with the input; `train.loops.sampler=task` trains with them.
+with the input; `train.loop_sampling.sampler=task` trains with them.
 """
 
 from __future__ import annotations

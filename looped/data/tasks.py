@@ -151,7 +151,8 @@ class PHopTask(Task):
     row draws its own p ~ U{min_hops..hops} (a range of difficulties in training; the held-out
     split's task.eval.hops scores beyond it); hop_targets past a row's p hold its answer.
     Nothing in the input says p, so a range of p needs loops_per_hop: the row's loop count
-    p * loops_per_hop (Batch.loops, trained with train.loops.sampler=task) is how it is told.
+    p * loops_per_hop (Batch.loops, trained with train.loop_sampling.sampler=task) is how it is
+    told.
     """
 
     @dataclass

@@ -193,7 +193,7 @@ class MaxLoopsExit(ExitCriterion):
 
 class RowBudget(ExitCriterion):
     """Not chosen by name: each row stops after its own loop count (B,), as a task asks for
-    harder rows to run longer (train.loops.sampler=task). Composes with a criterion: a token
+    harder rows to run longer (train.loop_sampling.sampler=task). Composes with a criterion: a token
     stops at whichever comes first."""
 
     drop_rows_from = 0  # the training and scoring forwards run no cache

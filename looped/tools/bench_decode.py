@@ -176,7 +176,7 @@ class StaggeredExit(ExitCriterion):
         return (it.r + 1 >= after)[:, None].expand(b, t)
 
 
-EXIT_MODEL = ("model=bench", "model.n_layers=1", "loop=8", "train.loops.sampler=fixed")
+EXIT_MODEL = ("model=bench", "model.n_layers=1", "loop=8", "train.loop_sampling.sampler=fixed")
 
 
 @torch.no_grad()

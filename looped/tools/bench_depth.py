@@ -82,7 +82,7 @@ def kv_cache_bytes(models, args) -> dict[str, int]:
 
 
 LOOPED_MODEL = ("model.d_model=256", "model.n_heads=4", "model.n_kv_heads=2",
-                "model.ffn_dim=768", "model.n_layers=1", "train.loops.sampler=fixed")
+                "model.ffn_dim=768", "model.n_layers=1", "train.loop_sampling.sampler=fixed")
 
 
 def looped_models(args, loops: int) -> dict[str, torch.nn.Module]:

@@ -179,7 +179,7 @@ def parse(argv: list[str]) -> tuple[list[str], int | None, int]:
             overrides.append(item)
     if not any(o.startswith("loop=") for o in overrides):
         overrides.insert(0, "loop=1")
-        overrides.insert(1, "train.loops.sampler=fixed")
+        overrides.insert(1, "train.loop_sampling.sampler=fixed")
     return overrides, context, bytes_per
 
 

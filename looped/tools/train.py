@@ -84,7 +84,8 @@ def run(argv: list[str], env: DistEnv) -> int:
     n_params = sum(p.numel() for p in trainer.model.parameters())
     say(f"run {run_dir}: {n_params / 1e6:.2f}M parameters, loop={cfg.loop}, "
         f"depth sources={trainer.model.policy}, task={cfg.task.name}, "
-        f"loss={cfg.train.objective.loss}, loop sampler={cfg.train.loops.sampler}", flush=True)
+        f"loss={cfg.train.objective.loss}, loop sampler={cfg.train.loop_sampling.sampler}",
+        flush=True)
     if env.enabled:
         say(f"data parallel: {cfg.train.parallel} on {env.world_size} processes, "
             f"{per_rank} of the {cfg.train.batch_size} rows of each batch per process",

@@ -20,7 +20,7 @@ from looped.registry import Registry
 
 @dataclass
 class LoopSamplingConfig:
-    """How many iterations each training step runs (the `train.loops` node)."""
+    """How many iterations each training step runs (the `train.loop_sampling` node)."""
 
     # fixed (= loop) | uniform | poisson_lognormal | task (per-row counts the task gives; knobs:
     # each sampler's below)
@@ -29,19 +29,19 @@ class LoopSamplingConfig:
     def check(self, cfg) -> None:
         if not (self.sampler == "fixed" or cfg.model.share_weights):
             raise ConfigError("an unrolled model (model.share_weights=false) runs exactly `loop` "
-                              "iterations; use train.loops.sampler=fixed")
+                              "iterations; use train.loop_sampling.sampler=fixed")
         cross = cfg.model.cross_layer  # checked before this node: a known method
         if CROSS_LAYER_METHODS[cross.method].has_position_params(cross):
             top, held = max_sampled_loops(self, cfg.loop), cross.param_loops or cfg.loop
             if top > held:
-                raise ConfigError(f"train.loops.sampler={self.sampler} draws up to {top} "
+                raise ConfigError(f"train.loop_sampling.sampler={self.sampler} draws up to {top} "
                                   f"iterations, but cross_layer.method={cross.method} has "
                                   f"parameters for {held}; set model.cross_layer.param_loops="
                                   f"{top}")
 
 
 LoopSampler = Callable[[LoopSamplingConfig, int, torch.Generator], int]
-LOOP_SAMPLERS = Registry("loop sampler", path="train.loops", selector="sampler",
+LOOP_SAMPLERS = Registry("loop sampler", path="train.loop_sampling", selector="sampler",
                          base=LoopSamplingConfig)  # name -> LoopSampler
 register_loop_sampler = LOOP_SAMPLERS.register
 
@@ -53,7 +53,8 @@ def _fixed(cfg, loop: int, gen: torch.Generator) -> int:
 
 def _check_min_loops(min_loops: int, loop: int) -> None:
     if not 1 <= min_loops <= loop:
-        raise ConfigError(f"train.loops.min_loops must be in [1, loop={loop}], got {min_loops}")
+        raise ConfigError(f"train.loop_sampling.min_loops must be in [1, loop={loop}], got "
+                          f"{min_loops}")
 
 
 @dataclass
@@ -75,11 +76,11 @@ class PoissonLogNormalKnobs:
         _check_min_loops(self.min_loops, cfg.loop)
         for name in ("mean", "sigma"):
             if not 0 <= getattr(self, name) < float("inf"):
-                raise ConfigError(f"train.loops.{name} must be >= 0 and finite, "
+                raise ConfigError(f"train.loop_sampling.{name} must be >= 0 and finite, "
                                   f"got {getattr(self, name)}")
         if self.cap and self.cap < self.min_loops:
-            raise ConfigError(f"train.loops.cap must be 0 or >= min_loops={self.min_loops}, "
-                              f"got {self.cap}")
+            raise ConfigError(f"train.loop_sampling.cap must be 0 or >= min_loops="
+                              f"{self.min_loops}, got {self.cap}")
 
 
 @register_loop_sampler("uniform", config=UniformKnobs)

@@ -138,10 +138,10 @@ class ProgressiveLoss:
                 raise ConfigError("train.objective.loss=progressive runs fewer iterations than "
                                   "loop; an unrolled model (share_weights=false) runs exactly "
                                   "loop: use train.objective.loss=final")
-            if cfg.train.loops.sampler == "task":
+            if cfg.train.loop_sampling.sampler == "task":
                 raise ConfigError("train.objective.loss=progressive draws its own loop counts; "
-                                  "it cannot follow per-row loop counts (train.loops.sampler="
-                                  "task)")
+                                  "it cannot follow per-row loop counts "
+                                  "(train.loop_sampling.sampler=task)")
 
     def __init__(self, alpha: float = Config.alpha):
         self.alpha = alpha

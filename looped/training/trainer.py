@@ -93,10 +93,10 @@ class Trainer:
         self.opt = build_optimizer(self.model, cfg.train)  # decay on weight matrices only
         self.exit = build_exit(cfg.exit)
         self.objective = build_objective(cfg.train.objective)
-        self.row_loops = cfg.train.loops.sampler == "task"
+        self.row_loops = cfg.train.loop_sampling.sampler == "task"
         if self.row_loops and self.task.sample(1, torch.Generator().manual_seed(0)).loops is None:
-            raise ConfigError(f"train.loops.sampler=task, but task '{cfg.task.name}' as configured "
-                              f"gives no per-row loop counts (see its knobs)")
+            raise ConfigError(f"train.loop_sampling.sampler=task, but task '{cfg.task.name}' as "
+                              f"configured gives no per-row loop counts (see its knobs)")
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.last_checkpoint: Optional[Path] = None
@@ -158,7 +158,7 @@ class Trainer:
         batch = self.task.sample(cfg.train.batch_size,
                                  step_generator(cfg.seed + DATA_STREAM, step))
         local = shard_batch(batch, self.env).to(self.device)
-        loops = sample_loops(cfg.train.loops, cfg.loop, cfg.seed, step)
+        loops = sample_loops(cfg.train.loop_sampling, cfg.loop, cfg.seed, step)
         row_loops = local.loops if self.row_loops else None
         if row_loops is not None:  # rows that finish early freeze, as exited tokens do
             loops = int(batch.loops.max())

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from looped.training.checkpoint import CKPT_DIR, LATEST
-from looped.config import load_config
+from looped.config import load_config, renamed_override
 from looped.training.scoring import eval_loops
 from looped.tools.study.spec import RunSpec
 
@@ -51,6 +51,16 @@ def settings(run: RunSpec) -> dict:
             "eval_batch_size": run.eval_batch_size}
 
 
+def same_settings(recorded: Optional[dict], run: RunSpec) -> bool:
+    """Whether settings recorded with a run are this run's, reading its overrides in today's
+    keys (a study file updated for a renamed key keeps the runs made before the rename)."""
+    if not isinstance(recorded, dict):
+        return False
+    old = {**recorded, "overrides": [renamed_override(o) for o in recorded.get("overrides", [])]}
+    now = settings(run)
+    return old == {**now, "overrides": [renamed_override(o) for o in now["overrides"]]}
+
+
 def read_json(path: Path) -> Optional[dict]:
     """A JSON file's content, or None if it is missing or unreadable (e.g. cut by a kill)."""
     try:
@@ -62,7 +72,7 @@ def read_json(path: Path) -> Optional[dict]:
 def finished_result(run: RunSpec) -> Optional[dict]:
     """The run's result if it finished with this run's settings, else None."""
     result = read_json(Path(run.run_dir) / RESULT)
-    if result is None or result.get("settings") != settings(run):
+    if result is None or not same_settings(result.get("settings"), run):
         return None
     return result
 
@@ -132,10 +142,10 @@ def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
         return RunStatus(run, "skipped", result=result)
     resumed = (d / CKPT_DIR / LATEST).is_file()
     record = read_json(d / RECORD)
-    if record is None or (record.get("settings") != settings(run) and not resumed):
+    if record is None or (not same_settings(record.get("settings"), run) and not resumed):
         # new, or only failed attempts without a checkpoint: start afresh
         record = {"settings": settings(run), "attempt_seconds": []}
-    elif record.get("settings") != settings(run):
+    elif not same_settings(record.get("settings"), run):
         return _fail(run, f"{d} holds a checkpoint of a run with other overrides than the "
                           f"study's now; move it away or give the study another out=")
     cmd = [sys.executable, "-m", "looped", "train", *run.train_argv()]
