@@ -8,10 +8,17 @@ effects smaller than the tolerances the tests check with.
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
 from looped import build_model, load_config
+
+# trained BPE tokenizers are cached on disk (looped.data.tokenizers); tests keep theirs apart
+# from the user's cache (subprocesses inherit it)
+os.environ.setdefault("LOOPED_CACHE", tempfile.mkdtemp(prefix="looped-test-cache-"))
 
 VOCAB = 50
 

@@ -28,6 +28,7 @@ held-out stream; every position is an answer (inputs = window[:-1], targets = wi
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import hashlib
 import json
 import lzma
@@ -42,6 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from looped.data.base import IGNORE, Batch, Task, register_task
+from looped.data.shards import ShardStream, open_prepared
+from looped.data.tokenizers import (BPE, BYTE, ByteTokenizer, load_tokenizer_file,
+                                    trained_bpe)
 from looped.errors import ConfigError
 
 SHAKESPEARE = "shakespeare"
@@ -49,7 +53,7 @@ SEPARATOR = "\n\n"  # between documents in a token stream
 # file extension -> the `datasets` builder that reads it
 BUILDERS = {".txt": "text", ".md": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
             ".parquet": "parquet"}
-TOKENIZERS = ("byte", "bpe")
+TOKENIZERS = (BYTE, BPE)  # or a path to a tokenizer.json
 SPLITS = ("train", "eval")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -229,13 +233,14 @@ def split_documents(docs: list[str], held_out: float, min_chars: int = 0
     if len(docs) >= 2 and n_held >= 1:
         n_held = min(n_held, len(docs) - 1)
         hashes = [hashlib.sha1(d.encode("utf-8", "surrogatepass")).hexdigest() for d in docs]
+        copies = Counter(hashes)  # identical documents go to the same side
         chosen: set[str] = set()
         count = 0
-        for h in sorted(set(hashes)):  # whole groups of identical documents
+        for h in sorted(copies):
             if count >= n_held:
                 break
             chosen.add(h)
-            count += hashes.count(h)
+            count += copies[h]
         if count < len(docs):
             held = SEPARATOR.join(d for d, h in zip(docs, hashes) if h in chosen)
             train = SEPARATOR.join(d for d, h in zip(docs, hashes) if h not in chosen)
@@ -244,71 +249,6 @@ def split_documents(docs: list[str], held_out: float, min_chars: int = 0
     text = SEPARATOR.join(docs)
     cut = len(text) - max(1, round(held_out * len(text)))
     return text[:cut], text[cut:], "tail"
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizers
-
-
-class ByteTokenizer:
-    vocab_size = 256
-
-    def encode(self, text: str) -> torch.Tensor:
-        data = text.encode("utf-8", "surrogatepass")
-        if not data:
-            return torch.empty(0, dtype=torch.uint8)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-    def decode(self, ids) -> str:
-        return bytes(torch.as_tensor(ids).to(torch.uint8).tolist()).decode("utf-8", "replace")
-
-    def token_bytes(self) -> torch.Tensor:
-        return torch.ones(self.vocab_size, dtype=torch.long)
-
-
-def _chunks(text: str, size: int = 1 << 16) -> list[str]:
-    """text cut after newlines into pieces of about `size` characters (for parallel encoding)."""
-    out, start = [], 0
-    while start < len(text):
-        end = text.find("\n", start + size)
-        end = len(text) if end < 0 else end + 1
-        out.append(text[start:end])
-        start = end
-    return out
-
-
-class BPETokenizer:
-    """A byte-level BPE trained with the `tokenizers` package; ids < bpe_vocab."""
-
-    def __init__(self, train_text: str, vocab_size: int):
-        try:
-            from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-        except ImportError:
-            raise ConfigError("task.tokenizer=bpe needs the PyPI package tokenizers: "
-                              "pip install tokenizers") from None
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      special_tokens=[])
-        tok.train_from_iterator(_chunks(train_text), trainer=trainer)
-        self.tok, self.vocab_size = tok, vocab_size
-
-    def encode(self, text: str) -> torch.Tensor:
-        ids = [i for enc in self.tok.encode_batch(_chunks(text), add_special_tokens=False)
-               for i in enc.ids]
-        return torch.tensor(ids, dtype=torch.int32)
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(torch.as_tensor(ids).tolist())
-
-    def token_bytes(self) -> torch.Tensor:
-        """UTF-8 bytes per token id: a byte-level token's string has one char per byte."""
-        out = torch.zeros(self.vocab_size, dtype=torch.long)
-        for piece, i in self.tok.get_vocab().items():
-            out[i] = len(piece)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,7 +287,12 @@ def load_corpus(corpus: str = SHAKESPEARE, text_field: str = "text", tokenizer: 
         return _CACHE[key]
     docs = load_documents(corpus, text_field)
     train_text, held_text, how = split_documents(docs, held_out, min_chars=min_tokens)
-    tok = ByteTokenizer() if tokenizer == "byte" else BPETokenizer(train_text, bpe_vocab)
+    if tokenizer == BYTE:
+        tok = ByteTokenizer()
+    elif tokenizer == BPE:
+        tok = trained_bpe(train_text, bpe_vocab)  # trained once, then from the cache
+    else:
+        tok = load_tokenizer_file(tokenizer)
     train, held = tok.encode(train_text), tok.encode(held_text)
     for name, ids in (("training", train), ("held-out", held if held_out > 0 else None)):
         if ids is not None and len(ids) < min_tokens:
@@ -359,6 +304,17 @@ def load_corpus(corpus: str = SHAKESPEARE, text_field: str = "text", tokenizer: 
         _CACHE.pop(next(iter(_CACHE)))
     _CACHE[key] = out
     return out
+
+
+class MemoryStream(ShardStream):
+    """A token stream held in memory, read as one shard."""
+
+    def __init__(self, tokens: torch.Tensor):
+        super().__init__([tokens])
+        self.tokens = tokens
+
+    def windows(self, shard: torch.Tensor, offset: torch.Tensor, seq_len: int) -> torch.Tensor:
+        return self.tokens[offset[:, None] + torch.arange(seq_len + 1)].long()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,65 +333,75 @@ class TextTask(Task):
         corpus: str = SHAKESPEARE
         text_field: str = "text"  # the column that holds the text (json, jsonl, csv, parquet, hub)
         seq_len: int = 256  # window length in tokens
-        tokenizer: str = "byte"  # byte | bpe (needs pip install tokenizers)
+        # byte | bpe (needs pip install tokenizers; trained once, then cached) | a tokenizer.json
+        tokenizer: str = BYTE
         bpe_vocab: int = 1024  # BPE vocabulary size
         held_out: float = 0.05  # fraction of documents held out
+        # a directory of `looped data prepare`: read its memory-mapped shards and saved
+        # tokenizer instead of loading `corpus` into memory (its split and tokenizer are fixed)
+        data: str = ""
 
         def check(self, cfg=None) -> None:
-            if self.tokenizer not in TOKENIZERS:
+            if self.tokenizer not in TOKENIZERS and not Path(self.tokenizer).expanduser().is_file():
                 raise ConfigError(f"unknown task.tokenizer '{self.tokenizer}'; choose one of: "
-                                  f"{', '.join(TOKENIZERS)}")
+                                  f"{', '.join(TOKENIZERS)}, or the path of a tokenizer.json")
             if self.seq_len < 1:
                 raise ConfigError(f"task.seq_len must be >= 1, got {self.seq_len}")
             if not 0 <= self.held_out < 1:
                 raise ConfigError(f"task.held_out must be in [0, 1), got {self.held_out}")
-            if self.tokenizer == "bpe" and self.bpe_vocab < 256:
+            if self.tokenizer == BPE and self.bpe_vocab < 256:
                 raise ConfigError(f"task.bpe_vocab must be >= 256 (the byte alphabet), "
                                   f"got {self.bpe_vocab}")
+            default = type(self)()
+            if self.data and (self.corpus, self.tokenizer) != (default.corpus, default.tokenizer):
+                raise ConfigError("task.data reads a prepared corpus, whose text and tokenizer "
+                                  "`looped data prepare` fixed; drop task.corpus and "
+                                  "task.tokenizer")
 
     def __init__(self, corpus: str = Config.corpus, text_field: str = Config.text_field,
                  seq_len: int = Config.seq_len, tokenizer: str = Config.tokenizer,
                  bpe_vocab: int = Config.bpe_vocab, held_out: float = Config.held_out,
-                 split: str = "train"):
-        self.Config(corpus, text_field, seq_len, tokenizer, bpe_vocab, held_out).check()
+                 data: str = Config.data, split: str = "train"):
+        self.Config(corpus, text_field, seq_len, tokenizer, bpe_vocab, held_out, data).check()
         if split not in SPLITS:
             raise ConfigError(f"unknown split '{split}' of task text; choose one of: "
                               f"{', '.join(SPLITS)}")
-        if split == "eval" and held_out <= 0:
-            raise ConfigError("task.held_out is 0: the text task has no held-out text to evaluate")
-        self.corpus_name, self.split, self.seq_len = corpus, split, seq_len
-        self.corpus = load_corpus(corpus, text_field, tokenizer, bpe_vocab, held_out,
-                                  min_tokens=seq_len + 1)
-        self.tokenizer = self.corpus.tokenizer
+        self.corpus_name, self.split, self.seq_len = data or corpus, split, seq_len
+        if data:
+            prepared = open_prepared(data, min_tokens=seq_len + 1)
+            self.tokenizer = prepared.tokenizer
+            self.streams = {"train": prepared.train, "eval": prepared.held_out}
+        else:
+            if split == "eval" and held_out <= 0:
+                raise ConfigError("task.held_out is 0: the text task has no held-out text to "
+                                  "evaluate")
+            self.corpus = load_corpus(corpus, text_field, tokenizer, bpe_vocab, held_out,
+                                      min_tokens=seq_len + 1)
+            self.tokenizer = self.corpus.tokenizer
+            self.train_tokens, self.held_out_tokens = self.corpus.train, self.corpus.held_out
+            self.streams = {"train": MemoryStream(self.train_tokens),
+                            "eval": MemoryStream(self.held_out_tokens)}
         self.vocab_size = self.tokenizer.vocab_size
-        self.train_tokens, self.held_out_tokens = self.corpus.train, self.corpus.held_out
-        self.token_bytes = self.corpus.token_bytes
-
-    @property
-    def tokens(self) -> torch.Tensor:
-        """The token stream this task samples from (its split's)."""
-        return self.train_tokens if self.split == "train" else self.held_out_tokens
+        self.token_bytes = self.tokenizer.token_bytes()
 
     @staticmethod
-    def _batch(stream: torch.Tensor, starts: torch.Tensor, seq_len: int) -> Batch:
-        windows = stream[starts[:, None] + torch.arange(seq_len + 1)].long()
+    def _batch(windows: torch.Tensor) -> Batch:  # (B, seq_len + 1)
         return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
-        stream = self.tokens
-        starts = torch.randint(0, len(stream) - self.seq_len, (batch_size,), generator=generator)
-        return self._batch(stream, starts, self.seq_len)
+        return self._batch(self.streams[self.split].sample(batch_size, self.seq_len, generator))
 
     def held_out_batches(self, batch_size: int, max_batches: Optional[int] = None
                          ) -> Iterator[Batch]:
         """Deterministic held-out windows, back to back (stride seq_len, so each held-out token
         after the first is a target exactly once), in batches, at most max_batches of them."""
-        stream = self.held_out_tokens
-        starts = torch.arange(0, len(stream) - self.seq_len, self.seq_len)
+        stream = self.streams["eval"]
+        shard, offset = stream.sequential(self.seq_len)
         if max_batches is not None:
-            starts = starts[:max_batches * batch_size]
-        for i in range(0, len(starts), batch_size):
-            yield self._batch(stream, starts[i:i + batch_size], self.seq_len)
+            shard, offset = shard[:max_batches * batch_size], offset[:max_batches * batch_size]
+        for i in range(0, len(offset), batch_size):
+            yield self._batch(stream.windows(shard[i:i + batch_size], offset[i:i + batch_size],
+                                             self.seq_len))
 
     def n_bytes(self, targets: torch.Tensor) -> int:
         """UTF-8 bytes covered by the scored (non-IGNORE) target tokens."""

@@ -5,6 +5,7 @@ the same run (never absolute speeds alone).
     looped bench decode                # decode tok/s eager and compiled vs the bandwidth bound
     looped bench loop ckpt=runs/main   # a looped run: adaptive exit vs fixed R, cache vs recompute
     looped bench cache ckpt=[runs/a,runs/b]  # cache policies: bytes and held-out quality vs R
+    looped bench data sizes_mb=[20,2000]     # prepare MB/s; training RSS against corpus size
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import importlib
 from looped.errors import ConfigError
 
 BENCHES = {"depth": "looped.tools.bench_depth", "loop": "looped.tools.bench_loop",
-           "cache": "looped.tools.bench_cache", "decode": "looped.tools.bench_decode"}
+           "cache": "looped.tools.bench_cache", "decode": "looped.tools.bench_decode",
+           "data": "looped.tools.bench_data"}
 
 
 def _bench(argv: list[str]):

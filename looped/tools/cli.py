@@ -8,6 +8,7 @@
     looped flops model=3b
     looped generate run=runs/text prompt="ROMEO:"
     looped export run=runs/main out=hf/main
+    looped data prepare corpus=path/to/text out=data/text
 
 `looped SUBCOMMAND --help` lists the subcommand's keys, their defaults and one line each.
 `python -m looped ...` is the same command without the console script.
@@ -25,10 +26,11 @@ SUBCOMMANDS = {
     "train": ("looped.tools.train", "train a model (the main job: looped train loop=8)"),
     "eval": ("looped.tools.evaluate", "score trained runs at several loop counts"),
     "study": ("looped.tools.study.cli", "run a multi-seed study file, then aggregate it"),
-    "bench": ("looped.tools.bench", "benchmarks: `bench depth`, `bench decode`, `bench loop` and `bench cache`"),
+    "bench": ("looped.tools.bench", "benchmarks: `bench depth`, `bench decode`, `bench loop`, `bench cache` and `bench data`"),
     "flops": ("looped.tools.flops", "FLOPs, parameters, KV cache and extra state per token"),
     "generate": ("looped.tools.generate", "sample from a trained run"),
     "export": ("looped.tools.export", "a trained run as a transformers model directory"),
+    "data": ("looped.tools.data", "prepare a corpus once into memory-mapped token shards"),
 }
 
 
