@@ -80,6 +80,9 @@ class ModelConfig:
     cross_layer: CrossLayerConfig = field(default_factory=CrossLayerConfig)
 
 
+CHECKPOINT_FORMATS = ("full", "sharded")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 200  # optimizer steps
@@ -101,6 +104,11 @@ class TrainConfig:
     skip_nonfinite: bool = False
     eval_every: int = 100  # held-out evaluation (and a checkpoint) every N steps
     keep_checkpoints: int = 2  # how many recent checkpoints to keep
+    # full: weights and optimizer gathered into one model.safetensors + state.pt (rank 0 writes);
+    # sharded: torch.distributed.checkpoint, every rank writes its shards, resumable on any
+    # number of ranks (looped.training.sharded_checkpoint)
+    checkpoint_format: str = "full"
+    async_checkpoint: bool = False  # sharded only: write in the background while training goes on
     # data parallelism under torchrun (world size > 1): ddp | fsdp (FSDP2); batch_size is global
     parallel: str = "ddp"
 
@@ -497,6 +505,11 @@ def validate(cfg: DictConfig) -> None:
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.keep_checkpoints >= 1,
              f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(t.checkpoint_format in CHECKPOINT_FORMATS,
+             f"unknown train.checkpoint_format '{t.checkpoint_format}'; choose one of: "
+             f"{', '.join(CHECKPOINT_FORMATS)}")
+    _require(not t.async_checkpoint or t.checkpoint_format == "sharded",
+             "train.async_checkpoint=true needs train.checkpoint_format=sharded")
     _require(all(isinstance(r, int) and r >= 1 for r in cfg.eval.loops),
              f"eval.loops must be loop counts >= 1 (or [] to follow loop), got "
              f"{list(cfg.eval.loops)}")

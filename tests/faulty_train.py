@@ -5,11 +5,14 @@ main with faults injected from the environment, so production code carries no te
     LOOPED_TEST_PAUSE_IN_SAVE=N   the checkpoint of step N stops after its files are written and
                                   fsynced, before the rename that publishes it, and marks its
                                   temporary directory with a PAUSED file (to be killed there)
+    LOOPED_TEST_KILL_IN_ASYNC_SAVE=N  the process SIGKILLs itself as soon as the asynchronous
+                                  (sharded) checkpoint of step N has started writing
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,6 +26,7 @@ from looped.tools.train import main  # noqa: E402
 
 NAN_AT = "LOOPED_TEST_NAN_AT_STEP"
 PAUSE_AT = "LOOPED_TEST_PAUSE_IN_SAVE"
+KILL_IN_ASYNC = "LOOPED_TEST_KILL_IN_ASYNC_SAVE"
 PAUSE_S = 600
 
 
@@ -62,7 +66,21 @@ class _PausingOs:
         return os.replace(src, dst)
 
 
+def kill_in_async_save(step: int) -> None:
+    original = trainer.save_sharded
+
+    def save_sharded(run_dir, at, *args, **kwargs):
+        out = original(run_dir, at, *args, **kwargs)
+        if at == step and kwargs.get("async_save"):
+            os.kill(os.getpid(), signal.SIGKILL)  # the background write is in flight
+        return out
+
+    trainer.save_sharded = save_sharded
+
+
 if __name__ == "__main__":
+    if os.environ.get(KILL_IN_ASYNC):
+        kill_in_async_save(int(os.environ[KILL_IN_ASYNC]))
     if os.environ.get(NAN_AT):
         poison_loss_at(int(os.environ[NAN_AT]))
     if os.environ.get(PAUSE_AT):

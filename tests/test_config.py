@@ -64,6 +64,8 @@ def test_struct_mode_rejects_new_keys_after_loading():
     (["train.loops.max_loops=8"], "is now 'train.loop_sampling.cap'"),
     (["train.loops.sampler=uniform"], "is now 'train.loop_sampling.sampler'"),
     (["exit.max_loops=2"], "is now 'exit.after'"),
+    (["train.checkpoint_format=zip"], "choose one of: full, sharded"),
+    (["train.async_checkpoint=true"], "needs train.checkpoint_format=sharded"),
 ])
 def test_bad_input_is_one_line_config_error(overrides, fragment):
     with pytest.raises(ConfigError) as err:

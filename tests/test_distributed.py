@@ -161,3 +161,39 @@ def test_shard_batch_partitions_rows():
     assert torch.equal(torch.cat([p.targets for p in parts]), b.targets)
     assert torch.equal(torch.cat([p.hop_targets for p in parts], dim=1), b.hop_targets)
     assert shard_batch(b, DistEnv()) is b
+
+
+def full_checkpoint(run: Path, step: int):
+    ckpt = run / "ckpt" / f"step_{step:08d}"
+    return load_file(ckpt / "model.safetensors"), torch.load(ckpt / "state.pt")["optimizer"]
+
+
+def test_sharded_checkpoints_of_two_ranks_resume_on_one_as_on_two(runs):
+    """FSDP on 2 ranks writes sharded, asynchronous checkpoints (each rank its own shards);
+    resuming step 2 on 1 process and on 2 ranks gives the same training and the same weights
+    and optimizer state at step 4, which also equal the 1-process run's."""
+    out, one = runs
+    sharded = ["train.parallel=fsdp", "train.checkpoint_format=sharded",
+               "train.async_checkpoint=true"]
+    proc = train(TORCHRUN, f"out_dir={out}", "name=sharded", *sharded)
+    losses = printed_losses(proc.stdout)
+    assert all(close(losses[s], one[s]) for s in one), (losses, one)
+    step2 = out / "sharded" / "ckpt" / "step_00000002"
+    assert sorted(p.name for p in (step2 / "dcp").glob("*.distcp")) == ["__0_0.distcp",
+                                                                       "__1_0.distcp"]
+    assert not (step2 / "model.safetensors").exists()  # nothing was gathered
+    resumed = {}
+    for name, cmd, extra in (("on_one", [sys.executable], []),
+                             ("on_two", TORCHRUN, ["train.parallel=fsdp"])):
+        proc = train(cmd, f"out_dir={out}", f"name={name}", f"resume_from={step2}", *extra)
+        resumed[name] = printed_losses(proc.stdout)
+        assert sorted(resumed[name]) == [3, 4]
+        assert all(close(resumed[name][s], one[s]) for s in (3, 4)), (resumed[name], one)
+    (w1, o1), (w2, o2) = (full_checkpoint(out / n, 4) for n in ("on_one", "on_two"))
+    assert w1.keys() == w2.keys()
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) < 5e-4  # see check_same_training
+    assert o1["param_groups"] == o2["param_groups"] and o1["state"].keys() == o2["state"].keys()
+    for i, s in o1["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert (o2["state"][i][key] - s[key]).abs().max() <= 1e-3 * s[key].abs().max()
+        assert o2["state"][i]["step"] == s["step"]

@@ -92,3 +92,21 @@ def test_kill_during_training_resumes_exactly(tmp_path, reference):
     for step, loss in resumed.items():
         assert loss == losses[step], (step, loss, losses[step])
     assert_same_checkpoint(final, run_dir / "ckpt" / "step_00000008")
+
+
+@pytest.mark.slow
+def test_kill_during_an_async_sharded_save_keeps_the_previous_checkpoint(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    sharded = ["train.checkpoint_format=sharded", "train.async_checkpoint=true"]
+    proc = start(f"out_dir={tmp_path}", "name=run", *sharded,
+                 env={"LOOPED_TEST_KILL_IN_ASYNC_SAVE": "6"})
+    proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    # step 4's save was published when step 6's began; step 6 never was
+    assert (run_dir / "ckpt" / "latest").read_text() == "step_00000004"
+    assert not (run_dir / "ckpt" / "step_00000006").exists()
+    resumed = train(f"out_dir={tmp_path}", "name=run", "resume=true", *sharded)
+    losses, _ = reference
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step, loss in resumed.items():  # sharded weights, optimizer and RNG restore exactly
+        assert loss == losses[step], (step, loss, losses[step])

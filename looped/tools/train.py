@@ -94,6 +94,7 @@ def run(argv: list[str], env: DistEnv) -> int:
     writer = SummaryWriter(str(run_dir / "tb")) if main_rank else _NoWriter()
     with writer:
         results = trainer.fit(writer, log=lambda s: say(s, flush=True))
+    trainer.wait_for_checkpoint()  # the last asynchronous checkpoint, published before exit
     if not results:  # resumed at the end: nothing trained, still report
         results = trainer.evaluate(eval_loops(cfg))
     if not main_rank:

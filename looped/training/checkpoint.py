@@ -3,7 +3,9 @@ pickled code, written atomically so that a crash never corrupts the last good ch
 
 Layout of a run directory:
     config.yaml            the resolved config (plus git commit and seed in meta.json)
-    ckpt/step_00000200/    model.safetensors + state.pt (optimizer, RNG, step)
+    ckpt/step_00000200/    model.safetensors + state.pt (optimizer, RNG, step), or, for
+                           train.checkpoint_format=sharded, dcp/ + state.pt (see
+                           looped.training.sharded_checkpoint)
     ckpt/latest            the name of the newest complete checkpoint
     metrics.jsonl          held-out metrics and depth-weight diagnostics at each evaluation
 """
@@ -14,9 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from torch import nn
 from omegaconf import OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -24,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from looped.errors import LoopedError
 
 CKPT_DIR = "ckpt"
+DCP_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint files
 LATEST = "latest"
 METRICS_FILE = "metrics.jsonl"  # one JSON line per evaluation during training
 
@@ -54,6 +58,13 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     for f in tmp.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    return publish_checkpoint(tmp, name, keep)
+
+
+def publish_checkpoint(tmp: Path, name: str, keep: int) -> Path:
+    """Rename a fully written checkpoint directory to ckpt/NAME, point `latest` at it, and
+    prune all but the `keep` most recently written checkpoints."""
+    root = tmp.parent
     final = root / name
     if final.exists():
         shutil.rmtree(final)
@@ -70,20 +81,25 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module,
     return final
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A full checkpoint (model.safetensors) or a sharded one (DCP's metadata)."""
+    return (path / "model.safetensors").is_file() or (path / DCP_DIR / ".metadata").is_file()
+
+
 def resolve_checkpoint(path: Path) -> Path:
     """A run dir, its ckpt/ dir, or one checkpoint dir -> that checkpoint's dir."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
-    if (path / "model.safetensors").is_file():
+    if is_checkpoint(path):
         return path
     root = path / CKPT_DIR if (path / CKPT_DIR).is_dir() else path
     latest = root / LATEST
     if latest.is_file():
         ckpt = root / latest.read_text().strip()
-        if (ckpt / "model.safetensors").is_file():
+        if is_checkpoint(ckpt):
             return ckpt
-    steps = sorted(p for p in root.glob("step_*") if (p / "model.safetensors").is_file())
+    steps = sorted(p for p in root.glob("step_*") if is_checkpoint(p))
     if not steps:
         raise CheckpointError(f"no checkpoint found in {path}")
     return steps[-1]
@@ -98,7 +114,10 @@ def run_dir_of(ckpt: Path) -> Path:
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load model.safetensors into model, naming mismatched keys and shapes if any."""
+    """Load a checkpoint's weights into model, naming mismatched keys and shapes if any."""
+    if not (ckpt / "model.safetensors").is_file() and (ckpt / DCP_DIR / ".metadata").is_file():
+        load_sharded(ckpt, model)
+        return
     try:
         weights = load_file(str(ckpt / "model.safetensors"))
     except (SafetensorError, OSError, ValueError) as e:
@@ -141,3 +160,40 @@ def save_run_config(run_dir: Path, cfg) -> None:
     tmp = Path(run_dir) / ".config.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(cfg))
     os.replace(tmp, Path(run_dir) / "config.yaml")
+
+
+# -- sharded checkpoints (writing: looped.training.sharded_checkpoint) -------------------------
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def state_dicts(model: nn.Module, opt: Optional[torch.optim.Optimizer]) -> dict[str, Any]:
+    """This rank's view of the state, keyed by parameter name (DTensor shards under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    out = {"model": get_model_state_dict(model)}
+    if opt is not None:
+        out["optim"] = get_optimizer_state_dict(model, opt)
+    return out
+
+
+def load_sharded(ckpt: Path, model: nn.Module, opt: Optional[torch.optim.Optimizer] = None
+                 ) -> None:
+    """Load a sharded checkpoint into model (and opt), resharding to this run's ranks."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    sd = state_dicts(model, opt)
+    try:
+        dcp.load(sd, checkpoint_id=str(Path(ckpt) / DCP_DIR))
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {ckpt} does not fit this model (or is damaged): "
+                              f"{first_line(e)}") from None
+    set_model_state_dict(model, sd["model"])
+    if opt is not None:
+        set_optimizer_state_dict(model, opt, sd["optim"])

@@ -23,8 +23,9 @@ from looped.errors import ConfigError, NonFiniteError
 from looped.model import LoopedLM
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
-from looped.training.checkpoint import (METRICS_FILE, CheckpointError, load_state, load_weights,
-                                        resolve_checkpoint, save_checkpoint, save_run_config)
+from looped.training.checkpoint import (METRICS_FILE, CheckpointError, load_sharded, load_state,
+                                        load_weights, resolve_checkpoint, save_checkpoint,
+                                        save_run_config)
 from looped.training.distributed import (DistEnv, FullStateView, all_reduce_sum, barrier,
                                          check_parallel, full_model_state, full_optimizer_state,
                                          is_fsdp, load_optimizer_state, local_batch_size,
@@ -33,6 +34,7 @@ from looped.training.loop_sampling import sample_loops, step_generator
 from looped.training.losses import Step, build_objective
 from looped.training.optim import build_optimizer, lr_at
 from looped.training.scoring import eval_loops, task_accuracy
+from looped.training.sharded_checkpoint import PendingSave, save_sharded
 
 DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
 OBJECTIVE_STREAM = 104729  # and the objective's own draws (the progressive loss's n, k)
@@ -100,6 +102,8 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.last_checkpoint: Optional[Path] = None
+        self.pending_save: Optional[PendingSave] = None  # an asynchronous checkpoint in flight
+        self._ckpt_group = None
         self.history: list[dict] = []  # one row per optimizer step: step, loss, loops
 
     # -- state -------------------------------------------------------------------------------
@@ -118,8 +122,24 @@ class Trainer:
         (self.run_dir / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
 
     def save(self) -> Optional[Path]:
-        """Write a checkpoint from rank 0 (None elsewhere). Under FSDP every rank must call
-        this: the full weights and optimizer state are gathered onto rank 0."""
+        """Write a checkpoint: every rank must call this. Full format: gathered onto rank 0,
+        which writes it (None elsewhere). Sharded: every rank writes its shards; with
+        async_checkpoint the write goes on in the background and the previous one is
+        published here (or by `wait_for_checkpoint`), so what is returned is the newest
+        checkpoint that is complete."""
+        t = self.cfg.train
+        if t.checkpoint_format == "sharded":
+            done = self.wait_for_checkpoint()
+            state = {"step": self.step, "skipped": self.skipped,
+                     "torch_rng": torch.get_rng_state(), "history": list(self.history)}
+            out = save_sharded(self.run_dir, self.step, self.model, self.opt, state,
+                               keep=t.keep_checkpoints, is_main=self.env.is_main,
+                               async_save=t.async_checkpoint,
+                               process_group=self._checkpoint_group())
+            if isinstance(out, PendingSave):
+                self.pending_save = out
+                return done
+            return out
         model = self.model
         if self.fsdp:
             model = FullStateView(self.model, full_model_state(self.model))
@@ -131,11 +151,28 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, model, state,
                                keep=self.cfg.train.keep_checkpoints)
 
+    def wait_for_checkpoint(self) -> Optional[Path]:
+        """Finish an asynchronous save in flight (every rank); its directory on rank 0."""
+        pending, self.pending_save = self.pending_save, None
+        return pending.wait() if pending is not None else None
+
+    def _checkpoint_group(self):
+        """Background saves talk over a gloo group of their own, so that their collectives do
+        not interleave with training's (NCCL on GPUs)."""
+        if not (self.cfg.train.async_checkpoint and self.env.enabled):
+            return None
+        if self._ckpt_group is None:
+            self._ckpt_group = torch.distributed.new_group(backend="gloo")
+        return self._ckpt_group
+
     def resume(self, path: Optional[Path] = None) -> Path:
         """Load a checkpoint (every rank reads it; any parallelism may have written it)."""
         ckpt = resolve_checkpoint(path or self.run_dir)
-        load_weights(FullStateView(self.model) if self.fsdp else self.model, ckpt)
         state = load_state(ckpt)
+        if "optimizer" not in state:  # sharded: weights and optimizer resharded to these ranks
+            load_sharded(ckpt, self.model, self.opt)
+            return self._restore(state, ckpt)
+        load_weights(FullStateView(self.model) if self.fsdp else self.model, ckpt)
         saved_groups = len(state["optimizer"].get("param_groups", ()))
         if saved_groups != len(self.opt.param_groups):
             raise CheckpointError(
@@ -143,6 +180,9 @@ class Trainer:
                 f"version's recipe has {len(self.opt.param_groups)} (weight decay on weight "
                 f"matrices only); it was written by an older looped: start a new run")
         load_optimizer_state(self.model, self.opt, state["optimizer"])
+        return self._restore(state, ckpt)
+
+    def _restore(self, state: dict, ckpt: Path) -> Path:
         torch.set_rng_state(state["torch_rng"])
         self.step, self.history = int(state["step"]), list(state["history"])
         self.skipped = int(state.get("skipped", 0))  # absent in checkpoints of older versions
