@@ -54,9 +54,10 @@ def synthetic_corpus(root: Path, size_mb: int, doc_mb: float, seed: int = 0) -> 
     rng = random.Random(seed)
     per_doc = int(doc_mb * 1e6)
     n_docs = max(1, round(size_mb / doc_mb))
+    shortest = min(map(len, WORDS)) + 1  # a word and its space
     for i in range(n_docs):
-        words = rng.choices(WORDS, k=per_doc // 6)
-        (root / f"doc{i:06d}.txt").write_text(" ".join(words) + "\n")
+        text = " ".join(rng.choices(WORDS, k=per_doc // shortest + 1))[:per_doc - 1]
+        (root / f"doc{i:06d}.txt").write_text(text + "\n")  # exactly per_doc bytes
     done.write_text("")
     return root
 
