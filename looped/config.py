@@ -31,7 +31,9 @@ from looped.model.depth import DepthAttentionConfig
 from looped.model.exit import ExitConfig
 from looped.model.kernels import KERNELS
 from looped.model.mla import MLAConfig
+from looped.model.parallelize import CHECKPOINTING_MODES
 from looped.model.recurrence import INIT_STATES, INJECTIONS
+from looped.training.device import DEVICES
 from looped.training.loop_sampling import LoopSamplingConfig
 from looped.training.losses import ObjectiveConfig
 from looped.training.scoring import EvalConfig
@@ -100,6 +102,12 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     gate_beta: float = 0.01  # entropy bonus of the exit-gate loss (model.exit_gate=true)
     compile: bool = False  # torch.compile the training forward (first steps pay the compile)
+    # recompute activations in backward: none | iteration (keeps one state per loop iteration)
+    # | block (one input per layer); see looped.model.parallelize.apply_activation_checkpointing
+    activation_checkpointing: str = "none"
+    # gradient accumulation: rows per forward/backward (of each rank's batch); 0: all at once.
+    # The losses are weighted by answer tokens, so the step equals one over the whole batch
+    micro_batch_size: int = 0
     # a NaN/Inf loss or gradient stops the run (exit code 3); true skips the step and counts it
     skip_nonfinite: bool = False
     eval_every: int = 100  # held-out evaluation (and a checkpoint) every N steps
@@ -499,12 +507,27 @@ def validate(cfg: DictConfig) -> None:
              f"train.grad_clip must be >= 0 and finite (0: none), got {t.grad_clip}")
     _require(0 <= cfg.threads <= 65536, f"threads must be in [0, 65536], got {cfg.threads}")
     _require(-2 ** 63 <= cfg.seed < 2 ** 63, f"seed must be in [-2**63, 2**63), got {cfg.seed}")
-    _require(cfg.device in ("auto", "cpu", "cuda"),
-             f"unknown device '{cfg.device}'; choose one of: auto, cpu, cuda")
+    _require(cfg.device in DEVICES,
+             f"unknown device '{cfg.device}'; choose one of: {', '.join(DEVICES)}")
     _require(t.grad_loops >= 0, f"train.grad_loops must be >= 0, got {t.grad_loops}")
     _require(t.eval_every >= 1, f"train.eval_every must be >= 1, got {t.eval_every}")
     _require(t.keep_checkpoints >= 1,
              f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(t.activation_checkpointing in CHECKPOINTING_MODES,
+             f"unknown train.activation_checkpointing '{t.activation_checkpointing}'; choose "
+             f"one of: {', '.join(CHECKPOINTING_MODES)}")
+    _require(t.activation_checkpointing == "none" or m.cross_layer.method == "none",
+             f"train.activation_checkpointing needs the plain residual stream; "
+             f"model.cross_layer.method={m.cross_layer.method} carries its own across layers")
+    _require(t.activation_checkpointing != "iteration"
+             or t.loop_sampling.sampler != "task",
+             "train.activation_checkpointing=iteration checkpoints the fixed-R loop; per-row "
+             "loop counts (train.loop_sampling.sampler=task) run the adaptive one: use block")
+    _require(t.micro_batch_size >= 0,
+             f"train.micro_batch_size must be >= 0 (0: the whole batch), got {t.micro_batch_size}")
+    _require(t.micro_batch_size <= t.batch_size,
+             f"train.micro_batch_size ({t.micro_batch_size}) must be <= train.batch_size "
+             f"({t.batch_size})")
     _require(t.checkpoint_format in CHECKPOINT_FORMATS,
              f"unknown train.checkpoint_format '{t.checkpoint_format}'; choose one of: "
              f"{', '.join(CHECKPOINT_FORMATS)}")
@@ -514,7 +537,7 @@ def validate(cfg: DictConfig) -> None:
              f"eval.loops must be loop counts >= 1 (or [] to follow loop), got "
              f"{list(cfg.eval.loops)}")
     _require(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1, got {cfg.eval.n_samples}")
-    _require(cfg.eval.batch_size >= 1,
-             f"eval.batch_size must be >= 1, got {cfg.eval.batch_size}")
+    _require(cfg.eval.batch_size >= 0,
+             f"eval.batch_size must be >= 0 (0: what fits in memory), got {cfg.eval.batch_size}")
     for slot in slots().values():
         check(slot, OmegaConf.select(cfg, slot.path), cfg)

@@ -270,7 +270,8 @@ RANGES: dict[str, Range | Unbounded] = {
     "exit[max_loops].after": Range(("0",), "1"),
     "eval.loops": Range(("[0]", "[1,-1]"), "[1,16]"),
     "eval.n_samples": Range(("0",), "1"),
-    "eval.batch_size": Range(("0",), "1"),
+    "eval.batch_size": Range(("-1",), "0"),  # 0: what fits in memory
+    "train.micro_batch_size": Range(("-1", "999"), "0"),  # at most train.batch_size
 }
 
 NUMERIC = [leaf for leaf in LEAVES if _is_numeric(leaf.type)]
@@ -374,7 +375,7 @@ def test_loader_level_bad_input_is_one_line(overrides):
 
 @pytest.mark.parametrize("arg, key", [
     ("model.d_model=abc", "model.d_model"),  # a wrong type
-    ("eval.batch_size=0", "eval.batch_size"),  # out of range
+    ("eval.batch_size=-1", "eval.batch_size"),  # out of range
 ])
 def test_cli_bad_value_exits_2_with_one_error_line(arg, key, tmp_path):
     argv = [sys.executable, "train.py", arg, "train.steps=1", f"out_dir={tmp_path}"]

@@ -254,11 +254,16 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.wrong, self.dummy = wrong, torch.nn.Parameter(torch.zeros(1))
 
-    def forward(self, ids, loops=None, exit=None):
+    def forward(self, ids, loops=None, exit=None, logits=True):
         sums = torch.where(ids <= 1, ids, 0).cumsum(1) % 2
         sums[::2, self.wrong] ^= 1
-        logits = F.one_hot(sums, 4).float()
-        return LMOutput(logits, None, iterations=torch.ones_like(ids))
+        scores = F.one_hot(sums, 4).float()
+        # logits=False: scoring runs head() on the hidden state, here the logits themselves
+        return LMOutput(scores if logits else None, None, iterations=torch.ones_like(ids),
+                        hidden=None if logits else scores)
+
+    def head(self, hidden):
+        return hidden
 
 
 def test_solved_counts_sequences_with_every_answer_right():

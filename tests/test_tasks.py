@@ -268,7 +268,10 @@ class _PointerFollower(torch.nn.Module):
         self.task = task
         self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives task_accuracy a device
 
-    def forward(self, inputs, loops, exit=None):
+    def head(self, hidden):  # scoring runs head() on the hidden state: here the log-probs
+        return hidden
+
+    def forward(self, inputs, loops, exit=None, logits=True):
         from types import SimpleNamespace
 
         n, vocab = self.task.n_nodes, self.task.vocab_size
@@ -279,7 +282,7 @@ class _PointerFollower(torch.nn.Module):
         rest = (1 - self.P_TOP) / (vocab - 1)
         probs = torch.full((*inputs.shape, vocab), rest)
         probs.scatter_(2, node.clamp_max(vocab - 1).unsqueeze(-1), self.P_TOP)
-        return SimpleNamespace(logits=probs.log(),
+        return SimpleNamespace(logits=probs.log() if logits else None, hidden=probs.log(),
                                iterations=torch.full(inputs.shape, loops, dtype=torch.long))
 
 

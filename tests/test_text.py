@@ -13,6 +13,7 @@ import torch
 from looped.data import text as T
 from looped.data import IGNORE, TASKS, build_task
 from looped.errors import ConfigError
+from looped.training.scoring import lm_metrics
 
 HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
 
@@ -246,7 +247,7 @@ def test_lm_metrics_bytes(tmp_path, single_thread):
     path.write_text(" ".join(sentences(60, seed=4)), encoding="utf-8")
     task = T.TextTask(corpus=str(path), seq_len=16, held_out=0.2)
     model = tiny_model(256)
-    m = T.lm_metrics(model, task, loops=2, max_batches=3, batch_size=4)
+    m = lm_metrics(model, task, loops=2, max_batches=3, batch_size=4)
     assert m["tokens"] == 3 * 4 * 16 == m["bytes"]
     assert m["bits_per_byte"] == pytest.approx(m["loss"] / math.log(2), rel=1e-9)
     assert m["perplexity"] == pytest.approx(math.exp(m["loss"]), rel=1e-9)
@@ -258,8 +259,8 @@ def test_lm_metrics_bytes(tmp_path, single_thread):
         nats += torch.nn.functional.cross_entropy(logits.flatten(0, 1), b.targets.flatten(),
                                                   reduction="sum").item()
     assert m["loss"] == pytest.approx(nats / m["tokens"], rel=1e-5)
-    assert T.lm_metrics(model, task, loops=2, max_batches=3, batch_size=4) == m
-    assert T.lm_metrics(model, task, loops=1, max_batches=3, batch_size=4)["loss"] != m["loss"]
+    assert lm_metrics(model, task, loops=2, max_batches=3, batch_size=4) == m
+    assert lm_metrics(model, task, loops=1, max_batches=3, batch_size=4)["loss"] != m["loss"]
 
 
 @pytest.mark.skipif(not HAS_TOKENIZERS, reason="the BPE tokenizer needs PyPI tokenizers: "
@@ -279,7 +280,7 @@ def test_bpe(tmp_path, single_thread):
     b = task.sample(4, torch.Generator().manual_seed(0))
     assert torch.equal(b.inputs[:, 1:], b.targets[:, :-1])
     model = tiny_model(300)
-    m = T.lm_metrics(model, task, loops=1, max_batches=2, batch_size=4)
+    m = lm_metrics(model, task, loops=1, max_batches=2, batch_size=4)
     n_bytes = sum(len(task.decode(bt.targets.flatten()).encode())
                   for bt in task.held_out_batches(4, 2))
     assert m["bytes"] == n_bytes > m["tokens"] == 2 * 4 * 16

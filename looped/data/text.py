@@ -22,7 +22,7 @@ Documents are joined by a blank line ("\\n\\n") into one token stream per split.
 
 `TextTask(split="train")` samples random windows of the training stream, `split="eval"` of the
 held-out stream; every position is an answer (inputs = window[:-1], targets = window[1:]).
-`lm_metrics` scores a model on deterministic held-out windows (loss, bits per byte, perplexity).
+`looped.training.scoring.lm_metrics` scores a model on its deterministic held-out windows.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from collections import Counter
 import hashlib
 import json
 import lzma
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -40,7 +39,6 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from looped.data.base import IGNORE, Batch, Task, register_task
 from looped.data.shards import ShardStream, open_prepared
@@ -413,36 +411,3 @@ class TextTask(Task):
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
-
-
-@torch.no_grad()
-def lm_metrics(model, task: TextTask, loops: Optional[int] = None,
-               max_batches: Optional[int] = None, batch_size: int = 32,
-               kv: Optional[str] = None) -> dict:
-    """Language-modelling metrics of `model` (a LoopedLM: `model(inputs, loops=loops).logits`,
-    or with kv its cached decode of each window, see LoopedLM.cached_forward) on the task's
-    deterministic held-out windows (whatever the task's own split):
-    loss (nats per token), bits_per_byte (total nats / (ln 2 * bytes the scored tokens cover)),
-    perplexity (exp(loss)), tokens and bytes scored."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    nats, tokens, n_bytes = 0.0, 0, 0
-    try:
-        for batch in task.held_out_batches(batch_size, max_batches):
-            inputs = batch.inputs.to(device)
-            logits = (model(inputs, loops=loops) if kv is None else
-                      model.cached_forward(inputs, kv=kv, loops=loops)).logits
-            targets = batch.targets.to(device)
-            nats += F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(),
-                                    ignore_index=IGNORE, reduction="sum").item()
-            tokens += int((targets != IGNORE).sum())
-            n_bytes += task.n_bytes(batch.targets)
-    finally:
-        model.train(was_training)
-    if tokens == 0:
-        raise ConfigError("no held-out windows to evaluate: the held-out text is shorter than "
-                          "task.seq_len + 1 tokens")
-    loss = nats / tokens
-    return dict(loss=loss, bits_per_byte=nats / (math.log(2) * n_bytes),
-                perplexity=math.exp(loss), tokens=tokens, bytes=n_bytes)

@@ -58,10 +58,14 @@ class ActivationStore:
     offset = 0  # tokens before this chunk: none, the chunk is the whole sequence
     drops_rows = False  # every row runs every iteration (see KVCache.rows)
 
-    def __init__(self):
+    def __init__(self, keep: Optional[frozenset[int]] = None):
         self.k: dict[int, torch.Tensor] = {}
         self.v: dict[int, torch.Tensor] = {}
         self.raw_v: dict[int, torch.Tensor] = {}
+        # the positions later ones read (Depth-Attention's sources); None: all. The others are
+        # dropped once the next position is written, so a model without Depth-Attention does
+        # not hold every position's K/V until the forward ends (or, checkpointed, until backward)
+        self.keep = keep
 
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
                       raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +75,10 @@ class ActivationStore:
 
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
             raw_v: Optional[torch.Tensor] = None, *, key_stored: bool = False) -> None:
+        if self.keep is not None:
+            for q in [q for q in self.k if q not in self.keep]:
+                del self.k[q], self.v[q]
+                self.raw_v.pop(q, None)
         self.k[p], self.v[p] = k, v  # references: storing the key again costs nothing
         if raw_v is not None:
             self.raw_v[p] = raw_v

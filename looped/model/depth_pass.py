@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from looped.model.attention import DepthContext, DepthPosition, Recorder
 from looped.model.cross_layer import CrossLayer, LayerCall
@@ -50,8 +51,10 @@ class DepthPass:
     """One forward pass through the depth positions of a plan, in order."""
 
     def __init__(self, plan: DepthPlan, store, rope: RotaryEmbedding, raw_mix: bool,
-                 recorder: Recorder, method: CrossLayer):
+                 recorder: Recorder, method: CrossLayer, checkpoint_blocks: bool = False):
         self.plan, self.layout = plan, plan.layout
+        # activation checkpointing per block: backward recomputes each block from its input
+        self.checkpoint_blocks = checkpoint_blocks
         self.ctx = DepthContext(store, rope, raw_mix, recorder, self.attention_at)
         # the plain residual stream needs no method calls
         self.method = None if type(method) is CrossLayer else method
@@ -94,7 +97,8 @@ class DepthPass:
             pos = DepthPosition(p, self.plan.sources[p], frozen,
                                 None if frozen is None else p - self.layout.n_core)
             if self.method is None:
-                x = block(x, ctx, pos)
+                x = (checkpoint(block, x, ctx, pos, use_reentrant=False)
+                     if self.checkpoint_blocks else block(x, ctx, pos))
             else:
                 slot = self.plan.slots[p]
                 hook = self.method.value_hook(self.stream, slot)

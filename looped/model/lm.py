@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from looped.errors import ConfigError, ShapeError
 from looped.model.attention import ATTENTION_KINDS, Recorder
@@ -34,7 +35,7 @@ from looped.model.rope import RotaryEmbedding
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (B, T, vocab)
+    logits: Optional[torch.Tensor]  # (B, T, vocab); None when called with logits=False
     layout: DepthLayout
     # depth position -> weights (B, T, Hkv, S + 1) and the source positions, if requested
     depth_weights: Optional[dict[int, DepthWeights]] = None
@@ -47,6 +48,8 @@ class LMOutput:
     states: Optional[list[torch.Tensor]] = None
     # with return_states and model.exit_gate: halting logits per iteration (R, B, T)
     gate_logits: Optional[torch.Tensor] = None
+    # with logits=False: the coda's output before the head (B, T, d); head(hidden) = logits
+    hidden: Optional[torch.Tensor] = None
 
 
 class LoopedLM(nn.Module):
@@ -89,6 +92,9 @@ class LoopedLM(nn.Module):
             cfg.cross_layer, cfg.d_model, self.layout(self.param_loops).n_positions,
             cfg.n_kv_heads * cfg.head_dim)
         self.cross_layer.injected_before = self.injection_slots()
+        # activation checkpointing of training forwards: none | iteration | block (see
+        # looped.model.parallelize.apply_activation_checkpointing)
+        self.checkpointing = "none"
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -213,7 +219,7 @@ class LoopedLM(nn.Module):
                 cache: Optional[KVCache] = None, exit: Optional[ExitCriterion] = None,
                 grad_loops: Optional[int] = None, return_states: bool = False,
                 return_depth_weights: bool = False, return_attn_weights: bool = False,
-                row_loops: Optional[torch.Tensor] = None) -> LMOutput:
+                row_loops: Optional[torch.Tensor] = None, logits: bool = True) -> LMOutput:
         """Logits for input_ids (B, T).
 
         loops: iterations of the core (default: the config's `loop`); any R for a shared core.
@@ -222,6 +228,8 @@ class LoopedLM(nn.Module):
         grad_loops: truncated backprop, only the last k iterations carry gradient.
         row_loops: (B,) iterations per row (default loops: the largest); a row's tokens freeze
             after its count, as exited tokens do.
+        logits: False skips the head and returns the hidden state instead, for losses and
+            scores that run the head in chunks (looped.model.head_scores).
         """
         if row_loops is not None:
             loops = self._check_row_loops(row_loops, input_ids, loops)
@@ -231,8 +239,11 @@ class LoopedLM(nn.Module):
         if cache is not None:
             cache.begin(t, plan.layout, b)
         recorder = Recorder(return_depth_weights, return_attn_weights)
-        run = DepthPass(plan, cache if cache is not None else ActivationStore(), self.rope,
-                        self.cfg.depth_attention.mix == "raw", recorder, self.cross_layer)
+        # without exits, later positions read only Depth-Attention's sources
+        store = cache if cache is not None else ActivationStore(
+            None if exit is not None else frozenset(j for src in plan.sources for j in src))
+        run = DepthPass(plan, store, self.rope, self.cfg.depth_attention.mix == "raw", recorder,
+                        self.cross_layer, checkpoint_blocks=self._checkpoints("block"))
 
         x = self.embed(input_ids)  # (B, T, d)
         if self.pos_embed is not None:
@@ -245,11 +256,11 @@ class LoopedLM(nn.Module):
         x = run.coda(core.state)
         if cache is not None:
             cache.commit()
-        return LMOutput(self.head(x), plan.layout,
+        return LMOutput(self.head(x) if logits else None, plan.layout,
                         recorder.depth_weights if return_depth_weights else None,
                         recorder.attn_weights if return_attn_weights else None,
                         core.iterations, core.states if return_states else None,
-                        core.gate_logits)
+                        core.gate_logits, None if logits else x)
 
     def _check_call(self, input_ids, loops, cache, exit, grad_loops):
         if input_ids.dim() != 2:
@@ -296,11 +307,27 @@ class LoopedLM(nn.Module):
             for r in range(no_grad):
                 s = self.iterate(run, r, s, e)
                 self.record(out, s, return_states)
+        step = self._checkpointed_iteration if self._checkpoints("iteration") else self.iterate
         for r in range(no_grad, loops):
-            s = self.iterate(run, r, s, e)
+            s = step(run, r, s, e)
             self.record(out, s, return_states)
         out.state = s
         return out
+
+    def _checkpoints(self, mode: str) -> bool:
+        return self.checkpointing == mode and torch.is_grad_enabled()
+
+    def _checkpointed_iteration(self, run: DepthPass, r: int, s: torch.Tensor,
+                                e: torch.Tensor) -> torch.Tensor:
+        """One iteration whose activations backward recomputes: it keeps only its inputs
+        (the state s_r, and the injected e shared by all iterations)."""
+        first = run.p
+
+        def iteration(s: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+            run.p = first  # the recompute walks this iteration's depth positions again
+            return self.iterate(run, r, s, e)
+
+        return checkpoint(iteration, s, e, use_reentrant=False)
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
         """s_0 from the prelude's output e (model.init_state)."""

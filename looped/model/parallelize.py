@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from looped.errors import ConfigError
+
 
 def apply_fsdp(model: nn.Module) -> nn.Module:
     """Shard `model` (a LoopedLM) in place with FSDP2's fully_shard; returns it."""
@@ -26,4 +28,22 @@ def apply_fsdp(model: nn.Module) -> nn.Module:
     for block in model.coda:
         fully_shard(block)
     fully_shard(model)
+    return model
+
+
+CHECKPOINTING_MODES = ("none", "iteration", "block")
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Make training forwards of `model` (a LoopedLM) recompute activations in backward:
+    `iteration` keeps one state per loop iteration (Huginn checkpoints each recurrence step),
+    `block` one input per layer; `none` keeps everything. The plain residual path only: a
+    cross-layer method's stream is state across layers that a recompute would change."""
+    if mode not in CHECKPOINTING_MODES:
+        raise ConfigError(f"unknown activation checkpointing mode '{mode}'; choose one of: "
+                         f"{', '.join(CHECKPOINTING_MODES)}")
+    if mode != "none" and model.cfg.cross_layer.method != "none":
+        raise ConfigError(f"activation checkpointing needs the plain residual stream; "
+                         f"cross_layer.method={model.cfg.cross_layer.method} keeps its own")
+    model.checkpointing = mode
     return model

@@ -32,6 +32,7 @@ from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir
 from looped.data import build_task
 from looped.errors import ConfigError
 from looped.model.exit import build_exit
+from looped.training.device import pick_device
 from looped.training.scoring import task_accuracy
 from looped.tools.plots import plot_bands, plot_heatmap, plot_metric_vs_loops
 
@@ -90,8 +91,7 @@ def grid_run(path: str, args) -> GridRun:
     if args.knob not in knobs:
         raise ConfigError(f"knob={args.knob}: task '{cfg.task.name}' of {run_dir.name} has no such "
                           f"knob; its knobs: {', '.join(knobs)}")
-    model = build_model(cfg)
-    load_weights(model, ckpt)
+    model = load_model(cfg, ckpt, args.device)
     exit = build_exit(cfg.exit)
     loops = model.runnable_loops(args.loops)
     cells: dict[int, dict[int, dict[str, float]]] = {}
@@ -200,6 +200,13 @@ def write_grid(runs: list[GridRun], knob: str, out: Path) -> list[Path]:
                                     title=f"{run.name} (trained {knob}={run.trained_level}, "
                                           f"R={run.trained_loop})"))
     return figures + plot_seed_bands(runs, knob, out)
+
+
+def load_model(cfg, ckpt: Path, device: str):
+    """A run's model with its checkpoint's weights, on the device asked for."""
+    model = build_model(cfg)
+    load_weights(model, ckpt)
+    return model.to(pick_device(device))
 
 
 def run_grid(args) -> int:

@@ -24,15 +24,16 @@ from typing import Optional
 
 import torch
 
-from looped import build_model
 from looped.config import load_run_config
-from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
+from looped.training.checkpoint import resolve_checkpoint, run_dir_of
 from looped.config import parse_tool_args
 from looped.config_help import tool_help
 from looped.data import build_task
 from looped.errors import ConfigError, cli_main
 from looped.model.exit import build_exit
+from looped.training.device import pick_device
 from looped.training.scoring import task_accuracy
+from looped.tools.difficulty_grid import load_model, run_grid
 from looped.tools.plots import plot_metric_vs_loops
 
 
@@ -42,7 +43,8 @@ class EvaluateArgs:
     loops: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # R values to score
     out: Optional[str] = None  # the output directory; default: <first run>/eval
     n_samples: int = 1024  # held-out sequences per R
-    batch_size: int = 256  # held-out sequences per forward
+    batch_size: int = 0  # held-out sequences per forward; 0: as many as fit in memory
+    device: str = "auto"  # auto (CUDA if available) | cpu | cuda; bf16 autocast on CUDA
     exit: Optional[str] = None  # an exit criterion to apply (kl, entropy, latent, gate, ...)
     threshold: Optional[float] = None  # the exit criterion's threshold; null: its default
     # score through a KV cache of this policy (per_iteration | last), every token decoded one
@@ -69,6 +71,10 @@ def parse_args(argv: list[str]) -> EvaluateArgs:
         raise ConfigError("give at least one run: ckpt=<run dir>")
     if not args.loops or min(args.loops) < 1:
         raise ConfigError(f"loops must be a non-empty list of counts >= 1, got {args.loops}")
+    if args.batch_size < 0:
+        raise ConfigError(f"batch_size must be >= 0 (0: what fits in memory), got "
+                          f"{args.batch_size}")
+    pick_device(args.device)  # a bad name or a missing GPU fails before any run is read
     if args.kv is not None:
         from looped.model.cache_policy import CACHE_POLICIES
 
@@ -88,8 +94,7 @@ def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str
     if args.threshold is not None:
         overrides.append(f"exit.threshold={args.threshold}")
     cfg = load_run_config(run_dir, overrides)
-    model = build_model(cfg)
-    load_weights(model, ckpt)
+    model = load_model(cfg, ckpt, args.device)
     task = build_task(cfg.task, split="eval")
     exit = build_exit(cfg.exit)
     loops = model.runnable_loops(args.loops)
@@ -114,8 +119,6 @@ def main(argv: list[str]) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.knob is not None:
-        from looped.tools.difficulty_grid import run_grid
-
         return run_grid(args)
     runs = [evaluate_run(p, args) for p in args.ckpt]
     if args.out:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from looped.data.base import IGNORE, Batch
 from looped.errors import ConfigError
 from looped.model.exit import gate_loss
+from looped.model.head_scores import head_ce
 from looped.model.lm import LMOutput, LoopedLM
 from looped.registry import Registry
 
@@ -59,10 +60,23 @@ def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                            ignore_index=IGNORE, reduction="none").view(targets.shape)
 
 
-def iteration_logits(model: LoopedLM, out: LMOutput) -> list[torch.Tensor]:
-    """Logits after each iteration: the norm + head read the state directly ("logit lens");
-    the last iteration uses the model's real output, which includes the coda."""
-    return [model.head(s) for s in out.states[:-1]] + [out.logits]
+def output_ce(model: LoopedLM, out: LMOutput, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy per token (B, T) of a forward's answer: from its logits, or, run with
+    logits=False, through the head in checkpointed chunks (no full logits kept)."""
+    if out.logits is not None:
+        return token_ce(out.logits, targets)
+    return head_ce(model.head, out.hidden, targets)
+
+
+def iteration_ce(model: LoopedLM, out: LMOutput, targets: Callable[[int], torch.Tensor]
+                 ) -> torch.Tensor:
+    """Cross-entropy per token after each iteration r = 1..R against targets(r), (R, B, T).
+    The norm + head read intermediate states directly ("logit lens"), in checkpointed chunks so
+    that no iteration's full logits are kept; the last iteration uses the model's real output,
+    which includes the coda."""
+    n = len(out.states)
+    per_iter = [head_ce(model.head, s, targets(r + 1)) for r, s in enumerate(out.states[:-1])]
+    return torch.stack(per_iter + [output_ce(model, out, targets(n))])
 
 
 def _answer_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +84,9 @@ def _answer_tokens(batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return mask, mask.sum().clamp_min(1)
 
 
-def final_loss(batch: Batch, out: LMOutput) -> torch.Tensor:
+def final_loss(batch: Batch, out: LMOutput, model: Optional[LoopedLM] = None) -> torch.Tensor:
     _, n = _answer_tokens(batch)
-    return token_ce(out.logits, batch.targets).sum() / n
+    return output_ce(model, out, batch.targets).sum() / n
 
 
 def with_gate(model: LoopedLM, batch: Batch, out: LMOutput, loss: torch.Tensor, beta: float,
@@ -82,8 +96,7 @@ def with_gate(model: LoopedLM, batch: Batch, out: LMOutput, loss: torch.Tensor, 
     if out.gate_logits is None:
         return loss
     if per_iter is None:  # the gate weighs the loss each iteration would have given
-        per_iter = torch.stack([token_ce(lg, batch.targets)
-                                for lg in iteration_logits(model, out)])
+        per_iter = iteration_ce(model, out, lambda r: batch.targets)
     mask, _ = _answer_tokens(batch)
     return loss + gate_loss(out.gate_logits, per_iter.detach(), beta, mask)
 
@@ -92,12 +105,11 @@ def compute_loss(model: LoopedLM, batch: Batch, out: LMOutput, kind: str,
                  gate_beta: float) -> torch.Tensor:
     """The final or per-iteration loss of one forward output (run with return_states)."""
     if kind == "final":
-        return with_gate(model, batch, out, final_loss(batch, out), gate_beta)
+        return with_gate(model, batch, out, final_loss(batch, out, model), gate_beta)
     if kind != "per_iteration":
         raise ConfigError(f"compute_loss scores one forward: final or per_iteration, got {kind}")
     _, n = _answer_tokens(batch)
-    per_iter = torch.stack([token_ce(lg, batch.target_after(r + 1))
-                            for r, lg in enumerate(iteration_logits(model, out))])  # (R, B, T)
+    per_iter = iteration_ce(model, out, batch.target_after)  # (R, B, T)
     loss = per_iter.sum(dim=(1, 2)).mean() / n
     return with_gate(model, batch, out, loss, gate_beta, per_iter)
 
@@ -156,10 +168,10 @@ class ProgressiveLoss:
     def __call__(self, step: Step) -> torch.Tensor:
         n, k = self.draw(step.loops, step.generator)
         out = step.forward(n + k, k)
-        loss = self.alpha * final_loss(step.batch, out)
+        loss = self.alpha * final_loss(step.batch, out, step.model)
         if self.alpha < 1:
             out = step.forward(step.loops, None)  # the gate learns from the full run
-            loss = loss + (1 - self.alpha) * final_loss(step.batch, out)
+            loss = loss + (1 - self.alpha) * final_loss(step.batch, out, step.model)
         return with_gate(step.model, step.batch, out, loss, step.gate_beta)
 
 

@@ -46,8 +46,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, train_cfg) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                             betas=BETAS)
+    """AdamW; fused (one kernel for all parameters) when every parameter is on CUDA, where it
+    is faster than the default for-each implementation; the same arithmetic elsewhere."""
+    groups = param_groups(model, train_cfg.weight_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"]) or None
+    return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=BETAS, fused=fused)
 
 
 def warmup_steps(train_cfg) -> int:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from looped.data.base import IGNORE, Task
-from looped.data.text import TextTask, lm_metrics
+from looped.errors import ConfigError
+from looped.data.text import TextTask
+from looped.model.head_scores import head_scores
 from looped.model.exit import ExitCriterion
+from looped.training.device import autocast
 
 
 @dataclass
@@ -20,7 +23,34 @@ class EvalConfig:
     # loop counts to score during training; empty: follow `loop` (see default_eval_loops)
     loops: list[int] = field(default_factory=list)
     n_samples: int = 1024  # held-out sequences per loop count
-    batch_size: int = 256  # held-out sequences per forward
+    # held-out sequences per forward; 0: as many as fit the memory budget (eval_batch_size)
+    batch_size: int = 0
+
+
+# Automatic evaluation batches (eval.batch_size=0): at most this many rows, the old fixed default,
+MAX_EVAL_BATCH = 256
+# within this share of the GPU's free memory, or this many bytes on CPU
+GPU_MEMORY_SHARE = 0.25
+CPU_MEMORY_BUDGET = 2 * 2 ** 30
+# live activations of one no-grad layer per token, in widths of max(d_model, ffn_dim): its input,
+# the attention's q/k/v and output, the FFN's gate, up and product
+ACTIVATION_WIDTHS = 6
+
+
+def eval_batch_size(model, seq_len: int, loops: int, device: torch.device) -> int:
+    """Rows per scoring forward that fit the memory budget: each token holds its keys and mixed
+    values at every depth position (an upper bound: without Depth-Attention they are dropped),
+    plus one layer's activations; the head runs in chunks of its own (looped.model.head_scores).
+    At a 50k vocabulary and 2k context the old fixed 256 rows needed 105 GB for logits alone."""
+    cfg = model.cfg
+    width = max(cfg.d_model, cfg.ffn_dim) * model.embed.weight.element_size()
+    per_token = model.cache_bytes_per_token(loops) + ACTIVATION_WIDTHS * width
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = GPU_MEMORY_SHARE * free
+    else:
+        budget = CPU_MEMORY_BUDGET
+    return int(max(1, min(MAX_EVAL_BATCH, budget // (seq_len * per_token))))
 
 
 def default_eval_loops(loop: int) -> list[int]:
@@ -58,22 +88,21 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
     model.eval()
     gen = torch.Generator().manual_seed(seed + HELD_OUT_SEED_OFFSET)
     device = next(model.parameters()).device
+    if batch_size == 0:
+        batch_size = eval_batch_size(model, task.seq_len, loops, device)
     correct = total = solved = 0
     iters = nll = 0.0
     done = 0
     while done < n_samples:
         batch = task.sample(min(batch_size, n_samples - done), gen).to(device)
-        if kv is None:
-            out = model(batch.inputs, loops=loops, exit=exit)
-        else:
-            out = model.cached_forward(batch.inputs, kv=kv, loops=loops, exit=exit)
+        out, ce, right = forward_scores(model, batch.inputs, batch.targets, loops=loops,
+                                        exit=exit, kv=kv)
         mask = batch.targets != IGNORE
-        right = (out.logits.argmax(-1) == batch.targets) | ~mask
-        correct += (right & mask).sum().item()
-        solved += right.all(dim=1).sum().item()
+        correct += right.sum().item()
+        solved += (right | ~mask).all(dim=1).sum().item()
         total += mask.sum().item()
         iters += out.iterations[mask].float().sum().item()
-        nll += F.cross_entropy(out.logits[mask].float(), batch.targets[mask], reduction="sum").item()
+        nll += ce.sum().item()
         done += batch.inputs.shape[0]
     model.train(was_training)
     result = {"accuracy": correct / max(total, 1), "solved": solved / max(done, 1),
@@ -84,3 +113,46 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
                         batch_size=batch_size, kv=kv)
         result.update({k: lm[k] for k in ("loss", "bits_per_byte", "perplexity")})
     return result
+
+
+def forward_scores(model, inputs: torch.Tensor, targets: torch.Tensor, *,
+                   loops: Optional[int] = None, exit=None, kv: Optional[str] = None):
+    """(output, cross-entropy, right) per token (B, T) of one scoring forward: the head runs in
+    chunks of answer tokens (looped.model.head_scores), so no (B, T, vocab) logits are built; a
+    cached decode (kv) scores the logits it made token by token."""
+    with autocast(inputs.device):
+        if kv is None:
+            out = model(inputs, loops=loops, exit=exit, logits=False)
+            return (out, *head_scores(model.head, out.hidden, targets))
+        out = model.cached_forward(inputs, kv=kv, loops=loops, exit=exit)
+        return (out, *head_scores(lambda logits: logits, out.logits, targets))
+
+
+@torch.no_grad()
+def lm_metrics(model, task: TextTask, loops: Optional[int] = None,
+               max_batches: Optional[int] = None, batch_size: int = 32,
+               kv: Optional[str] = None) -> dict:
+    """Language-modelling metrics of `model` (a LoopedLM: `model(inputs, loops=loops).logits`,
+    or with kv its cached decode of each window, see LoopedLM.cached_forward) on the task's
+    deterministic held-out windows (whatever the task's own split):
+    loss (nats per token), bits_per_byte (total nats / (ln 2 * bytes the scored tokens cover)),
+    perplexity (exp(loss)), tokens and bytes scored."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    nats, tokens, n_bytes = 0.0, 0, 0
+    try:
+        for batch in task.held_out_batches(batch_size, max_batches):
+            targets = batch.targets.to(device)
+            _, ce, _ = forward_scores(model, batch.inputs.to(device), targets, loops=loops, kv=kv)
+            nats += ce.sum().item()
+            tokens += int((targets != IGNORE).sum())
+            n_bytes += task.n_bytes(batch.targets)
+    finally:
+        model.train(was_training)
+    if tokens == 0:
+        raise ConfigError("no held-out windows to evaluate: the held-out text is shorter than "
+                          "task.seq_len + 1 tokens")
+    loss = nats / tokens
+    return dict(loss=loss, bits_per_byte=nats / (math.log(2) * n_bytes),
+                perplexity=math.exp(loss), tokens=tokens, bytes=n_bytes)

@@ -23,6 +23,8 @@ from looped.errors import ConfigError, NonFiniteError
 from looped.model import LoopedLM
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
+from looped.model.parallelize import apply_activation_checkpointing
+from looped.training.device import autocast, pick_device
 from looped.training.checkpoint import (METRICS_FILE, CheckpointError, load_sharded, load_state,
                                         load_weights, resolve_checkpoint, save_checkpoint,
                                         save_run_config)
@@ -41,15 +43,6 @@ OBJECTIVE_STREAM = 104729  # and the objective's own draws (the progressive loss
 DIAGNOSTIC_ROWS = 64  # held-out rows the depth-weight diagnostics read at each evaluation
 
 
-def pick_device(name: str, env: DistEnv) -> torch.device:
-    """auto: CUDA when available (one GPU per local rank), else CPU."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=cpu")
-    if name == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", env.local_rank if env.enabled else 0)
-
-
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -64,7 +57,11 @@ class Trainer:
         self.env = env or DistEnv()
         # every user error is raised here before any process group exists, on every rank
         check_parallel(cfg.train.parallel)
-        local_batch_size(cfg.train.batch_size, self.env)
+        rows = local_batch_size(cfg.train.batch_size, self.env)
+        micro = cfg.train.micro_batch_size
+        if micro and rows % micro:
+            raise ConfigError(f"train.micro_batch_size={micro} must divide each rank's batch "
+                              f"of {rows} rows (train.batch_size / world size)")
         self.task = build_task(cfg.task)
         self.eval_task = build_task(cfg.task, split="eval")  # may be harder than training
         m = cfg.model
@@ -75,10 +72,11 @@ class Trainer:
             if task.seq_len > m.max_seq_len:
                 raise ConfigError(f"task '{cfg.task.name}' makes sequences of {task.seq_len} "
                                   f"tokens; model.max_seq_len is {m.max_seq_len}")
-        self.device = pick_device(cfg.device, self.env)
+        self.device = pick_device(cfg.device, self.env.local_rank if self.env.enabled else None)
         check_kernel(m.kernel, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = LoopedLM(cfg.model, loop=cfg.loop).to(self.device)
+        apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
         # what training forwards run through: the model, DDP around it, or it sharded by FSDP
         self.train_model = self.model
         if self.env.enabled:
@@ -88,9 +86,7 @@ class Trainer:
             # dynamic=False: R is a Python int the loop unrolls over; a symbolic one cannot
             # drive it, so each distinct (R, gradient iterations) compiles its own graph
             self.train_model = torch.compile(self.train_model, dynamic=False)
-        # bf16 autocast on GPU; CPU trains in fp32
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                         if self.device.type == "cuda" else contextlib.nullcontext())
+        self.autocast = autocast(self.device)  # bf16 on GPU; CPU trains in fp32
         self.fsdp = is_fsdp(self.model)
         self.opt = build_optimizer(self.model, cfg.train)  # decay on weight matrices only
         self.exit = build_exit(cfg.exit)
@@ -199,29 +195,22 @@ class Trainer:
                                  step_generator(cfg.seed + DATA_STREAM, step))
         local = shard_batch(batch, self.env).to(self.device)
         loops = sample_loops(cfg.train.loop_sampling, cfg.loop, cfg.seed, step)
-        row_loops = local.loops if self.row_loops else None
-        if row_loops is not None:  # rows that finish early freeze, as exited tokens do
+        if self.row_loops:  # rows that finish early freeze, as exited tokens do
             loops = int(batch.loops.max())
-
-        def forward(r: int, grad_loops: Optional[int]):
-            return self.train_model(local.inputs, loops=r, row_loops=row_loops,
-                                    grad_loops=grad_loops or cfg.train.grad_loops or None,
-                                    return_states=True)
-
-        with self.autocast:
-            loss = self.objective(Step(self.model, forward, local, loops,
-                                       step_generator(cfg.seed + OBJECTIVE_STREAM, step),
-                                       cfg.train.gate_beta))
+        # each micro-batch's mean loss, weighted by its share of the global batch's answer
+        # tokens, so the accumulated gradient is that of the global mean (DDP / FSDP average
+        # the ranks' gradients; loss_weight scales by the world size to undo that average)
+        n_global = int((batch.targets != IGNORE).sum())
         self.opt.zero_grad(set_to_none=True)
-        if self.env.enabled:  # local mean -> this rank's share of the global mean
-            n_global = int((batch.targets != IGNORE).sum())
-            n_local = int((local.targets != IGNORE).sum())
-            weight = loss_weight(n_local, n_global, self.env)
-            (loss * weight).backward()  # DDP / FSDP average the gradients over ranks
-            value = all_reduce_sum(loss.detach() * (weight / self.env.world_size)).item()
-        else:
-            loss.backward()
-            value = loss.item()
+        value = torch.zeros((), device=self.device)
+        micro = self._micro_batches(local)
+        for i, part in enumerate(micro):
+            weight = loss_weight(int((part.targets != IGNORE).sum()), n_global, self.env)
+            with self._gradient_sync(last=i == len(micro) - 1):
+                loss = self._loss(part, loops, step)
+                (loss * weight).backward()
+            value += loss.detach() * (weight / self.env.world_size)
+        value = all_reduce_sum(value).item()
         clip = cfg.train.grad_clip or float("inf")
         grad_norm = to_float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         # the same on every rank: the loss is all-reduced and the gradients are synchronised
@@ -241,6 +230,35 @@ class Trainer:
                "grad_norm": grad_norm, "tokens": batch.inputs.numel(), "skipped": self.skipped}
         self.history.append({k: row[k] for k in ("step", "loss", "loops")})
         return row
+
+    def _micro_batches(self, local) -> list:
+        size = self.cfg.train.micro_batch_size or local.inputs.shape[0]
+        return [local.rows(lo, lo + size) for lo in range(0, local.inputs.shape[0], size)]
+
+    def _loss(self, part, loops: int, step: int) -> torch.Tensor:
+        """The objective's loss on some rows of the step's batch (a micro-batch). Its random
+        draws (the progressive loss's n, k) are seeded by (seed, step): one draw per step,
+        whatever the micro-batching."""
+        cfg = self.cfg
+        row_loops = part.loops if self.row_loops else None
+
+        def forward(r: int, grad_loops: Optional[int]):
+            # logits=False: the losses run the head in chunks, never holding (B, T, vocab)
+            return self.train_model(part.inputs, loops=r, row_loops=row_loops,
+                                    grad_loops=grad_loops or cfg.train.grad_loops or None,
+                                    return_states=True, logits=False)
+
+        with self.autocast:
+            return self.objective(Step(self.model, forward, part, loops,
+                                       step_generator(cfg.seed + OBJECTIVE_STREAM, step),
+                                       cfg.train.gate_beta))
+
+    def _gradient_sync(self, last: bool):
+        """Gradients are all-reduced after the last micro-batch only (DDP's no_sync; FSDP2
+        reduce-scatters every backward, which sums the same gradients)."""
+        if last or not hasattr(self.train_model, "no_sync"):
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
 
     def evaluate(self, loops: list[int]) -> dict[int, dict[str, float]]:
         """Held-out accuracy per loop count; {} on ranks that do not evaluate (see
