@@ -47,3 +47,18 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
                          f"cross_layer.method={model.cfg.cross_layer.method} keeps its own")
     model.checkpointing = mode
     return model
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> nn.Module:
+    """torch.compile the parts of each block that do not depend on the depth position: its two
+    norms and its SwiGLU MLP (about two thirds of a block's FLOPs, and most of its elementwise
+    work). A whole-model graph unrolls the R iterations and so recompiles for every R the
+    sampler draws (past dynamo's recompile limit the rest run eagerly); these compile once per
+    input shape and grad mode, whatever R. Attention, Depth-Attention's sources and the store
+    stay eager: their shapes change with the number of sources."""
+    blocks = [b for group in (model.prelude, model.coda) for b in group]
+    cores = model.core if model.cfg.share_weights else [b for copy in model.core for b in copy]
+    for block in [*blocks, *cores]:
+        for part in (block.attn_norm, block.mlp_norm, block.mlp):
+            part.compile(backend=backend, dynamic=False)
+    return model

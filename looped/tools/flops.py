@@ -8,9 +8,10 @@ Arguments are config overrides as for train.py, plus `context` (tokens each toke
 default model.max_seq_len) and `bytes` (bytes per element of activations and cache; default 2,
 bf16). `loop` defaults to 1 here (a plain decoder, the paper's setting) unless given.
 
-Conventions: forward FLOPs per token = 2 x (weights used) + attention 4 x H x D x context per
-depth position (QK^T and AV over the full context, as Kaplan et al. and torch's FlopCounterMode
-count them); norms and activations are left out. Extra FLOPs of Depth-Attention and of each
+Conventions (looped.training.flops, what training's MFU uses too): forward FLOPs per token =
+2 x (weights used) + attention 4 x H x D x context per depth position (QK^T and AV over the full
+context, as Kaplan et al. and torch's FlopCounterMode count them); norms and activations are
+left out. Extra FLOPs of Depth-Attention and of each
 cross-layer method count all their arithmetic (mixing, scores, softmax, norms) as a percentage of
 that forward. KV bytes are per token over all depth positions. Extra state is what a method must
 hold per token while the token goes through depth, beyond the KV cache and the one residual
@@ -29,6 +30,7 @@ from looped import build_model, load_config
 from looped.components import component_config
 from looped.errors import ConfigError, cli_main
 from looped.model.cross_layer import CROSS_LAYER_METHODS
+from looped.training.flops import depth_attention_flops, forward_flops_per_token
 
 TOOL_KEYS = ("context", "bytes")
 # Attention Residuals' block variant: about 8 blocks over the depth (the paper's recommendation)
@@ -56,40 +58,25 @@ class Accounting:
     methods: list[MethodCost]
 
 
-def _linear_weights(module: torch.nn.Module) -> int:
-    return sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))
-
-
 def account(cfg, context: int, bytes_per: int) -> Accounting:
     with torch.device("meta"):
         model = build_model(cfg)
     c = model.cfg
-    layout = model.layout()
-    positions = layout.n_positions
-    blocks = [model.block_at(p) for p in range(positions)]
-    weights = sum(_linear_weights(b) for b in blocks)
-    weights += c.vocab_size * c.d_model  # the head (tied or not, it runs once per token)
-    if model.adapter is not None:
-        weights += model.adapter.weight.numel() * model.loop
+    positions = model.layout().n_positions
     kind = model.attention_kind
-    attention = kind.attention_flops(c, context) * positions
-    forward = 2.0 * weights + attention
-
-    def da_cost(cfg, label: str, **kw) -> MethodCost:
-        flops = sum(kind.depth_flops(cfg, len(s), _other_layers(model, p, s), **kw)
-                    for p, s in enumerate(model.depth_sources(model.loop)))
-        return MethodCost(label, 0, float(flops), 0.0)
-
-    da = da_cost(c, "depth_attention")
+    da = MethodCost("depth_attention", 0, depth_attention_flops(model), 0.0)
     alternatives = []
     if c.attention == "mla":  # the depth-score ablation (looped.model.mla)
         da.name += f" (mla.depth_keys={c.mla.depth_keys})"
         other = "own" if c.mla.depth_keys == "absorbed" else "absorbed"
-        alternatives.append(da_cost(replace(c, mla=replace(c.mla, depth_keys=other)),
-                                    f"depth_attention (mla.depth_keys={other})"))
+        alternatives.append(MethodCost(
+            f"depth_attention (mla.depth_keys={other})", 0,
+            depth_attention_flops(model, cfg=replace(c, mla=replace(c.mla, depth_keys=other))),
+            0.0))
         # decoding with the attention in latent space, the absorbed query is already there
-        alternatives.append(da_cost(c, f"depth_attention (mla.depth_keys={c.mla.depth_keys}, "
-                                       f"absorbed-attention decode)", absorbed_attention=True))
+        alternatives.append(MethodCost(
+            f"depth_attention (mla.depth_keys={c.mla.depth_keys}, absorbed-attention decode)",
+            0, depth_attention_flops(model, absorbed_attention=True), 0.0))
 
     n_slots = model.layout(model.param_loops).n_positions
     heads, k_dim, v_dim = kind.cache_geometry(c)
@@ -108,15 +95,9 @@ def account(cfg, context: int, bytes_per: int) -> Accounting:
                                               else model.pos_embed.weight.numel())
     return Accounting(params=sum(p.numel() for p in model.parameters()),
                       embedding_params=embedding, n_positions=positions, context=context,
-                      forward_flops=forward,
+                      forward_flops=forward_flops_per_token(model, context=context),
                       kv_bytes=positions * heads * (k_dim + v_dim) * bytes_per,
                       depth_attention=da, methods=methods, attention=c.attention)
-
-
-def _other_layers(model, p: int, sources: tuple[int, ...]) -> int:
-    """How many distinct layers other than p's own the sources of p are (weights, not positions:
-    a looped core's earlier iterations are the same layer)."""
-    return len({id(model.block_at(j)) for j in sources} - {id(model.block_at(p))})
 
 
 def _method_variants(n_slots: int) -> list[tuple[str, dict]]:

@@ -23,8 +23,9 @@ from looped.errors import ConfigError, NonFiniteError
 from looped.model import LoopedLM
 from looped.model.exit import build_exit, relative_change
 from looped.model.kernels import check_kernel
-from looped.model.parallelize import apply_activation_checkpointing
+from looped.model.parallelize import apply_activation_checkpointing, apply_compile
 from looped.training.device import autocast, pick_device
+from looped.training.flops import train_flops_per_token
 from looped.training.checkpoint import (METRICS_FILE, CheckpointError, load_sharded, load_state,
                                         load_weights, resolve_checkpoint, save_checkpoint,
                                         save_run_config)
@@ -37,6 +38,7 @@ from looped.training.losses import Step, build_objective
 from looped.training.optim import build_optimizer, lr_at
 from looped.training.scoring import eval_loops, task_accuracy
 from looped.training.sharded_checkpoint import PendingSave, save_sharded
+from looped.training.throughput import ThroughputMeter, device_peak
 
 DATA_STREAM = 7919  # keeps the data's per-step seeds apart from the loop sampler's
 OBJECTIVE_STREAM = 104729  # and the objective's own draws (the progressive loss's n, k)
@@ -77,15 +79,13 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = LoopedLM(cfg.model, loop=cfg.loop).to(self.device)
         apply_activation_checkpointing(self.model, cfg.train.activation_checkpointing)
+        if cfg.train.compile:  # per block, so that a new R does not recompile
+            apply_compile(self.model)
         # what training forwards run through: the model, DDP around it, or it sharded by FSDP
         self.train_model = self.model
         if self.env.enabled:
             setup(self.env, self.device)
             self.train_model = wrap_model(self.model, self.env, cfg.train.parallel, self.device)
-        if cfg.train.compile:
-            # dynamic=False: R is a Python int the loop unrolls over; a symbolic one cannot
-            # drive it, so each distinct (R, gradient iterations) compiles its own graph
-            self.train_model = torch.compile(self.train_model, dynamic=False)
         self.autocast = autocast(self.device)  # bf16 on GPU; CPU trains in fp32
         self.fsdp = is_fsdp(self.model)
         self.opt = build_optimizer(self.model, cfg.train)  # decay on weight matrices only
@@ -101,6 +101,8 @@ class Trainer:
         self.pending_save: Optional[PendingSave] = None  # an asynchronous checkpoint in flight
         self._ckpt_group = None
         self.history: list[dict] = []  # one row per optimizer step: step, loss, loops
+        self.forwards: list[tuple[int, Optional[int]]] = []  # this step's (R, grad_loops)
+        self._flops_cache: dict[tuple, float] = {}
 
     # -- state -------------------------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class Trainer:
         # tokens, so the accumulated gradient is that of the global mean (DDP / FSDP average
         # the ranks' gradients; loss_weight scales by the world size to undo that average)
         n_global = int((batch.targets != IGNORE).sum())
+        self.forwards: list[tuple[int, Optional[int]]] = []
         self.opt.zero_grad(set_to_none=True)
         value = torch.zeros((), device=self.device)
         micro = self._micro_batches(local)
@@ -227,9 +230,21 @@ class Trainer:
             self.opt.step()
         self.step += 1
         row = {"step": self.step, "loss": value, "loops": loops, "lr": lr_at(step, cfg.train),
-               "grad_norm": grad_norm, "tokens": batch.inputs.numel(), "skipped": self.skipped}
+               "grad_norm": grad_norm, "tokens": batch.inputs.numel(), "skipped": self.skipped,
+               "flops": self._step_flops(batch.inputs.shape, len(micro))}
         self.history.append({k: row[k] for k in ("step", "loss", "loops")})
         return row
+
+    def _step_flops(self, shape: torch.Size, n_micro: int) -> float:
+        """Model FLOPs of the step's global batch: every micro-batch runs the same forwards."""
+        rows, context = shape
+        per_token = 0.0
+        for r, grad_loops in self.forwards[:len(self.forwards) // n_micro]:
+            key = (r, grad_loops, context)
+            if key not in self._flops_cache:
+                self._flops_cache[key] = train_flops_per_token(self.model, r, grad_loops, context)
+            per_token += self._flops_cache[key]
+        return per_token * rows * context
 
     def _micro_batches(self, local) -> list:
         size = self.cfg.train.micro_batch_size or local.inputs.shape[0]
@@ -243,10 +258,11 @@ class Trainer:
         row_loops = part.loops if self.row_loops else None
 
         def forward(r: int, grad_loops: Optional[int]):
+            grad_loops = grad_loops or cfg.train.grad_loops or None
+            self.forwards.append((r, grad_loops))  # for the step's FLOPs
             # logits=False: the losses run the head in chunks, never holding (B, T, vocab)
             return self.train_model(part.inputs, loops=r, row_loops=row_loops,
-                                    grad_loops=grad_loops or cfg.train.grad_loops or None,
-                                    return_states=True, logits=False)
+                                    grad_loops=grad_loops, return_states=True, logits=False)
 
         with self.autocast:
             return self.objective(Step(self.model, forward, part, loops,
@@ -312,20 +328,31 @@ class Trainer:
         cfg = self.cfg
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=None if self.env.is_main else True)
-        t0, tokens = time.perf_counter(), 0
+        peak, peak_source = device_peak(self.device)
+        if self.env.is_main:
+            log(f"MFU against {'an unknown peak' if peak is None else f'{peak / 1e12:.3g} TFLOP/s'}"
+                f" per device ({peak_source})")
+        meter = ThroughputMeter(peak, self.env.world_size)
+        tok_s = mfu = None
         results: dict[int, dict[str, float]] = {}
         while self.step < cfg.train.steps:
-            row = self.train_step()
-            tokens += row["tokens"]
-            tok_s = tokens / (time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            row = self.train_step()  # ends in .item() calls: the device has finished the step
+            meter.add(time.perf_counter() - t0, row["tokens"], row["flops"])
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", R=row["loops"], tok_s=f"{tok_s:.0f}")
+            bar.set_postfix(loss=f"{row['loss']:.4f}", R=row["loops"])
             for key in ("loss", "lr", "grad_norm", "loops", "skipped"):
                 writer.add_scalar(f"train/{key}", row[key], self.step)
-            writer.add_scalar("train/tokens_per_s", tok_s, self.step)
             if self.step % cfg.train.log_every == 0:
+                tok_s, mfu = meter.read()  # over the training steps since the last line
+                if tok_s is not None:
+                    writer.add_scalar("train/tokens_per_s", tok_s, self.step)
+                if mfu is not None:
+                    writer.add_scalar("train/mfu", mfu, self.step)
+                speed = "" if tok_s is None else f"  {tok_s:.0f} tok/s"
+                speed += "" if mfu is None else f"  MFU {100 * mfu:.1f}%"
                 log(f"step {self.step:5d}  loss {row['loss']:.6f}  R {row['loops']:2d}  "
-                    f"lr {row['lr']:.2e}  {tok_s:.0f} tok/s"
+                    f"lr {row['lr']:.2e}{speed}"
                     + (f"  skipped {self.skipped}" if self.skipped else ""))
             if self.step % cfg.train.eval_every == 0 or self.step == cfg.train.steps:
                 results = self.evaluate(eval_loops(cfg))
