@@ -197,3 +197,41 @@ def test_sharded_checkpoints_of_two_ranks_resume_on_one_as_on_two(runs):
         for key in ("exp_avg", "exp_avg_sq"):
             assert (o2["state"][i][key] - s[key]).abs().max() <= 1e-3 * s[key].abs().max()
         assert o2["state"][i]["step"] == s["step"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_over_localhost_train_as_one_process(runs):
+    """Two torchrun "nodes" of 2 ranks each meet over 127.0.0.1 (static rendezvous, as on a
+    cluster without a rendezvous service) and train with HSDP: sharded within a node,
+    replicated across the two. The run equals the 1-process run."""
+    out, one = runs
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+         "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+         "train.py", *TINY, f"out_dir={out}", "name=two_nodes", "train.parallel=hsdp"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    results = [p.communicate(timeout=2 * TIMEOUT) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    assert "data parallel: hsdp on 4 processes" in results[0][0]
+    assert not printed_losses(results[1][0]), "only global rank 0 prints"
+    check_same_training(out, "two_nodes", results[0][0], one)
+
+
+def test_ddp_with_parameters_that_get_no_gradient(tmp_path):
+    """An unrolled model under truncated backprop: its early copies get no gradient, which DDP
+    refuses unless it looks for unused parameters."""
+    args = ["model.share_weights=false", "train.grad_loops=1", "train.loop_sampling.sampler=fixed",
+            "eval.loops=[3]"]
+    one = train([sys.executable], f"out_dir={tmp_path}", "name=one", *args)
+    two = train(TORCHRUN, f"out_dir={tmp_path}", "name=ddp", *args)
+    check_same_training(tmp_path, "ddp", two.stdout, printed_losses(one.stdout))

@@ -14,20 +14,27 @@ from torch import nn
 from looped.errors import ConfigError
 
 
-def apply_fsdp(model: nn.Module) -> nn.Module:
-    """Shard `model` (a LoopedLM) in place with FSDP2's fully_shard; returns it."""
-    from torch.distributed.fsdp import fully_shard
+def apply_fsdp(model: nn.Module, mesh=None, mixed_precision: bool = False) -> nn.Module:
+    """Shard `model` (a LoopedLM) in place with FSDP2's fully_shard; returns it. mesh: a 1-D
+    mesh (shard over all ranks, the default) or a 2-D (replicate, shard) mesh for HSDP.
+    mixed_precision: compute in bf16 and reduce gradients in fp32 (GPU training)."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    kw = {"mesh": mesh}
+    if mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                               reduce_dtype=torch.float32)
     for block in model.prelude:
-        fully_shard(block)
+        fully_shard(block, **kw)
     if model.cfg.share_weights:
-        fully_shard(list(model.core), reshard_after_forward=False)
+        fully_shard(list(model.core), reshard_after_forward=False, **kw)
     else:
         for copy in model.core:
-            fully_shard(list(copy))
+            fully_shard(list(copy), **kw)
     for block in model.coda:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
     return model
 
 

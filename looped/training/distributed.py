@@ -38,7 +38,8 @@ from torch import nn
 
 from looped.errors import ConfigError
 
-PARALLEL_MODES = ("ddp", "fsdp")
+# hsdp: FSDP2 sharded within a node and replicated across nodes (a 2-D device mesh)
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
 # Under DDP the other ranks wait at a barrier while rank 0 evaluates and checkpoints; the
 # barrier is bound by the process group's timeout.
 TIMEOUT = timedelta(hours=2)
@@ -129,16 +130,59 @@ def barrier() -> None:
 
 def wrap_model(model: nn.Module, env: DistEnv, parallel: str, device: torch.device) -> nn.Module:
     """The module to run training forwards through: DistributedDataParallel around `model`
-    (which stays the plain module), or `model` itself sharded in place by FSDP2."""
+    (which stays the plain module), or `model` itself sharded in place by FSDP2: over all ranks
+    (fsdp), or within each node and replicated across nodes (hsdp: gradients reduce-scatter
+    over the fast intra-node links and all-reduce across nodes). On GPU, FSDP2 computes with
+    bf16 parameters and reduces gradients in fp32; the optimizer keeps fp32 shards."""
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [device.index] if device.type == "cuda" else None
-        # every parameter gets a gradient every step; the rotary tables are constant buffers
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        # DDP runs the whole loss (LossForward): the losses read the head outside the model's
+        # forward, and DDP only follows what its forward computes. The rotary tables are
+        # constant buffers. Some parameters get no gradient in some steps (an unrolled model's
+        # early copies under truncated backprop, a cross-layer method's parameters of positions
+        # past the sampled R): DDP must then look for them
+        return DistributedDataParallel(LossForward(model), device_ids=ids,
+                                       broadcast_buffers=False,
+                                       find_unused_parameters=may_skip_parameters(model))
     from looped.model.parallelize import apply_fsdp  # the model's own sharding plan
 
-    return apply_fsdp(model)
+    mesh = None
+    if parallel == "hsdp":
+        mesh = hsdp_mesh(env, device)
+    return apply_fsdp(model, mesh=mesh, mixed_precision=device.type == "cuda")
+
+
+class LossForward(nn.Module):
+    """What DDP wraps: its forward computes a training step's loss (a closure over the model
+    it holds), so that every use of a parameter happens inside DDP's forward."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, loss_fn) -> torch.Tensor:
+        return loss_fn()
+
+
+def may_skip_parameters(model: nn.Module) -> bool:
+    """Whether a training step can leave some parameters without gradient."""
+    c = model.cfg
+    return not c.share_weights or c.cross_layer.method != "none"
+
+
+def hsdp_mesh(env: DistEnv, device: torch.device):
+    """A (nodes, ranks per node) mesh: replicate across its first dim, shard along its second.
+    torchrun sets LOCAL_WORLD_SIZE, the ranks of one node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    if env.world_size % per_node:
+        raise ConfigError(f"train.parallel=hsdp: the world size {env.world_size} is not a "
+                          f"multiple of the ranks per node ({per_node})")
+    return init_device_mesh(device.type, (env.world_size // per_node, per_node),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def is_fsdp(model: nn.Module) -> bool:

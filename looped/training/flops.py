@@ -29,9 +29,24 @@ def other_layers(model, p: int, sources: tuple[int, ...], loops: Optional[int] =
 def depth_attention_flops(model, loops: Optional[int] = None, cfg=None, **kw) -> float:
     """Depth-Attention's FLOPs per token over all positions (cfg: the model config to price,
     default the model's own; the flops tool prices MLA's alternatives with it)."""
+    return float(sum(_depth_flops(model, loops, cfg, **kw)))
+
+
+def _depth_flops(model, loops: Optional[int], cfg=None, **kw) -> list[int]:
     kind, cfg = model.attention_kind, cfg or model.cfg
-    return float(sum(kind.depth_flops(cfg, len(s), other_layers(model, p, s, loops), **kw)
-                     for p, s in enumerate(model.depth_sources(model._check_loops(loops)))))
+    return [kind.depth_flops(cfg, len(s), other_layers(model, p, s, loops), **kw)
+            for p, s in enumerate(model.depth_sources(model._check_loops(loops)))]
+
+
+def position_flops(model, loops: Optional[int] = None, context: Optional[int] = None
+                   ) -> list[float]:
+    """Forward FLOPs per token of each depth position (its layer, attention and
+    Depth-Attention) at `loops` iterations over a context of `context` tokens."""
+    c = model.cfg
+    loops = model._check_loops(loops)
+    attention = model.attention_kind.attention_flops(c, context or c.max_seq_len)
+    return [2.0 * linear_weights(model.block_at(p, loops)) + attention + depth
+            for p, depth in enumerate(_depth_flops(model, loops))]
 
 
 def forward_flops_per_token(model, loops: Optional[int] = None,
@@ -40,14 +55,9 @@ def forward_flops_per_token(model, loops: Optional[int] = None,
     context of `context` tokens (default model.max_seq_len)."""
     c = model.cfg
     loops = model._check_loops(loops)
-    context = context or c.max_seq_len
-    positions = model.layout(loops).n_positions
-    weights = sum(linear_weights(model.block_at(p, loops)) for p in range(positions))
-    weights += c.vocab_size * c.d_model  # the head (tied or not, it runs once per token)
-    if model.adapter is not None:
-        weights += model.adapter.weight.numel() * loops
-    attention = model.attention_kind.attention_flops(c, context) * positions
-    return 2.0 * weights + attention + depth_attention_flops(model, loops)
+    head = 2.0 * c.vocab_size * c.d_model  # tied or not, it runs once per token
+    adapter = 0.0 if model.adapter is None else 2.0 * model.adapter.weight.numel() * loops
+    return sum(position_flops(model, loops, context)) + head + adapter
 
 
 def train_flops_per_token(model, loops: int, grad_loops: Optional[int] = None,
@@ -58,6 +68,10 @@ def train_flops_per_token(model, loops: int, grad_loops: Optional[int] = None,
     no_grad = 0 if grad_loops is None else max(0, loops - grad_loops)
     if no_grad == 0:
         return 3 * full
-    # what the iterations without gradient cost: the difference of two forwards
-    frozen = full - forward_flops_per_token(model, loops - no_grad, context)
+    layout = model.layout(loops)
+    first_core = layout.n_prelude
+    frozen = sum(position_flops(model, loops, context)[first_core:first_core
+                                                      + no_grad * layout.n_core])
+    if model.adapter is not None:
+        frozen += 2.0 * model.adapter.weight.numel() * no_grad
     return 3 * full - 2 * frozen

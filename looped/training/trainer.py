@@ -257,17 +257,24 @@ class Trainer:
         cfg = self.cfg
         row_loops = part.loops if self.row_loops else None
 
+        # DDP wraps the whole loss (distributed.LossForward), around the plain model
+        ddp = self.train_model is not self.model and not self.fsdp
+        model = self.model if ddp else self.train_model
+
         def forward(r: int, grad_loops: Optional[int]):
             grad_loops = grad_loops or cfg.train.grad_loops or None
             self.forwards.append((r, grad_loops))  # for the step's FLOPs
             # logits=False: the losses run the head in chunks, never holding (B, T, vocab)
-            return self.train_model(part.inputs, loops=r, row_loops=row_loops,
-                                    grad_loops=grad_loops, return_states=True, logits=False)
+            return model(part.inputs, loops=r, row_loops=row_loops, grad_loops=grad_loops,
+                         return_states=True, logits=False)
 
-        with self.autocast:
+        def loss() -> torch.Tensor:
             return self.objective(Step(self.model, forward, part, loops,
                                        step_generator(cfg.seed + OBJECTIVE_STREAM, step),
                                        cfg.train.gate_beta))
+
+        with self.autocast:
+            return self.train_model(loss) if ddp else loss()
 
     def _gradient_sync(self, last: bool):
         """Gradients are all-reduced after the last micro-batch only (DDP's no_sync; FSDP2
