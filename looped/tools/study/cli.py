@@ -7,6 +7,7 @@ when some failed (their errors are listed), 2 for a bad study file or argument.
     python -m looped study configs/study/text_plain.yaml                 # all of it
     python -m looped study configs/study/text_plain.yaml jobs=1 seeds=[0] # a part
     python -m looped study configs/study/text_plain.yaml dry_run=true     # what is done, what not
+    python -m looped study configs/study/paper_360m.yaml slurm.nodes=4   # each run on 4x8 GPUs
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from looped.errors import ConfigError, cli_main
 from looped.tools.study.aggregate import write_all
 from looped.tools.study.launchers import launch
 from looped.tools.study.runner import RunStatus, run_state
-from looped.tools.study.spec import check_run_config, expand, jobs_for, load_study
+from looped.tools.study.spec import (check_run_config, expand, jobs_for, load_study,
+                                    tasks_per_node, world_size)
 
 
 def help_text(argv: list[str] = ()) -> str:
@@ -63,8 +65,11 @@ def main(argv: list[str]) -> int:
             print(f"  {state:12s} {run.key}")
         return 0
     if todo:
+        world = world_size(spec)
+        each = (f"{world} processes ({spec.slurm.nodes} node(s) x {tasks_per_node(spec)}) "
+                f"per run, " if world > 1 else "")
         print(f"launcher {spec.launcher}: {jobs_for(spec) if spec.launcher == 'local' else '-'} "
-              f"at a time, {spec.threads} thread(s) each", flush=True)
+              f"at a time, {each}{spec.threads} thread(s) each", flush=True)
     t0 = time.perf_counter()
 
     def report(status: RunStatus) -> None:

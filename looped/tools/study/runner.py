@@ -10,22 +10,30 @@ A run directory holds, besides what train.py writes:
     .lock            held while a process works on the run
 
 `run_one` never raises: it returns a RunStatus, so one bad run does not stop the others. It is a
-plain function of a picklable RunSpec, so submitit can ship it to a cluster.
+plain function of a picklable RunSpec, so submitit can ship it to a cluster. `run_one_distributed`
+is what each task of a multi-process job (slurm.nodes x one task per GPU) runs instead: all tasks
+train the run in-process, data-parallel, and rank 0 alone does the rest of what `run_one` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import os
+import shlex
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 from looped.training.checkpoint import CKPT_DIR, LATEST
 from looped.config import load_config, renamed_override
+from looped.errors import EXIT_BAD_INPUT, LoopedError
+from looped.training.distributed import DistEnv
 from looped.training.scoring import eval_loops
 from looped.tools.study.spec import RunSpec
 
@@ -33,6 +41,9 @@ RESULT = "result.json"
 RECORD = "study_run.json"
 ERROR = "error.txt"
 LOCK = ".lock"
+# the torchrun variables a task of a multi-process job trains under (run_one_distributed)
+TORCH_ENVIRON = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK",
+                 "LOCAL_WORLD_SIZE")
 
 
 @dataclass
@@ -97,18 +108,27 @@ def _last_error(output: str, code: int) -> str:
     return f"{line} (exit code {code})" if line else f"exit code {code}"
 
 
-def _run(cmd: list[str], log: Path) -> tuple[int, str]:
+def _run(cmd: list[str], log: Path, environ: Optional[dict[str, str]] = None
+         ) -> tuple[int, str]:
     """Run a subprocess with its output appended to `log` as it goes (tail -f works); returns
     (exit code, what it wrote)."""
     with open(log, "a") as f:
         start = f.tell()
         f.write(f"$ {' '.join(cmd)}\n")
         f.flush()
-        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
-                              stdin=subprocess.DEVNULL).returncode
+        code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                              env=environ).returncode
     with open(log) as f:
         f.seek(start)
         return code, f.read()
+
+
+# Trains a run: (train.py arguments, the log its output is appended to) -> (exit code, output).
+Train = Callable[[list[str], Path], tuple[int, str]]
+
+
+def train_subprocess(argv: list[str], log: Path) -> tuple[int, str]:
+    return _run([sys.executable, "-m", "looped", "train", *argv], log)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -117,7 +137,7 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)  # atomic: a reader sees the old file or the new one, never half of one
 
 
-def run_one(run: RunSpec) -> RunStatus:
+def run_one(run: RunSpec, train: Train = train_subprocess) -> RunStatus:
     """Train the run (resuming from its checkpoint if interrupted), evaluate it, record it."""
     d = Path(run.run_dir)
     try:
@@ -127,12 +147,16 @@ def run_one(run: RunSpec) -> RunStatus:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return RunStatus(run, "failed", error=f"another process is working on {d}")
-            return _train_and_evaluate(run, d)
+            return _train_and_evaluate(run, d, train)
     except Exception as e:  # a bug or an OS error: report it with the run, keep the others
-        return _fail(run, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
+        return _fail(run, _one_line(e))
 
 
-def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
+def _one_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def _train_and_evaluate(run: RunSpec, d: Path, train: Train) -> RunStatus:
     if (d / RESULT).is_file():
         result = finished_result(run)
         if result is None:
@@ -148,9 +172,9 @@ def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
     elif not same_settings(record.get("settings"), run):
         return _fail(run, f"{d} holds a checkpoint of a run with other overrides than the "
                           f"study's now; move it away or give the study another out=")
-    cmd = [sys.executable, "-m", "looped", "train", *run.train_argv()]
     t0 = time.perf_counter()
-    code, output = _run(cmd + (["resume=true"] if resumed else []), d / "train.log")
+    code, output = train([*run.train_argv(), *(["resume=true"] if resumed else [])],
+                         d / "train.log")
     record["attempt_seconds"].append(round(time.perf_counter() - t0, 1))
     _write_json(d / RECORD, record)
     if code != 0:
@@ -160,7 +184,9 @@ def _train_and_evaluate(run: RunSpec, d: Path) -> RunStatus:
     cmd = [sys.executable, "-m", "looped", "eval", f"ckpt={d}", f"out={d / 'eval'}",
            f"n_samples={run.eval_n_samples}", f"batch_size={run.eval_batch_size}",
            f"threads={run.threads}", f"loops=[{','.join(map(str, loops))}]"]
-    code, output = _run(cmd, d / "eval.log")
+    # one process, also when rank 0 of a multi-process job starts it
+    plain = {k: v for k, v in os.environ.items() if k not in TORCH_ENVIRON}
+    code, output = _run(cmd, d / "eval.log", plain)
     if code != 0:
         return _fail(run, "evaluation: " + _last_error(output, code), resumed)
     (entry,) = json.loads((d / "eval" / "loop_sweep.json").read_text()).values()
@@ -180,3 +206,126 @@ def _fail(run: RunSpec, message: str, resumed: bool = False) -> RunStatus:
     except OSError:
         pass  # the status still carries the message
     return RunStatus(run, "failed", error=message, resumed=resumed)
+
+
+# -- one run over several processes: what each task of its submitit job does -----------------
+
+def run_one_distributed(run: RunSpec) -> Optional[RunStatus]:
+    """Join the run's process group (every task of its job, on every node), then train the run
+    in this process, data-parallel over all tasks. Rank 0 alone reads and writes the run
+    directory: it decides (skip, resume, refuse) and tells the others, then trains with them,
+    evaluates, and returns the RunStatus; the other ranks return None."""
+    import torch.distributed as dist
+
+    from looped.training.distributed import setup
+    from looped.training.device import pick_device
+
+    with _torch_environ() as env:
+        try:
+            cfg = load_config([*run.overrides, f"seed={run.seed}"])
+            # gloo on CPU, nccl (and this rank's GPU) on CUDA, as the trainer would choose;
+            # the trainer then finds the group formed
+            setup(env, pick_device(cfg.device, env.local_rank if env.enabled else None))
+        except Exception as e:  # the same on every rank: rank 0 reports it
+            return _fail(run, str(e) if isinstance(e, LoopedError) else _one_line(e)) \
+                if env.is_main else None
+        try:
+            # the others wait for rank 0's decision rather than read the directory it writes
+            if not env.is_main:
+                argv = _broadcast(None)
+                if argv is not None:
+                    _train_in_process(argv, env, None)
+                return None
+            trained = False
+
+            def train(argv: list[str], log: Path) -> tuple[int, str]:
+                nonlocal trained
+                trained = True
+                _broadcast(argv)
+                return _train_in_process(argv, env, log)
+
+            status = run_one(run, train)
+            if not trained:  # skipped or refused: nothing for the others to train
+                _broadcast(None)
+            return status
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _torch_environ() -> Iterator[DistEnv]:
+    """This task's torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+    MASTER_ADDR/PORT) from submitit's view of the job, set while the task trains (the process
+    group reads them, train.parallel=hsdp its ranks per node) and restored after."""
+    import submitit
+
+    saved = {k: os.environ.get(k) for k in TORCH_ENVIRON}
+    # set_cuda_visible_devices=False: every task keeps the node's GPUs and the trainer takes
+    # cuda:LOCAL_RANK, as under torchrun. overwrite: a job submitted from inside another job's
+    # shell inherits that job's variables.
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False,
+                                                          overwrite=True)
+    try:
+        yield DistEnv.from_environ()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _broadcast(argv: Optional[list[str]]) -> Optional[list[str]]:
+    """Rank 0's train.py arguments on every rank (None: nothing to train)."""
+    import torch.distributed as dist
+
+    box = [argv]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _train_in_process(argv: list[str], env: DistEnv, log: Optional[Path]) -> tuple[int, str]:
+    """train.py's `run` in this process: rank 0's output appended to `log`, the other ranks'
+    (errors only: they print nothing else) left in their job's own log. Leaves the process
+    group at the end. Returns (exit code, output)."""
+    from looped.tools.train import run as train
+
+    stream = open(log, "a") if log else sys.stdout
+    start = stream.tell() if log else 0
+    code = 0
+    try:
+        print(f"$ looped train {shlex.join(argv)}  # in-process, rank {env.rank} of "
+              f"{env.world_size}", file=stream, flush=True)
+        with contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
+            try:
+                code = train(argv, env) or 0
+            except LoopedError as e:
+                print(f"error: {e}")
+                code = getattr(e, "exit_code", EXIT_BAD_INPUT)
+            except Exception as e:  # a bug, out of memory, a peer gone: the trace, then one line
+                traceback.print_exc()
+                print(f"error: {_one_line(e)}")
+                code = 1
+        stream.flush()
+    finally:
+        if log:
+            stream.close()
+    _leave_process_group(ok=code == 0)
+    if not log:
+        return code, ""
+    with open(log) as f:
+        f.seek(start)
+        return code, f.read()
+
+
+def _leave_process_group(ok: bool) -> None:
+    """After a run's training: wait for every rank (unless a failure makes the ranks' paths
+    differ, when some may never come), then leave."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if ok:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -15,6 +15,8 @@
     cache_bytes: false                                # optional: KV bytes per token per variant
     metric: bits_per_byte                   # accuracy | solved | loss | bits_per_byte
     eval: {loops: [1], n_samples: 1024}               # the `looped eval` sweep of each run
+    launcher: slurm                                   # local (default) | slurm | submitit_local
+    slurm: {nodes: 2, gpus_per_node: 8}               # each run trains on 16 GPUs, one job
 
 Each (grid point, variant, seed) is one run: `python -m looped train <base> <grid point>
 <grid point's overrides> <variant> seed=<k>` in `<out>/[<grid point>/]<variant>/seed<k>`, then
@@ -28,7 +30,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import yaml
 from omegaconf import OmegaConf
@@ -36,6 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from looped.config import first_line, load_config, load_yaml
 from looped.errors import ConfigError, LoopedError
+from looped.training.distributed import check_parallel
 
 METRICS = {"accuracy": "higher", "solved": "higher", "loss": "lower", "bits_per_byte": "lower"}
 LAUNCHERS = ("local", "slurm", "submitit_local", "submitit_debug")
@@ -52,9 +55,13 @@ class StudyEval:
 class SlurmOptions:
     partition: Optional[str] = None  # the SLURM partition; null: the cluster's default
     timeout_min: int = 240  # per run
-    mem_gb: float = 8.0  # per run
+    mem_gb: float = 8.0  # per node of a run's job
     cpus_per_task: int = 0  # 0: the study's threads
-    gpus_per_node: int = 0  # GPUs per run
+    nodes: int = 1  # nodes per run; a run trains data-parallel over all of them
+    gpus_per_node: int = 0  # GPUs per node of a run's job; 0: a CPU job
+    # training processes per node: 0 is one per GPU (or 1 on a CPU job); more than one makes
+    # the run data-parallel over nodes x tasks_per_node processes (DDP or FSDP, train.parallel)
+    tasks_per_node: int = 0
     # more submitit parameters, e.g. {slurm_account: x, slurm_qos: y}
     parameters: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +108,10 @@ class RunSpec:
     eval_loops: tuple[int, ...]
     eval_n_samples: int
     eval_batch_size: int
+    # the processes the run trains on and the GPUs its job has per node; not part of what the
+    # run is: the trainer makes the same training at any world size
+    world_size: int = 1
+    gpus_per_node: int = 0
 
     @property
     def grid_label(self) -> str:
@@ -167,6 +178,7 @@ def _validate(spec: StudySpec, path: Path) -> None:
     need(spec.launcher in LAUNCHERS,
          f"unknown launcher '{spec.launcher}'; choose one of: {', '.join(LAUNCHERS)}")
     need(spec.threads >= 1 and spec.jobs >= 0, "threads must be >= 1 and jobs >= 0")
+    _validate_job(spec, need)
     need(all(r >= 1 for r in spec.eval.loops + spec.report_loops), "loop counts must be >= 1")
     need(spec.eval.n_samples >= 1 and spec.eval.batch_size >= 1,
          "eval.n_samples and eval.batch_size must be >= 1")
@@ -196,6 +208,39 @@ def _validate(spec: StudySpec, path: Path) -> None:
              f"'{item}': the study sets seed, out_dir, name, threads and resume itself")
 
 
+def _validate_job(spec: StudySpec, need: Callable[[bool, str], None]) -> None:
+    """The knobs of each run's job: nodes, GPUs and processes per node."""
+    s = spec.slurm
+    need(s.nodes >= 1, f"slurm.nodes must be >= 1, got {s.nodes}")
+    need(s.gpus_per_node >= 0, f"slurm.gpus_per_node must be >= 1 for a GPU job (0: a CPU "
+                               f"job), got {s.gpus_per_node}")
+    need(s.tasks_per_node >= 0, f"slurm.tasks_per_node must be >= 1 (0: one per GPU), got "
+                                f"{s.tasks_per_node}")
+    # the trainer puts local rank k on cuda:k, so a node runs exactly one process per GPU
+    need(not s.gpus_per_node or s.tasks_per_node in (0, s.gpus_per_node),
+         f"slurm.tasks_per_node={s.tasks_per_node} with slurm.gpus_per_node={s.gpus_per_node}: "
+         f"a GPU job runs one process per GPU; drop tasks_per_node")
+    world = world_size(spec)
+    need(world == 1 or spec.launcher != "local",
+         f"launcher=local trains each run in one process, but slurm.nodes x tasks per node is "
+         f"{world}; use launcher=slurm (launcher=submitit_local on this machine)")
+    need(s.nodes == 1 or spec.launcher == "slurm",
+         f"launcher={spec.launcher} runs on this machine only; slurm.nodes={s.nodes} needs "
+         f"launcher=slurm")
+    need(world == 1 or spec.launcher != "submitit_debug",
+         "launcher=submitit_debug runs a job in this process, one task only; use "
+         "launcher=submitit_local for several processes per run")
+
+
+def tasks_per_node(spec: StudySpec) -> int:
+    return spec.slurm.tasks_per_node or spec.slurm.gpus_per_node or 1
+
+
+def world_size(spec: StudySpec) -> int:
+    """The processes each run trains on."""
+    return spec.slurm.nodes * tasks_per_node(spec)
+
+
 def jobs_for(spec: StudySpec) -> int:
     return spec.jobs or max(1, (os.cpu_count() or 1) // spec.threads)
 
@@ -220,7 +265,8 @@ def expand(spec: StudySpec) -> list[RunSpec]:
                 runs.append(RunSpec(variant, seed, point, tuple(args),
                                     str(where / variant / f"seed{seed}"), spec.threads,
                                     tuple(spec.eval.loops), spec.eval.n_samples,
-                                    spec.eval.batch_size))
+                                    spec.eval.batch_size, world_size(spec),
+                                    spec.slurm.gpus_per_node))
     return runs
 
 
@@ -228,8 +274,16 @@ def check_run_config(run: RunSpec) -> Optional[str]:
     """The one-line problem with a run's config, or None if it resolves."""
     try:
         cfg = load_config([*run.overrides, f"seed={run.seed}"])
+        check_parallel(cfg.train.parallel)
     except LoopedError as e:
         return str(e)
+    if cfg.train.batch_size % run.world_size:  # caught here rather than by every rank's job
+        return (f"train.batch_size={cfg.train.batch_size} is the global batch and must be "
+                f"divisible by the run's {run.world_size} processes (slurm.nodes x tasks per "
+                f"node)")
+    if run.gpus_per_node and cfg.device == "cpu":
+        return (f"device=cpu, but the run's job asks for slurm.gpus_per_node="
+                f"{run.gpus_per_node}; drop device=cpu (auto trains on the GPUs) or the GPUs")
     if run.eval_loops and cfg.loop not in run.eval_loops:  # the report compares at trained R
         return (f"the study's eval.loops {list(run.eval_loops)} leave out this run's trained "
                 f"loop={cfg.loop}")
