@@ -30,6 +30,7 @@ SUBCOMMANDS = {
     "flops": ("looped.tools.flops", "FLOPs, parameters, KV cache and extra state per token"),
     "generate": ("looped.tools.generate", "sample from a trained run"),
     "export": ("looped.tools.export", "a trained run as a transformers model directory"),
+    "lm-eval": ("looped.tools.lm_eval", "score a run with lm-evaluation-harness, natively"),
     "data": ("looped.tools.data", "prepare a corpus once into memory-mapped token shards"),
 }
 
