@@ -38,7 +38,8 @@ def gpu_peak(name: str) -> Optional[float]:
 def measured_cpu_peak(threads: int, n: int = CPU_PEAK_SIZE, repeats: int = CPU_PEAK_REPEATS
                       ) -> float:
     """The best FLOP/s of an fp32 matmul on this process's threads (training runs in fp32)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    gen = torch.Generator().manual_seed(0)  # not the global RNG, which checkpoints record
+    a, b = torch.randn(n, n, generator=gen), torch.randn(n, n, generator=gen)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
