@@ -1,95 +1,220 @@
-"""`looped lm-eval`: lm-evaluation-harness through looped's own forward. On a GQA run its every
-log-likelihood equals the exported model's under lm-eval's `hf` model (1e-5); MLA and
-cross-layer runs, which export cannot take, score and equal looped's forward recomputed here."""
+"""`looped lm-eval`: lm-evaluation-harness through looped's own forward (looped.lm_eval_model).
+
+- On a byte-level GQA run, every log-likelihood (per request and rolling, with contexts and
+  texts longer than model.max_seq_len) equals the HF-export path's, `looped export` scored by
+  lm-eval's `hf` model, to 1e-5; greedy generations are the same text.
+- Batch sizes 1 and 4 give the same numbers, also with adaptive exit and a `last` KV cache,
+  which score as looped's cached decode recomputed here.
+- An MLA run and a DenseFormer run, which export cannot take, score end to end through the
+  `looped lm-eval` command on an offline task, equal to looped's forward recomputed here.
+- Bad input is a one-line error and a non-zero exit code.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import random
 import subprocess
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import CLI_TINY_MODEL
 from looped import load_run
+from looped.errors import cli_main
+from looped.tools.export import main as export_main
+from looped.tools.lm_eval import main as lm_eval_main
 from looped.tools.train import main as train_main
-from test_hf_lm_eval import QUICK, TEXT, _log_likelihood, _train_and_export, _write_task
 
-pytestmark = pytest.mark.slow
+MAX_LEN = 32  # model.max_seq_len: the strings below run past it
+QUICK = ["train.steps=2", "train.batch_size=4", "train.eval_every=2", "eval.n_samples=4",
+         "train.log_every=1", "threads=1"]
+TEXT = ["task=text", "model.vocab_size=256", "task.seq_len=24", f"model.max_seq_len={MAX_LEN}",
+        "train.objective.loss=final", "train.loop_sampling.sampler=fixed",
+        "model.depth_attention.enabled=true"]
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789 .,;:!?'\nééλ→"
 enc = lambda s: list(s.encode("utf-8"))  # noqa: E731  (the byte tokenizer)
 
 
-def _native(run, tasks_dir, names, batch_size=2, **kw):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+def _text(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(n))
 
+
+def _requests():
+    """(loglikelihood, loglikelihood_rolling, generate_until) Instances on random-ish strings:
+    empty and trailing-space contexts, contexts and texts shorter than, as long as and longer
+    than max_seq_len (in bytes; the non-ASCII characters take two or three)."""
+    from lm_eval.api.instance import Instance
+
+    rng = random.Random(0)
+    pairs = [("", _text(rng, 5)), (_text(rng, 7) + " ", _text(rng, 3))]
+    pairs += [(_text(rng, n), _text(rng, m)) for n, m in ((3, 1), (12, 9), (30, 4), (70, 6),
+                                                            (20, 20))]
+    texts = [_text(rng, n) for n in (1, 9, 31, 32, 33, 64, 90)]
+    gen = [(_text(rng, n), {"until": [stop], "max_gen_toks": 6, "do_sample": False})
+           for n, stop in ((4, "\n"), (10, "a"), (10, "e"), (50, "\n"))]
+    make = lambda kind, args: [Instance(kind, {}, a, i) for i, a in enumerate(args)]  # noqa: E731
+    return (make("loglikelihood", pairs), make("loglikelihood_rolling", [(t,) for t in texts]),
+            make("generate_until", gen))
+
+
+def _train(root, name: str, extra: list[str] = ()):
+    assert train_main([*CLI_TINY_MODEL, *TEXT, *extra, *QUICK, f"out_dir={root}",
+                       f"name={name}"]) == 0
+    return root / name
+
+
+@pytest.fixture(scope="module")
+def gqa(tmp_path_factory):
+    """A trained byte-level GQA run and its export."""
+    root = tmp_path_factory.mktemp("gqa")
+    run = _train(root, "gqa")
+    assert export_main([f"run={run}", f"out={root / 'hf'}"]) == 0
+    return run, root / "hf"
+
+
+def _native(run, **kw):
     from looped.lm_eval_model import LoopedEvalLM
 
-    lm = LoopedEvalLM(str(run), batch_size=batch_size, device="cpu", **kw)
-    return simple_evaluate(model=lm, tasks=names, log_samples=True,
-                           task_manager=TaskManager(include_path=str(tasks_dir)))
+    return LoopedEvalLM(str(run), device="cpu", **kw)
 
 
-def _by_doc(res, task):
-    return {s["doc"]["text"]: s for s in res["samples"][task]}
+def _scores(lm, ll, rolling) -> list[float]:
+    return [v for v, _ in lm.loglikelihood(ll)] + lm.loglikelihood_rolling(rolling)
 
 
-def test_native_equals_the_hf_export_path_on_gqa(tmp_path_factory, tmp_path):
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
+@pytest.mark.slow
+def test_native_equals_the_hf_export_path_on_gqa(gqa):
+    from lm_eval.models.huggingface import HFLM
 
-    _, out = _train_and_export(tmp_path_factory, "gqa", [*CLI_TINY_MODEL, *TEXT])
-    run = out.parent / "gqa"
-    names = _write_task(tmp_path)
-    hf = simple_evaluate(model="hf", model_args=f"pretrained={out},trust_remote_code=True",
-                         tasks=names, task_manager=TaskManager(include_path=str(tmp_path)),
-                         batch_size=2, device="cpu", log_samples=True)
-    ours = _native(run, tmp_path, names, batch_size=3)
-    for task in ("looped_ll", "looped_rolling"):
-        theirs, mine = _by_doc(hf, task), _by_doc(ours, task)
-        assert theirs.keys() == mine.keys()
-        for doc in theirs:
-            a, b = theirs[doc]["resps"][0][0], mine[doc]["resps"][0][0]
-            a = a[0] if isinstance(a, (list, tuple)) else a
-            b = b[0] if isinstance(b, (list, tuple)) else b
-            # 1e-5, or 1e-6 relative for whole texts: hf sums fp32 log-probs, looped fp64 ones
-            assert abs(a - b) <= max(1e-5, 1e-6 * abs(a)), (task, a, b)
-    for doc, s in _by_doc(hf, "looped_gen").items():
-        assert _by_doc(ours, "looped_gen")[doc]["filtered_resps"] == s["filtered_resps"]
-    # batching changes nothing
-    one = _native(run, tmp_path, ["looped_ll"], batch_size=1)
-    for doc, s in _by_doc(one, "looped_ll").items():
-        assert abs(s["resps"][0][0][0] - _by_doc(ours, "looped_ll")[doc]["resps"][0][0][0]) < 1e-5
+    run, out = gqa
+    ll, rolling, gen = _requests()
+    # fp64 log-softmax and sums on the hf side too: both then differ by the fp32 forward only
+    hf = HFLM(pretrained=str(out), trust_remote_code=True, batch_size=3, device="cpu",
+              softmax_dtype="float64")
+    ours = _native(run, batch_size=3)
+    assert hf.max_length == ours.max_length == MAX_LEN
+    theirs, mine = _scores(hf, ll, rolling), _scores(ours, ll, rolling)
+    assert min(abs(v) for v in mine) > 1  # untrained bytes: a few nats each, not zeros
+    assert max(abs(a - b) for a, b in zip(theirs, mine)) <= 1e-5, (theirs, mine)
+    assert [g for _, g in hf.loglikelihood(ll)] == [g for _, g in ours.loglikelihood(ll)]
+    assert hf.generate_until(gen) == ours.generate_until(gen)
 
 
+@pytest.mark.slow
+def test_batching_changes_nothing(gqa):
+    run, _ = gqa
+    ll, rolling, gen = _requests()
+    one, four = _native(run, batch_size=1), _native(run, batch_size=4)
+    a, b = _scores(one, ll, rolling), _scores(four, ll, rolling)
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+    assert one.generate_until(gen) == four.generate_until(gen)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_exit_and_last_cache_score_as_looped_decodes(gqa):
+    from looped.model.exit import build_exit
+
+    run, _ = gqa
+    ll, _, _ = _requests()
+    ll = ll[2:]  # non-empty contexts that fit: the prefix and truncation are pinned above
+    kw = dict(loops=3, exit="entropy", threshold=5.0, kv="last")
+    got = [[v for v, _ in _native(run, batch_size=b, **kw).loglikelihood(ll)] for b in (1, 4)]
+    cfg, model = load_run(run, ["exit.criterion=entropy", "exit.threshold=5.0"])
+    for r, a, b in zip(ll, *got):
+        context, continuation = enc(r.args[0]), enc(r.args[1])
+        ids = torch.tensor([(context + continuation)[-(MAX_LEN + 1):]])
+        out = model.cached_forward(ids[:, :-1], kv="last", loops=3, exit=build_exit(cfg.exit))
+        lp = F.log_softmax(out.logits[0].double(), -1)[-len(continuation):]
+        want = float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
+        assert abs(a - want) <= 1e-5 and abs(b - want) <= 1e-5, (a, b, want)
+
+
+def _write_task(tmp_path, rows: list[dict]) -> None:
+    """An offline lm-eval task pair over a JSONL file: per-request and rolling log-likelihood."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test"}
+    tasks = {
+        "native_ll": {"output_type": "loglikelihood", "doc_to_text": "{{context}}",
+                      "doc_to_target": "{{continuation}}", "target_delimiter": "",
+                      "metric_list": [{"metric": "perplexity"}]},
+        "native_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
+                           "doc_to_target": "{{text}}",
+                           "metric_list": [{"metric": "bits_per_byte"}]},
+    }
+    for name, spec in tasks.items():  # JSON is YAML
+        (tmp_path / f"{name}.yaml").write_text(json.dumps({"task": name, **common, **spec}))
+
+
+def _log_likelihood(model, context: list[int], continuation: list[int]) -> float:
+    ids = torch.tensor([context + continuation])
+    lp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)[-len(continuation):]
+    return float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [
     ["model.attention=mla", "model.mla.kv_rank=24", "model.mla.rope_dim=8",
      "model.mla.nope_dim=16", "model.mla.v_dim=12"],
     ["model.cross_layer.method=denseformer", "model.depth_attention.enabled=false"],
 ], ids=["mla", "denseformer"])
-def test_native_scores_runs_export_cannot_take(variant, tmp_path):
-    root = tmp_path / "runs"
-    args = [*CLI_TINY_MODEL, *TEXT, *variant, *QUICK, f"out_dir={root}", "name=r", "threads=1"]
-    assert train_main(args) == 0
-    _, model = load_run(root / "r")
-    names = _write_task(tmp_path)
-    res = _native(root / "r", tmp_path, ["looped_ll"])
-    for s in res["samples"]["looped_ll"]:
-        with torch.no_grad():
-            want = _log_likelihood(model, enc(s["doc"]["context"]), enc(s["doc"]["continuation"]))
-        assert s["resps"][0][0][0] == pytest.approx(want, abs=1e-5)
-    assert names
+def test_the_command_scores_runs_export_cannot_take(variant, tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    # index only the task directory, not lm-eval's ~15k built-in tasks (seconds per call)
+    monkeypatch.setattr("lm_eval.tasks.TaskManager",
+                        functools.partial(TaskManager, include_defaults=False))
+    run = _train(tmp_path / "runs", "r", variant)
+    rng = random.Random(1)
+    rows = [{"text": _text(rng, n), "context": _text(rng, n), "continuation": _text(rng, 4)}
+            for n in (5, 11, 17, 23)]  # one window each: the windows are pinned above
+    _write_task(tmp_path, rows)
+    out = tmp_path / "scores.json"
+    assert lm_eval_main([f"run={run}", "tasks=native_ll,native_rolling", "device=cpu",
+                         "batch_size=3", f"include_path={tmp_path}", f"out={out}"]) == 0
+    results = json.loads(out.read_text())["results"]
+    _, model = load_run(run)
+    with torch.no_grad():
+        ll = [_log_likelihood(model, enc(r["context"]), enc(r["continuation"])) for r in rows]
+        rolled = [_log_likelihood(model, [0], enc(r["text"])) for r in rows]
+    perplexity = math.exp(-sum(ll) / len(ll))
+    bits_per_byte = -sum(rolled) / sum(len(enc(r["text"])) for r in rows) / math.log(2)
+    assert results["native_ll"]["perplexity,none"] == pytest.approx(perplexity, rel=1e-6)
+    assert results["native_rolling"]["bits_per_byte,none"] == pytest.approx(bits_per_byte,
+                                                                            rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
-    (["tasks=[x]"], "give a run"),
-    (["run=/nonexistent", "tasks=[x]"], "no such run"),
-    (["run=.", "tasks=[x]", "batch_size=0"], "batch_size must be >= 1"),
+    (["tasks=x"], "give a run and tasks"),
+    (["run={run}"], "give a run and tasks"),
+    (["run={tmp}/nope", "tasks=x"], "does not exist"),
+    (["run={tmp}", "tasks=x"], "no checkpoint found"),  # a directory, not a run
+    (["run={run}", "tasks=x", "batch_size=-1"], "batch_size must be >= 0"),
+    (["run={run}", "tasks=x", "loops=0"], "loops must be >= 1"),
+    (["run={run}", "tasks=x", "limit=many"], "limit"),
+    (["run={run}", "tasks=x", "device=tpu"], "unknown device"),
+    (["run={run}", "tasks=x", "kv=all"], "cache policy"),
+    (["run={run}", "tasks=no_such_task"], "unknown lm-eval task(s): no_such_task"),
 ])
-def test_cli_bad_input_is_one_line(args, message):
-    proc = subprocess.run([sys.executable, "-m", "looped", "lm-eval", *args],
+def test_bad_input_is_one_line(args, message, gqa, tmp_path, capsys):
+    run, _ = gqa
+    with pytest.raises(SystemExit) as e:
+        cli_main(lm_eval_main, [a.format(run=run, tmp=tmp_path) for a in args])
+    assert e.value.code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
+
+
+def test_the_subcommand_is_wired():
+    proc = subprocess.run([sys.executable, "-m", "looped", "lm-eval", "tasks=x"],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: give a run and tasks: looped lm-eval run=runs/NAME tasks=TASK[,TASK]"]
