@@ -2,7 +2,7 @@
 cross-layer baselines, adaptive exit, a `last` KV cache, any loop count (`looped export`
 covers plain GQA only).
 
-    looped lm-eval run=runs/text tasks=[hellaswag] batch_size=16 device=cuda
+    looped lm-eval run=runs/text tasks=hellaswag batch_size=16 device=cuda
 
     import lm_eval, looped.lm_eval_model          # the import registers the model "looped"
     lm_eval.simple_evaluate(model="looped", model_args="run=runs/text,loops=16", tasks=[...])
@@ -60,8 +60,8 @@ class LoopedEvalLM(TemplateLM):
         overrides = [f"exit.criterion={exit}"] if exit is not None else []
         overrides += [f"exit.threshold={threshold}"] if threshold is not None else []
         self.cfg, model = load_run(str(run), overrides)
-        self.device_ = pick_device(device)
-        self.model = model.to(self.device_).eval()
+        self._device = pick_device(device)  # lm-eval's LM.device reads it
+        self.model = model.to(self.device).eval()
         self.loops = self.model._check_loops(int(loops) if loops is not None else None)
         self.exit = build_exit(self.cfg.exit)
         if kv is not None:
@@ -74,7 +74,7 @@ class LoopedEvalLM(TemplateLM):
                               f"lm-eval scores text models (task=text)")
         self.max_length = self.cfg.model.max_seq_len
         if str(batch_size).startswith("auto") or str(batch_size) == "0":
-            batch_size = eval_batch_size(self.model, self.max_length, self.loops, self.device_)
+            batch_size = eval_batch_size(self.model, self.max_length, self.loops, self.device)
         self.batch_size = int(batch_size)
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1 (0 or auto: what fits in memory), got "
@@ -125,9 +125,9 @@ class LoopedEvalLM(TemplateLM):
         ids = torch.zeros(len(rows), max(len(t) for t, _ in rows) - 1, dtype=torch.long)
         for r, (tokens, _) in enumerate(rows):
             ids[r, :len(tokens) - 1] = torch.tensor(tokens[:-1])
-        ids = ids.to(self.device_)
+        ids = ids.to(self.device)
         out = []
-        with autocast(self.device_):
+        with autocast(self.device):
             if self.kv is None:  # the head only on the positions that predict continuations
                 hidden = self.model(ids, loops=self.loops, exit=self.exit, logits=False).hidden
                 head = self.model.head
@@ -175,7 +175,8 @@ class LoopedEvalLM(TemplateLM):
             max_new = min(kwargs.pop("max_gen_toks"), self.max_length - 1)
             ids = (self.tok_encode(request.args[0]) or [PREFIX_TOKEN])
             prompts.append(ids[-(self.max_length - max_new):])  # room for max_new tokens
-            temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample") else 0
+            # normalize_gen_kwargs decides do_sample; without it lm-eval's hf model is greedy
+            temperature = float(kwargs.get("temperature", 0.0)) if kwargs["do_sample"] else 0.0
             key = (len(prompts[-1]), max_new, tuple(until), temperature, kwargs.get("top_k"))
             groups[key].append(i)
         out = [""] * len(requests)
@@ -196,12 +197,13 @@ class LoopedEvalLM(TemplateLM):
         from looped.model.generation import sample
         from looped.training.device import autocast
 
-        ids = torch.tensor(prompts, device=self.device_)
+        ids = torch.tensor(prompts, device=self.device)
         cache = self.model.new_cache(len(prompts), ids.shape[1] + max_new, self.loops,
                                      self.kv or "per_iteration")
         new: list[list[int]] = [[] for _ in prompts]
-        with autocast(self.device_):
-            for step in range(max_new):
+        texts = [""] * len(prompts)  # max_gen_toks=0: nothing
+        with autocast(self.device):
+            for _ in range(max_new):
                 logits = self.model(ids, loops=self.loops, cache=cache, exit=self.exit).logits
                 ids = sample(logits[:, -1], temperature, top_k)  # (B, 1): the next input
                 texts = []

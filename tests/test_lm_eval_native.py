@@ -40,8 +40,8 @@ ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJ0123456789 .,;:!?'\nééλ→"
 enc = lambda s: list(s.encode("utf-8"))  # noqa: E731  (the byte tokenizer)
 
 
-def _text(rng: random.Random, n: int) -> str:
-    return "".join(rng.choice(ALPHABET) for _ in range(n))
+def _text(rng: random.Random, n: int, alphabet: str = ALPHABET) -> str:
+    return "".join(rng.choice(alphabet) for _ in range(n))
 
 
 def _requests():
@@ -116,6 +116,18 @@ def test_batching_changes_nothing(gqa):
 
 
 @pytest.mark.slow
+def test_registered_with_lm_eval(gqa):
+    from lm_eval.api.registry import get_model
+
+    from looped.lm_eval_model import LoopedEvalLM
+
+    run, _ = gqa  # the strings lm_eval --model_args and simple_evaluate pass
+    lm = get_model("looped").create_from_arg_string(
+        f"run={run},loops=3", {"batch_size": "auto", "max_batch_size": None, "device": "cpu"})
+    assert isinstance(lm, LoopedEvalLM) and lm.loops == 3 and lm.batch_size >= 1
+
+
+@pytest.mark.slow
 @torch.no_grad()
 def test_exit_and_last_cache_score_as_looped_decodes(gqa):
     from looped.model.exit import build_exit
@@ -123,13 +135,15 @@ def test_exit_and_last_cache_score_as_looped_decodes(gqa):
     run, _ = gqa
     ll, _, _ = _requests()
     ll = ll[2:]  # non-empty contexts that fit: the prefix and truncation are pinned above
-    kw = dict(loops=3, exit="entropy", threshold=5.0, kv="last")
+    # latent: a relative state change, far from its threshold in fp32 noise (a KL near 1e-4 is
+    # not: batch shapes then flip exits); some tokens exit early, some run all 4 iterations
+    kw = dict(loops=4, exit="latent", threshold=0.1, kv="last")
     got = [[v for v, _ in _native(run, batch_size=b, **kw).loglikelihood(ll)] for b in (1, 4)]
-    cfg, model = load_run(run, ["exit.criterion=entropy", "exit.threshold=5.0"])
+    cfg, model = load_run(run, ["exit.criterion=latent", "exit.threshold=0.1"])
     for r, a, b in zip(ll, *got):
         context, continuation = enc(r.args[0]), enc(r.args[1])
         ids = torch.tensor([(context + continuation)[-(MAX_LEN + 1):]])
-        out = model.cached_forward(ids[:, :-1], kv="last", loops=3, exit=build_exit(cfg.exit))
+        out = model.cached_forward(ids[:, :-1], kv="last", loops=4, exit=build_exit(cfg.exit))
         lp = F.log_softmax(out.logits[0].double(), -1)[-len(continuation):]
         want = float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
         assert abs(a - want) <= 1e-5 and abs(b - want) <= 1e-5, (a, b, want)
@@ -173,8 +187,9 @@ def test_the_command_scores_runs_export_cannot_take(variant, tmp_path, monkeypat
                         functools.partial(TaskManager, include_defaults=False))
     run = _train(tmp_path / "runs", "r", variant)
     rng = random.Random(1)
-    rows = [{"text": _text(rng, n), "context": _text(rng, n), "continuation": _text(rng, 4)}
-            for n in (5, 11, 17, 23)]  # one window each: the windows are pinned above
+    ascii = ALPHABET[:-4]  # one byte a character: each text fits one window (windows: above)
+    rows = [{"text": _text(rng, n, ascii), "context": _text(rng, n, ascii),
+             "continuation": _text(rng, 4, ascii)} for n in (5, 11, 17, 23)]
     _write_task(tmp_path, rows)
     out = tmp_path / "scores.json"
     assert lm_eval_main([f"run={run}", "tasks=native_ll,native_rolling", "device=cpu",
@@ -204,7 +219,11 @@ def test_the_command_scores_runs_export_cannot_take(variant, tmp_path, monkeypat
     (["run={run}", "tasks=x", "kv=all"], "cache policy"),
     (["run={run}", "tasks=no_such_task"], "unknown lm-eval task(s): no_such_task"),
 ])
-def test_bad_input_is_one_line(args, message, gqa, tmp_path, capsys):
+def test_bad_input_is_one_line(args, message, gqa, tmp_path, capsys, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setattr("lm_eval.tasks.TaskManager",  # an empty index: no task is known
+                        functools.partial(TaskManager, include_defaults=False))
     run, _ = gqa
     with pytest.raises(SystemExit) as e:
         cli_main(lm_eval_main, [a.format(run=run, tmp=tmp_path) for a in args])

@@ -37,7 +37,7 @@ class LmEvalArgs:
     num_fewshot: Optional[int] = None  # few-shot examples; null: each task's default
     include_path: Optional[str] = None  # a directory of your own task YAMLs
     out: Optional[str] = None  # write the results JSON here
-    exit: Optional[str] = None  # an exit criterion (kl, entropy, latent, gate, ...); null: the run's
+    exit: Optional[str] = None  # an exit criterion (kl, entropy, latent, gate, ...); null: run's
     threshold: Optional[float] = None  # the exit criterion's threshold; null: the run's
     # score and decode through a KV cache of this policy (per_iteration | last), every scored
     # token decoded one at a time; null: one full forward per batch
