@@ -418,12 +418,16 @@ def _migrate(saved: DictConfig) -> DictConfig:
     return saved
 
 
-def parse_tool_args(cls: type, items: list[str]):
+def parse_tool_args(cls: type, items: list[str], bare_lists: tuple[str, ...] = ()):
     """A command-line tool's `key=value` arguments into an instance of its dataclass `cls`;
-    unknown keys and bad values raise a one-line ConfigError that lists the valid keys."""
+    unknown keys and bad values raise a one-line ConfigError that lists the valid keys.
+    bare_lists: list-valued keys that may also be given without brackets (ckpt=runs/a,
+    tasks=a,b)."""
     for item in items:
         if "=" not in item:
             raise ConfigError(f"argument '{item}' is not of the form key=value")
+    items = [f"{key}=[{value}]" if key in bare_lists and not value.startswith("[") else item
+             for item in items for key, _, value in [item.partition("=")]]
     base = OmegaConf.structured(cls)
     OmegaConf.set_struct(base, True)
     try:

@@ -475,3 +475,28 @@ def assert_same_checkpoint(a, b) -> None:
     for i, state in oa["state"].items():
         for key, value in state.items():
             assert torch.equal(value, ob["state"][i][key]), (i, key)
+
+
+def write_offline_tasks(root, rows: list[dict], tasks: dict[str, dict]) -> list[str]:
+    """lm-eval tasks over a JSONL file of `rows` written into root (one YAML per task, from its
+    spec beside the shared dataset keys), for scoring offline; their names."""
+    import json
+
+    data = root / "docs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
+              "test_split": "test"}
+    for name, spec in tasks.items():  # JSON is YAML
+        (root / f"{name}.yaml").write_text(json.dumps({"task": name, **common, **spec}))
+    return list(tasks)
+
+
+def continuation_log_likelihood(model, context: list[int], continuation: list[int]) -> float:
+    """log p(continuation | context) under model's full forward, in float64: what lm-eval's
+    models must reproduce."""
+    import torch.nn.functional as F
+
+    ids = torch.tensor([context + continuation])
+    lp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)[-len(continuation):]
+    return float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
+

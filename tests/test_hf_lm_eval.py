@@ -9,15 +9,14 @@ generate_until), and every number it reports is recomputed from looped's own mod
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import CLI_TINY_MODEL, max_diff, rand_ids
+from conftest import (CLI_TINY_MODEL, continuation_log_likelihood, max_diff, rand_ids,
+                      write_offline_tasks)
 from looped import load_run
 from looped.tools.export import main as export_main
 from looped.tools.train import main as train_main
@@ -73,10 +72,6 @@ def _write_task(tmp_path):
     # contexts end before a space: lm-eval moves a context's trailing space to the continuation
     rows = [{"text": d, "context": d[:d.rindex(" ", 0, len(d) // 2)],
              "continuation": d[d.rindex(" ", 0, len(d) // 2):]} for d in DOCS]
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-              "test_split": "test"}
     tasks = {
         "looped_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
                            "doc_to_target": "{{text}}",
@@ -90,17 +85,7 @@ def _write_task(tmp_path):
                                              "do_sample": False},
                        "metric_list": [{"metric": "exact_match"}]},
     }
-    for name, spec in tasks.items():  # JSON is YAML
-        (tmp_path / f"{name}.yaml").write_text(json.dumps({"task": name, **common, **spec}))
-    return list(tasks)
-
-
-def _log_likelihood(model, context: list[int], continuation: list[int]) -> float:
-    ids = torch.tensor([context + continuation])
-    lp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)
-    targets = ids[0, 1:]
-    n = len(continuation)
-    return float(lp[-n:].gather(1, targets[-n:, None]).sum())
+    return write_offline_tasks(tmp_path, rows, tasks)
 
 
 @pytest.mark.slow
@@ -120,13 +105,14 @@ def test_lm_eval_scores_the_exported_text_model(text_model, tmp_path):
 
     # rolling: every byte scored, the first after the prefix token (bos, the NUL byte); lm-eval's
     # bits per byte = -sum(ll) / sum(bytes) / ln 2 is looped's own bits per byte on that text
-    ll = sum(_log_likelihood(model, [tok.bos_token_id], enc(d)) for d in DOCS)
+    ll = sum(continuation_log_likelihood(model, [tok.bos_token_id], enc(d)) for d in DOCS)
     ours = -ll / sum(len(enc(d)) for d in DOCS) / math.log(2)
     theirs = res["results"]["looped_rolling"]["bits_per_byte,none"]
     assert theirs == pytest.approx(ours, rel=1e-5)
 
     for s in res["samples"]["looped_ll"]:
-        want = _log_likelihood(model, enc(s["doc"]["context"]), enc(s["doc"]["continuation"]))
+        want = continuation_log_likelihood(model, enc(s["doc"]["context"]),
+                                           enc(s["doc"]["continuation"]))
         assert s["resps"][0][0][0] == pytest.approx(want, abs=1e-4)
 
     for s in res["samples"]["looped_gen"]:

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CLI_TINY_MODEL
+from conftest import CLI_TINY_MODEL, continuation_log_likelihood, write_offline_tasks
 from looped import load_run
 from looped.errors import cli_main
 from looped.tools.export import main as export_main
@@ -151,26 +151,14 @@ def test_exit_and_last_cache_score_as_looped_decodes(gqa):
 
 def _write_task(tmp_path, rows: list[dict]) -> None:
     """An offline lm-eval task pair over a JSONL file: per-request and rolling log-likelihood."""
-    data = tmp_path / "docs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    common = {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(data)}},
-              "test_split": "test"}
-    tasks = {
+    write_offline_tasks(tmp_path, rows, {
         "native_ll": {"output_type": "loglikelihood", "doc_to_text": "{{context}}",
                       "doc_to_target": "{{continuation}}", "target_delimiter": "",
                       "metric_list": [{"metric": "perplexity"}]},
         "native_rolling": {"output_type": "loglikelihood_rolling", "doc_to_text": "",
                            "doc_to_target": "{{text}}",
                            "metric_list": [{"metric": "bits_per_byte"}]},
-    }
-    for name, spec in tasks.items():  # JSON is YAML
-        (tmp_path / f"{name}.yaml").write_text(json.dumps({"task": name, **common, **spec}))
-
-
-def _log_likelihood(model, context: list[int], continuation: list[int]) -> float:
-    ids = torch.tensor([context + continuation])
-    lp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)[-len(continuation):]
-    return float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
+    })
 
 
 @pytest.mark.slow
@@ -197,8 +185,9 @@ def test_the_command_scores_runs_export_cannot_take(variant, tmp_path, monkeypat
     results = json.loads(out.read_text())["results"]
     _, model = load_run(run)
     with torch.no_grad():
-        ll = [_log_likelihood(model, enc(r["context"]), enc(r["continuation"])) for r in rows]
-        rolled = [_log_likelihood(model, [0], enc(r["text"])) for r in rows]
+        ll = [continuation_log_likelihood(model, enc(r["context"]), enc(r["continuation"]))
+              for r in rows]
+        rolled = [continuation_log_likelihood(model, [0], enc(r["text"])) for r in rows]
     perplexity = math.exp(-sum(ll) / len(ll))
     bits_per_byte = -sum(rolled) / sum(len(enc(r["text"])) for r in rows) / math.log(2)
     assert results["native_ll"]["perplexity,none"] == pytest.approx(perplexity, rel=1e-6)

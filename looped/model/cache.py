@@ -66,6 +66,7 @@ class ActivationStore:
         # dropped once the next position is written, so a model without Depth-Attention does
         # not hold every position's K/V until the forward ends (or, checkpointed, until backward)
         self.keep = keep
+        self._transient: Optional[int] = None  # the last position written that is not kept
 
     def depth_sources(self, p: int, sources: tuple[int, ...], k: torch.Tensor, v: torch.Tensor,
                       raw: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +77,10 @@ class ActivationStore:
     def put(self, p: int, k: torch.Tensor, v: torch.Tensor,
             raw_v: Optional[torch.Tensor] = None, *, key_stored: bool = False) -> None:
         if self.keep is not None:
-            for q in [q for q in self.k if q not in self.keep]:
-                del self.k[q], self.v[q]
-                self.raw_v.pop(q, None)
+            if self._transient is not None and self._transient != p:
+                del self.k[self._transient], self.v[self._transient]
+                self.raw_v.pop(self._transient, None)
+            self._transient = None if p in self.keep else p
         self.k[p], self.v[p] = k, v  # references: storing the key again costs nothing
         if raw_v is not None:
             self.raw_v[p] = raw_v

@@ -9,7 +9,7 @@ a time; the gradients are those of the full computation.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,39 +28,42 @@ def _ce(head: Head, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head(x).float(), targets, reduction="none")
 
 
-def head_ce(head: Head, hidden: torch.Tensor, targets: torch.Tensor,
-             chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
-    """Cross-entropy per token (B, T) of head(hidden) against targets, 0 where the target is
-    IGNORE. hidden (B, T, d)."""
+def _answer_chunks(hidden: torch.Tensor, targets: torch.Tensor, chunk: int
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(flat indices, hidden states, targets) of up to `chunk` answer tokens at a time."""
     flat_t = targets.reshape(-1)
-    answer = (flat_t != IGNORE).nonzero().squeeze(1)  # (N,)
     flat_h = hidden.reshape(-1, hidden.shape[-1])
-    out = hidden.new_zeros(flat_t.shape, dtype=torch.float32)
-    grad = torch.is_grad_enabled() and hidden.requires_grad
-    pieces = []
+    answer = (flat_t != IGNORE).nonzero().squeeze(1)  # (N,)
     for lo in range(0, answer.numel(), chunk):
         idx = answer[lo:lo + chunk]
-        x, t = flat_h.index_select(0, idx), flat_t.index_select(0, idx)
+        yield idx, flat_h.index_select(0, idx), flat_t.index_select(0, idx)
+
+
+def head_ce(head: Head, hidden: torch.Tensor, targets: torch.Tensor,
+            chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Cross-entropy per token (B, T) of head(hidden) against targets, 0 where the target is
+    IGNORE. hidden (B, T, d)."""
+    out = hidden.new_zeros(targets.numel(), dtype=torch.float32)
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    indices, pieces = [], []
+    for idx, x, t in _answer_chunks(hidden, targets, chunk):
+        indices.append(idx)
         pieces.append(checkpoint(_ce, head, x, t, use_reentrant=False) if grad
                       else _ce(head, x, t))
     if pieces:
-        out = out.index_put((answer,), torch.cat(pieces))
+        out = out.index_put((torch.cat(indices),), torch.cat(pieces))
     return out.view(targets.shape)
 
 
 @torch.no_grad()
 def head_scores(head: Head, hidden: torch.Tensor, targets: torch.Tensor,
-                 chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                chunk: int = DEFAULT_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy, right) per token, both (B, T), for evaluation: right is whether the
     argmax equals the target; both are 0 / False where the target is IGNORE."""
-    flat_t = targets.reshape(-1)
-    answer = (flat_t != IGNORE).nonzero().squeeze(1)
-    flat_h = hidden.reshape(-1, hidden.shape[-1])
-    ce = torch.zeros(flat_t.shape, dtype=torch.float32, device=hidden.device)
-    right = torch.zeros(flat_t.shape, dtype=torch.bool, device=hidden.device)
-    for lo in range(0, answer.numel(), chunk):
-        idx = answer[lo:lo + chunk]
-        logits, t = head(flat_h.index_select(0, idx)).float(), flat_t.index_select(0, idx)
+    ce = torch.zeros(targets.numel(), dtype=torch.float32, device=hidden.device)
+    right = torch.zeros(targets.numel(), dtype=torch.bool, device=hidden.device)
+    for idx, x, t in _answer_chunks(hidden, targets, chunk):
+        logits = head(x).float()
         ce[idx] = F.cross_entropy(logits, t, reduction="none")
         right[idx] = logits.argmax(-1) == t
     return ce.view(targets.shape), right.view(targets.shape)

@@ -60,13 +60,7 @@ def help_text(argv: list[str] = ()) -> str:
 
 
 def parse_args(argv: list[str]) -> EvaluateArgs:
-    items = []
-    for item in argv:
-        key, eq, value = item.partition("=")
-        if key == "ckpt" and eq and not value.startswith("["):  # one run without brackets
-            item = f"ckpt=[{value}]"
-        items.append(item)
-    args: EvaluateArgs = parse_tool_args(EvaluateArgs, items)
+    args: EvaluateArgs = parse_tool_args(EvaluateArgs, argv, bare_lists=("ckpt",))
     if not args.ckpt:
         raise ConfigError("give at least one run: ckpt=<run dir>")
     if not args.loops or min(args.loops) < 1:

@@ -55,13 +55,7 @@ def parse_args(argv: list[str]) -> LmEvalArgs:
     from looped.training.checkpoint import resolve_checkpoint, run_dir_of
     from looped.training.device import pick_device
 
-    items = []
-    for item in argv:
-        key, eq, value = item.partition("=")
-        if key == "tasks" and eq and not value.startswith("["):  # tasks=a,b without brackets
-            item = f"tasks=[{value}]"
-        items.append(item)
-    args: LmEvalArgs = parse_tool_args(LmEvalArgs, items)
+    args: LmEvalArgs = parse_tool_args(LmEvalArgs, argv, bare_lists=("tasks",))  # tasks=a,b
     if not args.run or not args.tasks:
         raise ConfigError("give a run and tasks: looped lm-eval run=runs/NAME tasks=TASK[,TASK]")
     run_dir_of(resolve_checkpoint(Path(args.run)))  # a run (with config.yaml and a checkpoint)

@@ -54,7 +54,8 @@ def device_peak(device: torch.device) -> tuple[Optional[float], str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         return gpu_peak(name), f"{name} bf16 data sheet"
-    return measured_cpu_peak(torch.get_num_threads()), f"measured fp32 matmul on {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return measured_cpu_peak(threads), f"measured fp32 matmul on {threads} threads"
 
 
 class ThroughputMeter:
