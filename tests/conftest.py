@@ -129,21 +129,35 @@ def _fixed_seed_and_threads():
 # policy descriptions, decoding with exit, and unrolled copies of a shared core.
 
 
-def policy_sources(policy: str, n_prelude: int, n_core: int, loops: int, n_coda: int):
-    """Per depth position, the earlier positions Depth-Attention reads, from the descriptions:
-    same_layer: prelude reads the earlier prelude; core (l, r) reads the prelude and (l, r')
-    for r' < r; coda reads the prelude, the last iteration's core and the earlier coda."""
+def policy_sources(policy: str, n_prelude: int, n_core: int, loops: int, n_coda: int,
+                   window: int = 1, stride: int | None = None):
+    """Per depth position, the earlier positions Depth-Attention reads, from the descriptions.
+    Prelude position i reads the earlier prelude; coda position c reads the prelude, the last
+    iteration's core and the earlier coda (every looped policy). Core (l, r) reads layer l at:
+    same_layer: every r' < r, plus the prelude;   anchor: r' = 0 < r, plus the prelude;
+    window: r - window <= r' < r;                 anchor_window: anchor's and window's;
+    loop_strided: r' < r with r' % s == 0 (s = stride, or loops // 2 but at least 1), plus the
+    prelude."""
     n = n_prelude + n_core * loops + n_coda
     if policy == "none":
         return [()] * n
     if policy == "dense":
         return [tuple(range(p)) for p in range(n)]
-    assert policy == "same_layer", policy
+    s = stride or max(1, loops // 2)
+    wanted = {  # policy -> (reads the prelude, is r' read at r)
+        "same_layer": (True, lambda rr, r: rr < r),
+        "anchor": (True, lambda rr, r: rr == 0 < r),
+        "window": (False, lambda rr, r: r - window <= rr < r),
+        "anchor_window": (True, lambda rr, r: rr == 0 < r or r - window <= rr < r),
+        "loop_strided": (True, lambda rr, r: rr < r and rr % s == 0),
+    }
+    reads_prelude, reads = wanted[policy]
     pre = tuple(range(n_prelude))
     out = [tuple(range(p)) for p in range(n_prelude)]
     for r in range(loops):
         for layer in range(n_core):
-            out.append(pre + tuple(n_prelude + rr * n_core + layer for rr in range(r)))
+            same = tuple(n_prelude + rr * n_core + layer for rr in range(loops) if reads(rr, r))
+            out.append((pre if reads_prelude else ()) + same)
     last = n_prelude + (loops - 1) * n_core
     for c in range(n_coda):
         out.append(pre + tuple(range(last, last + n_core + c)))
@@ -378,12 +392,13 @@ def naive_cached(model, ids, chunks: tuple[int, ...], *, kv: str, loops=None,
 
 
 def model_sources(model, loops=None):
-    """policy_sources for a model's layout and configured policy (none|dense|same_layer)."""
+    """policy_sources for a model's layout and configured policy (and its knobs)."""
     c = model.cfg
     da = c.depth_attention
     policy = "none" if not da.enabled else (da.sources or "same_layer")
+    knobs = {k: getattr(da, k) for k in ("window", "stride") if hasattr(da, k)}
     return policy_sources(policy, c.n_prelude, c.n_layers, model.loop if loops is None else loops,
-                          c.n_coda)
+                          c.n_coda, **knobs)
 
 
 def decode_run(model, ids: torch.Tensor, chunks: tuple[int, ...], *, loops=None, exit=None,

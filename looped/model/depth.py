@@ -78,8 +78,9 @@ class DepthAttentionConfig:
     """The `model.depth_attention` node's shared fields; the chosen source policy adds its knobs."""
 
     enabled: bool = True  # false: the vanilla model
-    # Name in SOURCE_POLICIES (knobs: `strided` has stride and window). None picks the default
-    # for the model (default_policy: `same_layer` for a looped one, `strided` for a plain one).
+    # Name in SOURCE_POLICIES (knobs: `strided` has stride and window; the looped models'
+    # policies are in looped.model.loop_sources). None picks the default for the model
+    # (default_policy: `same_layer` for a looped one, `strided` for a plain one).
     sources: Optional[str] = None
     mix: str = "mixed"  # mixed: sources contribute their mixed values; raw: their raw values
 
@@ -107,6 +108,8 @@ def _resolve_sources(value, loose) -> str:
 
 
 SourcePolicy = Callable[[int, DepthLayout, DepthAttentionConfig], tuple[int, ...]]
+# The plain decoder's policies are below; the looped models' (same_layer, anchor, window, ...)
+# register themselves in looped.model.loop_sources, which the package imports.
 SOURCE_POLICIES = Registry("depth source policy", path="model.depth_attention",
                            selector="sources", base=DepthAttentionConfig,
                            resolve=_resolve_sources)  # name -> SourcePolicy
@@ -146,25 +149,6 @@ def _strided(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
     picked = {j for j in range(p) if j % stride == 0}
     picked.update(range(max(0, p - cfg.window), p))
     return tuple(sorted(picked))
-
-
-@register_source_policy("same_layer")
-def _same_layer(p: int, layout: DepthLayout, cfg) -> tuple[int, ...]:
-    """Core layer l at iteration r reads layer l at iterations < r, plus every prelude position.
-    Prelude positions read the earlier prelude positions; coda positions read the prelude, the
-    last iteration of the core, and the earlier coda positions."""
-    slot = layout.slot(p)
-    prelude = tuple(range(min(p, layout.n_prelude)))
-    if slot.stage == "prelude":
-        return prelude
-    if slot.stage == "core":
-        same = tuple(layout.position(DepthSlot("core", slot.layer, r))
-                     for r in range(slot.iteration))
-        return prelude + same
-    # coda: the last iteration of the core, then the earlier coda positions
-    start = layout.position(DepthSlot("core", 0, layout.loops - 1)) if layout.n_core \
-        else layout.n_prelude
-    return prelude + tuple(range(start, p))
 
 
 def resolve_policy(cfg, looped: bool) -> str:
