@@ -5,6 +5,7 @@
     looped study configs/study/text_plain.yaml
     looped bench depth                        # Depth-Attention vs vanilla, same weights
     looped bench loop ckpt=runs/main          # adaptive exit and the KV cache of a looped run
+    looped weights ckpt=runs/main loops=[8,64]  # Depth-Attention's weights by source, per R
     looped flops model=3b
     looped generate run=runs/text prompt="ROMEO:"
     looped export run=runs/main out=hf/main
@@ -27,6 +28,7 @@ SUBCOMMANDS = {
     "eval": ("looped.tools.evaluate", "score trained runs at several loop counts"),
     "study": ("looped.tools.study.cli", "run a multi-seed study file, then aggregate it"),
     "bench": ("looped.tools.bench", "benchmarks: `bench depth`, `bench decode`, `bench loop`, `bench cache` and `bench data`"),
+    "weights": ("looped.tools.depth_weights", "where Depth-Attention's weight goes, at the trained R and beyond"),
     "flops": ("looped.tools.flops", "FLOPs, parameters, KV cache and extra state per token"),
     "generate": ("looped.tools.generate", "sample from a trained run"),
     "export": ("looped.tools.export", "a trained run as a transformers model directory"),

@@ -105,3 +105,30 @@ def plot_heatmap(grid: dict[int, dict[int, float]], path: Path, *, row_label: st
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
     return Path(path)
+
+
+def plot_panels(panels: dict[str, dict[str, dict[float, float]]], path: Path, *, xlabel: str,
+                ylabel: str) -> Path:
+    """One panel per key of `panels`, each a set of labelled lines {label: {x: y}}; a label's
+    text before ', ' picks its colour and the text after it its line style."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), sharey=True,
+                             squeeze=False)
+    colours, styles = {}, {}
+    palette, dashes = plt.rcParams["axes.prop_cycle"].by_key()["color"], ("-", "--", ":", "-.")
+    for ax, (title, lines) in zip(axes[0], panels.items()):
+        for label, curve in lines.items():
+            hue, _, style = label.partition(", ")
+            colour = colours.setdefault(hue, palette[len(colours) % len(palette)])
+            dash = styles.setdefault(style, dashes[len(styles) % len(dashes)])
+            xs = sorted(curve)
+            ax.plot(xs, [curve[x] for x in xs], dash, color=colour, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    axes[0][0].set_ylabel(ylabel)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
