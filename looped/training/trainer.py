@@ -357,7 +357,7 @@ class Trainer:
                 if mfu is not None:
                     writer.add_scalar("train/mfu", mfu, self.step)
                 speed = "" if tok_s is None else f"  {tok_s:.0f} tok/s"
-                speed += "" if mfu is None else f"  MFU {100 * mfu:.1f}%"
+                speed += meter.describe(mfu)
                 log(f"step {self.step:5d}  loss {row['loss']:.6f}  R {row['loops']:2d}  "
                     f"lr {row['lr']:.2e}{speed}"
                     + (f"  skipped {self.skipped}" if self.skipped else ""))
