@@ -385,6 +385,23 @@ _FLAT_KNOBS = {
 }
 
 
+# The source policy of `sources: null` when runs did not record it (before it was resolved into
+# config.yaml): looped models read every earlier iteration, plain decoders every stride-th layer.
+LEGACY_DEFAULT_POLICY = {True: "same_layer", False: "strided"}
+
+
+def _record_legacy_policy(saved: DictConfig) -> None:
+    """A run saved with `sources: null` used that time's default, whatever today's is."""
+    da = OmegaConf.select(saved, "model.depth_attention")
+    if not isinstance(da, DictConfig) or da.get("sources", None) is not None:
+        return
+    try:
+        looped = int(saved.get("loop", 1)) > 1
+    except (TypeError, ValueError):  # reported against the schema later
+        return
+    da["sources"] = LEGACY_DEFAULT_POLICY[looped]
+
+
 def _migrate(saved: DictConfig) -> DictConfig:
     """A run saved by an older version, in today's keys: renamed keys take their new names, and
     the knobs of components the run did not choose (which it never used) are dropped."""
@@ -401,6 +418,7 @@ def _migrate(saved: DictConfig) -> DictConfig:
                 OmegaConf.update(saved, new, OmegaConf.merge(value, current), force_add=True)
             elif current is None:
                 OmegaConf.update(saved, new, value, force_add=True)
+    _record_legacy_policy(saved)
     loose = _loose([saved], [])
     for slot in slots().values():
         node = OmegaConf.select(saved, slot.path)

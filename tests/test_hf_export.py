@@ -112,6 +112,34 @@ def test_generate_at_another_loop_count():
     assert torch.equal(hf.generate(ids, max_new_tokens=6, do_sample=False, loops=5), want)
 
 
+BOUNDED = {  # the looped models' bounded source policies, with knobs off their defaults
+    "anchor": dict(policy="anchor"),
+    "window": dict(policy="window", extra=("model.depth_attention.window=2",)),
+    "anchor_window": dict(policy="anchor_window", extra=("model.depth_attention.window=2",)),
+    "loop_strided": dict(policy="loop_strided"),
+    "loop_strided_s2": dict(policy="loop_strided", stride=2),
+}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", list(BOUNDED))
+def test_bounded_policies_export_and_run_beyond_the_trained_R(name):
+    """The exported code's own source lists equal looped's, and its logits the model's, at an R
+    above the trained one."""
+    from looped.hf.export import hf_config
+    from looped.hf.modeling_looped import LoopedForCausalLM, depth_sources
+
+    kw = dict(loop=3, **BOUNDED[name], **LOOPED_MODEL)
+    model, cfg = make_model(seed=6, **kw), tiny_cfg(**kw)
+    hf = LoopedForCausalLM(hf_config(cfg, model)).eval()
+    hf.load_state_dict(model.state_dict())
+    for loops in (3, 7):
+        assert depth_sources(hf.config, loops) == model.depth_sources(loops)
+    ids = rand_ids(batch=2, tokens=6, seed=6)
+    got = hf(ids, loops=7).logits
+    assert (got - model(ids, loops=7).logits).abs().max() <= TOL
+
+
 def test_cache_contract(exported):
     """One slot per depth position, each the size of a vanilla layer's (K, V): the same bytes
     per token as looped's exact cache; a cache serves only the loop count it was made for."""

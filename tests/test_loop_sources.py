@@ -158,3 +158,34 @@ def test_window_knob_is_checked_with_one_line():
         load_config(args)
     with pytest.raises(ConfigError, match="policy 'anchor' has knobs: none"):
         load_config(overrides(loop=4, policy="anchor", extra=("model.depth_attention.window=1",)))
+
+
+def test_runs_record_their_policy_and_old_runs_keep_the_default_of_their_time(tmp_path,
+                                                                              monkeypatch):
+    """config.yaml names the policy a run used; a run saved with `sources: null` (before runs
+    recorded it) loads with the default of that time, even after the default changes."""
+    from omegaconf import OmegaConf
+
+    from looped import build_model
+    from looped.config import load_run_config
+    from looped.model import depth
+    from looped.training.checkpoint import save_run_config
+
+    for loop, legacy in ((4, "same_layer"), (1, "strided")):
+        cfg = load_config(overrides(loop=loop, n_layers=2))
+        assert cfg.model.depth_attention.sources is None  # unset: the default for the model
+        save_run_config(tmp_path / f"new{loop}", cfg)
+        saved = OmegaConf.load(tmp_path / f"new{loop}" / "config.yaml")
+        assert saved.model.depth_attention.sources == legacy
+        (tmp_path / f"old{loop}").mkdir()
+        (tmp_path / f"old{loop}" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    monkeypatch.setattr(depth, "default_policy", lambda looped: "anchor" if looped else "dense")
+    assert build_model(load_config(overrides(loop=4, n_layers=2))).policy == "anchor"
+    for loop, legacy in ((4, "same_layer"), (1, "strided")):
+        for kind in ("new", "old"):
+            run_cfg = load_run_config(tmp_path / f"{kind}{loop}")
+            assert run_cfg.model.depth_attention.sources == legacy
+            assert build_model(run_cfg).policy == legacy
+    vanilla = load_config(overrides(loop=4, n_layers=2, enabled=False))
+    save_run_config(tmp_path / "vanilla", vanilla)
+    assert build_model(load_run_config(tmp_path / "vanilla")).policy == "none"

@@ -97,7 +97,7 @@ def test_per_iteration_checkpointing_keeps_one_state_per_iteration():
 def test_checkpointing_refuses_cross_layer_streams():
     with pytest.raises(ConfigError, match="plain residual"):
         load_config(["train.activation_checkpointing=iteration",
-                     "model.cross_layer.method=dense"])
+                     "model.cross_layer.method=denseformer"])
     with pytest.raises(ConfigError, match="unknown train.activation_checkpointing"):
         load_config(["train.activation_checkpointing=layer"])
 

@@ -3,7 +3,8 @@
 This file is copied into every exported model directory and needs `transformers` only. The
 fields mirror looped's ModelConfig; `loops` is the iteration count a forward pass runs unless
 it is given one, and `depth_sources` names the Depth-Attention source policy (none | dense |
-strided | same_layer) with its knobs `depth_stride` and `depth_window`.
+strided | same_layer | anchor | window | anchor_window | loop_strided) with its knobs
+`depth_stride` and `depth_window`.
 """
 
 from transformers import PretrainedConfig

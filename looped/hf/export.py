@@ -23,7 +23,8 @@ import torch
 
 from looped.errors import ConfigError
 
-EXPORTABLE_POLICIES = ("none", "dense", "strided", "same_layer")
+EXPORTABLE_POLICIES = ("none", "dense", "strided", "same_layer", "anchor", "window", "anchor_window",
+                       "loop_strided")
 PARITY_TOLERANCE = 1e-5  # max |logit difference| the export accepts (float32)
 
 

@@ -35,6 +35,34 @@ def n_positions(cfg: LoopedConfig, loops: int) -> int:
     return cfg.n_prelude + cfg.n_layers * loops + cfg.n_coda
 
 
+# policies of looped models: (reads the prelude, is iteration rr read at iteration r). Core
+# layer l at iteration r reads layer l at those iterations; the prelude reads the earlier
+# prelude, the coda the prelude, the core's last iteration and the earlier coda layers.
+LOOPED_POLICIES = {
+    "same_layer": (True, lambda rr, r, k, s: rr < r),
+    "anchor": (True, lambda rr, r, k, s: rr == 0 < r),
+    "window": (False, lambda rr, r, k, s: r - k <= rr < r),
+    "anchor_window": (True, lambda rr, r, k, s: rr == 0 < r or r - k <= rr < r),
+    "loop_strided": (True, lambda rr, r, k, s: rr < r and rr % s == 0),
+}
+
+
+def looped_sources(cfg: LoopedConfig, loops: int, p: int) -> tuple[int, ...]:
+    pre, core = cfg.n_prelude, cfg.n_layers
+    prelude = tuple(range(min(p, pre)))
+    if p < pre:
+        return prelude
+    if p >= pre + core * loops:
+        start = pre + core * (loops - 1) if core else pre
+        return prelude + tuple(range(start, p))
+    with_prelude, reads = LOOPED_POLICIES[cfg.depth_sources]
+    layer, it = (p - pre) % core, (p - pre) // core
+    stride = cfg.depth_stride or max(1, loops // 2)
+    same = tuple(pre + r * core + layer for r in range(it)
+                 if reads(r, it, cfg.depth_window, stride))
+    return (prelude if with_prelude else ()) + same
+
+
 def depth_sources(cfg: LoopedConfig, loops: int) -> list[tuple[int, ...]]:
     """Per depth position, the earlier positions its Depth-Attention reads."""
     pre, core, coda = cfg.n_prelude, cfg.n_layers, cfg.n_coda
@@ -49,18 +77,8 @@ def depth_sources(cfg: LoopedConfig, loops: int) -> list[tuple[int, ...]]:
             picked = {j for j in range(p) if j % stride == 0}
             picked.update(range(max(0, p - cfg.depth_window), p))
             src = tuple(sorted(picked))
-        elif cfg.depth_sources == "same_layer":
-            # core layer l at iteration r reads the prelude and layer l at iterations < r; the
-            # coda reads the prelude, the core's last iteration and the earlier coda layers
-            prelude = tuple(range(min(p, pre)))
-            if p < pre:
-                src = prelude
-            elif p < pre + core * loops:
-                layer, it = (p - pre) % core, (p - pre) // core
-                src = prelude + tuple(pre + r * core + layer for r in range(it))
-            else:
-                start = pre + core * (loops - 1) if core else pre
-                src = prelude + tuple(range(start, p))
+        elif cfg.depth_sources in LOOPED_POLICIES:
+            src = looped_sources(cfg, loops, p)
         else:
             raise ValueError(f"unknown depth_sources '{cfg.depth_sources}'")
         out.append(src)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from looped.errors import LoopedError
+from looped.model.depth import resolve_policy
 
 CKPT_DIR = "ckpt"
 DCP_DIR = "dcp"  # a sharded checkpoint's torch.distributed.checkpoint files
@@ -156,7 +157,13 @@ def _few(keys: list[str], n: int = 3) -> str:
 
 
 def save_run_config(run_dir: Path, cfg) -> None:
+    """The resolved config, with the Depth-Attention source policy by name (not `null`, whose
+    meaning is a default that may change), so that the run loads as it was trained."""
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    cfg = cfg.copy()
+    da = cfg.model.depth_attention
+    if da.sources is None:
+        da.sources = resolve_policy(da, looped=cfg.loop > 1) if da.enabled else None
     tmp = Path(run_dir) / ".config.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(cfg))
     os.replace(tmp, Path(run_dir) / "config.yaml")
