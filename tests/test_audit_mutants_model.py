@@ -35,7 +35,7 @@ def _export_and_load(tmp_path, kw, seed):
     from transformers import AutoModelForCausalLM
 
     from looped.data import build_task
-    from looped.hf.export import export_model
+    from looped.integrations.hf.export import export_model
 
     cfg = tiny_cfg(**kw)
     model = make_model(seed=seed, **kw)
@@ -94,7 +94,7 @@ def test_export_of_the_default_source_policy_and_stride(name, tmp_path):
     assert model.policy == policy and config["depth_sources"] == policy
     assert getattr(cfg.model.depth_attention, "stride", None) is None  # the default in use
     # the exported model reads exactly the sources the original does, at every loop count
-    from looped.hf.modeling_looped import depth_sources
+    from looped.integrations.hf.modeling_looped import depth_sources
 
     for r in {cfg.loop, 1, cfg.loop + 1}:
         assert depth_sources(hf.config, r) == model.depth_sources(r), r

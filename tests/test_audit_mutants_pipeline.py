@@ -399,7 +399,7 @@ def test_eval_scores_the_runs_held_out_task(run_dir, monkeypatch):
 def test_export_writes_the_runs_held_out_task(run_dir, tmp_path, monkeypatch):
     """Bug caught: `looped export` (looped/tools/export.py) building the task it exports the
     tokenizer from with default knobs (or without task.eval.*) instead of the run's."""
-    import looped.hf.export as hf_export
+    import looped.integrations.hf.export as hf_export
     from looped.tools import export
 
     rec = Recorder(hf_export.export_model, 2)

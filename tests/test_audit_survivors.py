@@ -204,7 +204,7 @@ LM_RUN = ["task=text", "model.vocab_size=256", "task.seq_len=24", "model.max_seq
 @pytest.fixture(scope="module")
 def lm_eval_model(tmp_path_factory):
     pytest.importorskip("lm_eval")
-    from looped.lm_eval_model import LoopedEvalLM
+    from looped.integrations.lm_eval_model import LoopedEvalLM
     from looped.training.checkpoint import save_checkpoint, save_run_config
 
     cfg = load_config(LM_RUN)

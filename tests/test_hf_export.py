@@ -1,4 +1,4 @@
-"""The transformers export (looped.hf): the exported model computes what looped's does.
+"""The transformers export (looped.integrations.hf): the exported model computes what looped's does.
 
 Every exported directory is loaded back with AutoModelForCausalLM (trust_remote_code) and
 compared with the LoopedLM it came from: logits to 1e-5, greedy generations token for token
@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from conftest import LOOPED_MODEL, make_model, max_diff, rand_ids, tiny_cfg
 from looped.data import build_task
 from looped.errors import ConfigError
-from looped.hf.export import export_model
+from looped.integrations.hf.export import export_model
 
 TOL = 1e-5
 
@@ -102,8 +102,8 @@ def test_generate_at_another_loop_count():
     kw = VARIANTS["looped_da"]
     model = make_model(seed=5, **kw)
     cfg = tiny_cfg(**kw)
-    from looped.hf.export import hf_config
-    from looped.hf.modeling_looped import LoopedForCausalLM
+    from looped.integrations.hf.export import hf_config
+    from looped.integrations.hf.modeling_looped import LoopedForCausalLM
 
     hf = LoopedForCausalLM(hf_config(cfg, model)).eval()
     hf.load_state_dict(model.state_dict())
@@ -126,8 +126,8 @@ BOUNDED = {  # the looped models' bounded source policies, with knobs off their 
 def test_bounded_policies_export_and_run_beyond_the_trained_R(name):
     """The exported code's own source lists equal looped's, and its logits the model's, at an R
     above the trained one."""
-    from looped.hf.export import hf_config
-    from looped.hf.modeling_looped import LoopedForCausalLM, depth_sources
+    from looped.integrations.hf.export import hf_config
+    from looped.integrations.hf.modeling_looped import LoopedForCausalLM, depth_sources
 
     kw = dict(loop=3, **BOUNDED[name], **LOOPED_MODEL)
     model, cfg = make_model(seed=6, **kw), tiny_cfg(**kw)
@@ -208,7 +208,7 @@ def test_unsupported_models_are_refused(extra, fragment, tmp_path):
 
 
 def test_byte_tokenizer_is_utf8_bytes(tmp_path):
-    from looped.hf.tokenization_looped import LoopedByteTokenizer
+    from looped.integrations.hf.tokenization_looped import LoopedByteTokenizer
 
     LoopedByteTokenizer().save_pretrained(tmp_path)
     tok = LoopedByteTokenizer.from_pretrained(tmp_path)

@@ -1,4 +1,4 @@
-"""`looped lm-eval`: lm-evaluation-harness through looped's own forward (looped.lm_eval_model).
+"""`looped lm-eval`: lm-evaluation-harness through looped's own forward (looped.integrations.lm_eval_model).
 
 - On a byte-level GQA run, every log-likelihood (per request and rolling, with contexts and
   texts longer than model.max_seq_len) equals the HF-export path's, `looped export` scored by
@@ -78,7 +78,7 @@ def gqa(tmp_path_factory):
 
 
 def _native(run, **kw):
-    from looped.lm_eval_model import LoopedEvalLM
+    from looped.integrations.lm_eval_model import LoopedEvalLM
 
     return LoopedEvalLM(str(run), device="cpu", **kw)
 
@@ -119,7 +119,7 @@ def test_batching_changes_nothing(gqa):
 def test_registered_with_lm_eval(gqa):
     from lm_eval.api.registry import get_model
 
-    from looped.lm_eval_model import LoopedEvalLM
+    from looped.integrations.lm_eval_model import LoopedEvalLM
 
     run, _ = gqa  # the strings lm_eval --model_args and simple_evaluate pass
     lm = get_model("looped").create_from_arg_string(

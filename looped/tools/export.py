@@ -40,7 +40,7 @@ def help_text(argv: list[str] = ()) -> str:
 def main(argv: list[str]) -> int:
     from looped import load_run
     from looped.data import build_task
-    from looped.hf.export import check_out_dir, export_model, require_transformers
+    from looped.integrations.hf.export import check_out_dir, export_model, require_transformers
 
     args: ExportArgs = parse_tool_args(ExportArgs, argv)
     if not args.run or not args.out:

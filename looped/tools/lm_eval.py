@@ -74,7 +74,7 @@ def parse_args(argv: list[str]) -> LmEvalArgs:
 
 def evaluate(args: LmEvalArgs) -> dict:
     """lm-eval's results dict for the run on the tasks."""
-    from looped.lm_eval_model import LoopedEvalLM  # first: names the missing extra
+    from looped.integrations.lm_eval_model import LoopedEvalLM  # first: names the missing extra
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
