@@ -132,8 +132,9 @@ def variant_of(run_dir: Path) -> str:
 
 
 def summarise(runs: list[tuple[Path, int, list[dict]]]) -> list[str]:
-    """Markdown: per variant and R, each part's mass and the entropy over the core positions
-    that have sources, mean ± std over the variant's runs."""
+    """Markdown: per variant and R, the most sources a core position reads, and each part's
+    mass and the entropy over the core positions that have sources, mean ± std over the
+    variant's runs."""
     by = defaultdict(lambda: defaultdict(list))  # (variant, R) -> key -> per-run means
     trained = {}
     for run_dir, loop, rows in runs:
@@ -141,9 +142,10 @@ def summarise(runs: list[tuple[Path, int, list[dict]]]) -> list[str]:
         trained[v] = loop
         for r_total in sorted({row["R"] for row in rows}):
             mine = [row for row in rows if row["R"] == r_total]
-            for key in (*PARTS, "entropy", "n_sources"):
+            for key in (*PARTS, "entropy"):
                 by[(v, r_total)][key].append(statistics.fmean(row[key] for row in mine))
-    head = "| variant | trained R | R | sources | " + " | ".join(PARTS) + " | entropy (nats) |"
+            by[(v, r_total)]["n_sources"].append(max(row["n_sources"] for row in mine))
+    head = "| variant | trained R | R | most sources | " + " | ".join(PARTS) + " | entropy (nats) |"
     lines = [head, "|---|---:|---:|---:|" + "---:|" * (len(PARTS) + 1)]
     for (v, r_total), vals in sorted(by.items()):
         cells = [_mean_std(vals[k]) for k in (*PARTS, "entropy")]
