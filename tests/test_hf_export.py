@@ -199,6 +199,8 @@ def test_table_tokenizer_round_trips(exported):
     (dict(policy="dense", mix="raw"), "mix=raw"),
     (dict(enabled=False, extra=("model.cross_layer.method=denseformer",)), "cross_layer"),
     (dict(policy="strided", extra=("model.attention=mla",)), "attention=mla"),
+    (dict(loop=2, policy="same_layer", extra=("model.depth_attention.log_scale=true",),
+          **LOOPED_MODEL), "log_scale"),
 ])
 def test_unsupported_models_are_refused(extra, fragment, tmp_path):
     cfg = tiny_cfg(**extra)

@@ -189,3 +189,50 @@ def test_runs_record_their_policy_and_old_runs_keep_the_default_of_their_time(tm
     vanilla = load_config(overrides(loop=4, n_layers=2, enabled=False))
     save_run_config(tmp_path / "vanilla", vanilla)
     assert build_model(load_run_config(tmp_path / "vanilla")).policy == "none"
+
+
+LOG_SCALE = ("model.depth_attention.log_scale=true",)
+
+
+def test_log_scale_changes_nothing_where_training_saw_the_source_count():
+    ids = rand_ids(2, 8, seed=7)
+    plain = make_model(seed=7, loop=TRAINED_R, policy="same_layer", **LOOPED_MODEL)
+    scaled = make_model(seed=7, loop=TRAINED_R, policy="same_layer", extra=LOG_SCALE,
+                        **LOOPED_MODEL)
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, scaled(ids).logits)
+        for name in ("anchor", "anchor_window", "loop_strided"):  # counts never pass training's
+            kw = dict(loop=TRAINED_R, **BOUNDED[name], **LOOPED_MODEL)
+            a, b = make_model(seed=8, **kw), make_model(seed=8, **kw)
+            b.cfg.depth_attention.log_scale = True  # the same weights, scaled
+            b._plans.clear()
+            assert torch.equal(a(ids, loops=TEST_R).logits, b(ids, loops=TEST_R).logits), name
+
+
+def test_log_scale_sharpens_the_first_softmax_larger_than_training_saw():
+    """At the first position whose softmax has n > n_max values (its inputs still equal the
+    unscaled run's), the weights are softmax(c * scores) with c = log(n) / log(n_max)."""
+    import math
+
+    ids = rand_ids(2, 8, seed=9)
+    plain = make_model(seed=9, loop=TRAINED_R, policy="same_layer", **LOOPED_MODEL)
+    scaled = make_model(seed=9, loop=TRAINED_R, policy="same_layer", extra=LOG_SCALE,
+                        **LOOPED_MODEL)
+    n_max = max(len(s) + 1 for s in plain.depth_sources(TRAINED_R))
+    sources = plain.depth_sources(TEST_R)
+    p = next(i for i, s in enumerate(sources) if len(s) + 1 > n_max)
+    c = math.log(len(sources[p]) + 1) / math.log(n_max)
+    with torch.no_grad():
+        w = plain(ids, loops=TEST_R, return_depth_weights=True).depth_weights[p].weights
+        got = scaled(ids, loops=TEST_R, return_depth_weights=True).depth_weights[p].weights
+        full = scaled(ids, loops=TEST_R).logits
+        decoded, _, _ = decode_run(scaled, ids, (3,), loops=TEST_R)
+    want = torch.softmax(c * w.double().log(), dim=-1)
+    assert c > 1.05 and max_diff(got, want) <= 1e-5 and max_diff(got, w) > 1e-3
+    assert max_diff(decoded, full) <= 1e-5  # the exact cache serves the scaled model too
+
+
+def test_log_scale_is_gqa_only_with_one_line():
+    with pytest.raises(ConfigError, match="log_scale is implemented for GQA"):
+        load_config(overrides(loop=4, policy="same_layer",
+                              extra=(*LOG_SCALE, "model.attention=mla")))

@@ -31,6 +31,7 @@ class DepthPosition:
     # (B, T) tokens that exited earlier: they keep the entries of position frozen_from
     frozen: Optional[torch.Tensor] = None
     frozen_from: Optional[int] = None
+    score_scale: float = 1.0  # the factor on its depth scores (model.depth_attention.log_scale)
 
 
 class Recorder:
@@ -176,6 +177,8 @@ class Attention(DepthAttentionLayer):
         return q, k, v
 
     def mix(self, q, k_src, v_src, pos, ctx):
+        if pos.score_scale != 1.0:  # scaling q_bar scales every score q_bar . k_j
+            q = q * pos.score_scale
         return depth_mix(q, k_src, v_src)
 
     def read(self, q, k_all, v_all, ctx, pos):

@@ -83,11 +83,18 @@ class DepthAttentionConfig:
     # (default_policy: `same_layer` for a looped one, `strided` for a plain one).
     sources: Optional[str] = None
     mix: str = "mixed"  # mixed: sources contribute their mixed values; raw: their raw values
+    # true: a position with more sources than any position has at the trained R scales its depth
+    # scores by log(n) / log(n_trained) (n: sources + itself), so the softmax does not flatten
+    # as the count grows past what training saw (see score_scales); no parameters
+    log_scale: bool = False
 
     def check(self, cfg) -> None:
         if self.mix not in MIXES:
             raise ConfigError(f"unknown model.depth_attention.mix '{self.mix}'; choose one of: "
                               f"{', '.join(MIXES)}")
+        if self.log_scale and cfg.model.attention != "gqa":
+            raise ConfigError(f"model.depth_attention.log_scale is implemented for GQA "
+                              f"attention only, not model.attention={cfg.model.attention}")
 
 
 def default_policy(looped: bool) -> str:
@@ -167,6 +174,18 @@ def sources_for_layout(policy: str, layout: DepthLayout, cfg) -> list[tuple[int,
             raise ValueError(f"source policy '{policy}' gave invalid sources {src} at position {p}")
         out.append(src)
     return out
+
+
+def score_scales(sources: Sequence[tuple[int, ...]], trained: Sequence[tuple[int, ...]]
+                 ) -> tuple[float, ...]:
+    """Per position, the factor on its depth scores under log_scale: log(n) / log(n_max) where n
+    is its softmax's size (sources + itself) and n_max the largest size at the trained R; 1 where
+    n <= n_max, so that every position training saw is unchanged. As length-extrapolating
+    attention scales by log(length), this keeps a softmax over more values about as peaked."""
+    n_max = max((len(s) + 1 for s in trained), default=1)
+    if n_max < 2:  # nothing was mixed in training: no size to keep
+        return tuple(1.0 for _ in sources)
+    return tuple(max(1.0, math.log(len(s) + 1) / math.log(n_max)) for s in sources)
 
 
 # ---------------------------------------------------------------------------------------------

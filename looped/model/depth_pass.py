@@ -45,6 +45,7 @@ class DepthPlan:
     blocks: tuple[nn.Module, ...]  # the block at each position
     sources: tuple[tuple[int, ...], ...]  # the earlier positions its Depth-Attention reads
     slots: tuple[int, ...]  # its cross-layer method's parameter slot
+    scales: tuple[float, ...] = ()  # the factor on its depth scores; () is 1 everywhere
 
 
 class DepthPass:
@@ -95,7 +96,8 @@ class DepthPass:
             block = self.plan.blocks[p]
             # an exited token keeps the key and mixed value of the same layer one iteration back
             pos = DepthPosition(p, self.plan.sources[p], frozen,
-                                None if frozen is None else p - self.layout.n_core)
+                                None if frozen is None else p - self.layout.n_core,
+                                self.plan.scales[p] if self.plan.scales else 1.0)
             if self.method is None:
                 x = (checkpoint(block, x, ctx, pos, use_reentrant=False)
                      if self.checkpoint_blocks else block(x, ctx, pos))

@@ -24,7 +24,8 @@ from looped.model.cache import ActivationStore, KVCache
 from looped.model.cache_policy import cache_policy
 from looped.model.compiled_decode import CompiledDecoder, decoder_for
 from looped.model.cross_layer import CrossLayer, build_cross_layer, exit_conflict
-from looped.model.depth import DepthLayout, DepthWeights, resolve_policy, sources_for_layout
+from looped.model.depth import (DepthLayout, DepthWeights, resolve_policy, score_scales,
+                                sources_for_layout)
 from looped.model.adaptive import adaptive_loop
 from looped.model.depth_pass import CoreResult, DepthPass, DepthPlan
 from looped.model.exit import ExitCriterion, RowBudget
@@ -127,9 +128,12 @@ class LoopedLM(nn.Module):
         """What runs at each depth position of a forward pass with `loops` iterations."""
         if loops not in self._plans:
             layout = self.layout(loops)
+            sources = self.depth_sources(loops)
+            scales = (score_scales(sources, self.depth_sources(self.loop))
+                      if self.cfg.depth_attention.log_scale else ())
             self._plans[loops] = DepthPlan(
                 layout, tuple(self.block_at(p, loops) for p in range(layout.n_positions)),
-                tuple(self.depth_sources(loops)), tuple(self.position_slots(loops)))
+                tuple(sources), tuple(self.position_slots(loops)), scales)
         return self._plans[loops]
 
     def position_slots(self, loops: int) -> list[int]:

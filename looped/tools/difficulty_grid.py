@@ -86,7 +86,7 @@ def summarise(run: GridRun, metric: str = "accuracy") -> list[LevelSummary]:
 def grid_run(path: str, args) -> GridRun:
     ckpt = resolve_checkpoint(Path(path))
     run_dir = run_dir_of(ckpt)
-    cfg = load_run_config(run_dir)
+    cfg = load_run_config(run_dir, args.config)
     knobs = [k for k in cfg.task if k not in ("name", "eval")]
     if args.knob not in knobs:
         raise ConfigError(f"knob={args.knob}: task '{cfg.task.name}' of {run_dir.name} has no such "
@@ -96,7 +96,7 @@ def grid_run(path: str, args) -> GridRun:
     loops = model.runnable_loops(args.loops)
     cells: dict[int, dict[int, dict[str, float]]] = {}
     for level in args.levels:
-        level_cfg = load_run_config(run_dir, [f"task.eval.{args.knob}={level}"])
+        level_cfg = load_run_config(run_dir, [*args.config, f"task.eval.{args.knob}={level}"])
         task = build_task(level_cfg.task, split="eval")
         if task.seq_len > cfg.model.max_seq_len or task.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"{args.knob}={level}: the task needs sequences of {task.seq_len} "

@@ -53,6 +53,9 @@ class EvaluateArgs:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     knob: Optional[str] = None  # a task knob to sweep on the held-out split (e.g. length, hops)
     levels: list[int] = field(default_factory=list)  # its values, with `knob`
+    # overrides of every run's saved config, for what a trained model can change at test time
+    # (e.g. [model.depth_attention.log_scale=true]); the weights must still fit
+    config: list[str] = field(default_factory=list)
 
 
 def help_text(argv: list[str] = ()) -> str:
@@ -82,7 +85,7 @@ def parse_args(argv: list[str]) -> EvaluateArgs:
 def evaluate_run(path: str, args: EvaluateArgs) -> tuple[str, dict[int, dict[str, float]], int]:
     ckpt = resolve_checkpoint(Path(path))
     run_dir = run_dir_of(ckpt)
-    overrides = []
+    overrides = list(args.config)
     if args.exit is not None:
         overrides.append(f"exit.criterion={args.exit}")
     if args.threshold is not None:

@@ -61,6 +61,9 @@ def check_exportable(cfg, model) -> None:
                           "full causal attention only")
     if m.depth_attention.mix != "mixed":
         raise ConfigError("cannot export depth_attention.mix=raw (an ablation); only mixed")
+    if m.depth_attention.log_scale:
+        raise ConfigError("cannot export depth_attention.log_scale=true: the exported model "
+                          "implements unscaled depth scores only")
     if model.policy not in EXPORTABLE_POLICIES:
         raise ConfigError(f"cannot export the depth source policy '{model.policy}'; the exported "
                           f"model implements {', '.join(EXPORTABLE_POLICIES)}")
