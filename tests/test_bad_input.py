@@ -219,6 +219,9 @@ RANGES: dict[str, Range | Unbounded] = {
     "model.mla.v_dim": Range(("0",), "1", MLA),
     "model.depth_attention[strided].stride": Range(("0",), "1"),
     "model.depth_attention[strided].window": Range(("-1",), "0"),
+    "model.depth_attention[window].window": Range(("0",), "1"),  # iterations, at least one
+    "model.depth_attention[anchor_window].window": Range(("0",), "1"),
+    "model.depth_attention[loop_strided].stride": Range(("0",), "1"),
     "model.cross_layer.param_loops": Range(("-1", "7"), "8", LOOP8),  # 0 or >= loop
     "model.cross_layer[denseformer].dilation": Range(("0",), "1"),
     "model.cross_layer[denseformer].period": Range(("0",), "1"),
