@@ -83,6 +83,20 @@ def test_rerun_skips_finished_runs(done):
     assert (result.stat().st_mtime_ns, (out / "da" / "seed0" / "train.log").read_text()) == before
 
 
+@pytest.mark.slow
+def test_report_only_reports_what_is_finished_and_trains_nothing(done, tmp_path):
+    """report_only=true: the report of the runs finished so far (e.g. while the study runs in
+    another process), with an unstarted seed counted as not finished, and no run started."""
+    _, out, _ = done
+    path = write_study(tmp_path / "more.yaml", out, VARIANTS, seeds=(0, 1, 2),
+                       extra=f"results: {tmp_path / 'report'}")
+    proc = study(path, "report_only=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any((out / v / "seed2").exists() for v in VARIANTS)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "runs finished: 4 of 9" in md
+
+
 def _hand_stats(values):
     n = len(values)
     mean = sum(values) / n

@@ -7,6 +7,7 @@ when some failed (their errors are listed), 2 for a bad study file or argument.
     python -m looped study configs/study/text_plain.yaml                 # all of it
     python -m looped study configs/study/text_plain.yaml jobs=1 seeds=[0] # a part
     python -m looped study configs/study/text_plain.yaml dry_run=true     # what is done, what not
+    python -m looped study configs/study/text_plain.yaml report_only=true # report what is done
     python -m looped study configs/study/paper_360m.yaml slurm.nodes=4   # each run on 4x8 GPUs
 """
 
@@ -64,6 +65,8 @@ def main(argv: list[str]) -> int:
         for run, state in zip(todo, states):
             print(f"  {state:12s} {run.key}")
         return 0
+    if spec.report_only:
+        todo = []
     if todo:
         world = world_size(spec)
         each = (f"{world} processes ({spec.slurm.nodes} node(s) x {tasks_per_node(spec)}) "

@@ -92,6 +92,9 @@ class StudySpec:
     extra: list[str] = field(default_factory=list)  # appended to every run's overrides
     only: list[str] = field(default_factory=list)  # run only these variants
     dry_run: bool = False  # list the runs and their status, run nothing
+    # write the report of the runs finished so far and run nothing (e.g. while the study runs
+    # in another process)
+    report_only: bool = False
     name: str = ""  # the file's stem
 
 
