@@ -94,6 +94,9 @@ def main(argv: list[str]) -> int:
     whole = dataclasses.replace(spec, only=[], seeds=list(dict.fromkeys(file_seeds + spec.seeds)))
     out = write_all(expand(whole), whole, command, failed)
     print(f"\n{(out / 'summary.md').read_text()}")
+    if spec.report_only:
+        print(f"study {spec.name}: the report of the runs finished so far, in {out}", flush=True)
+        return 0
     print(f"study {spec.name}: {len(runs) - len(failed)} of {len(runs)} runs finished in "
           f"{time.perf_counter() - t0:.0f} s this time; results in {out}", flush=True)
     return 1 if failed else 0
