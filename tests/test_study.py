@@ -379,3 +379,16 @@ def test_runs_recorded_under_a_renamed_key_still_count():
     assert not same_settings({**recorded, "overrides": ["train.loops.sampler=uniform",
                                                         "loop=2"]}, run)
     assert not same_settings({**recorded, "seed": 1}, run)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "study").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_study_file_of_the_project_resolves(path, monkeypatch):
+    """A study file whose variant no longer resolves (a renamed key, a removed policy) fails
+    here, not hours into its run."""
+    monkeypatch.chdir(ROOT)
+    runs = expand(load_study(str(path)))
+    assert runs
+    first = runs[0].seed  # the seed changes no config key: one seed's runs are every variant
+    problems = {run.key: check_run_config(run) for run in runs if run.seed == first}
+    assert not any(problems.values()), problems
