@@ -129,9 +129,11 @@ def test_a_decoder_past_the_recompile_limit_decodes_eagerly():
     ids = rand_ids(2, 8, seed=95)
     with torch.no_grad():
         ref = model.cached_forward(ids, prefill=4).logits
-    first, second = model.compiled_decoder(1, 8), model.compiled_decoder(2, 8)
-    decode_static(first, ids[:1], 4)  # compiles once; another batch size is another graph
+    # batch 2 first: the graph test_compiled_decode_matches_eager_and_never_recompiles compiled
+    # (inductor's cache serves it); another batch size is another graph
+    first, second = model.compiled_decoder(2, 8), model.compiled_decoder(1, 8)
+    decode_static(first, ids, 4)
     with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=True):
         with pytest.warns(UserWarning, match="recompile limit"):
-            logits = decode_static(second, ids, 4)
-    assert max_diff(logits, ref) <= 1e-5
+            logits = decode_static(second, ids[:1], 4)
+    assert max_diff(logits, ref[:1]) <= 1e-5
