@@ -124,3 +124,19 @@ def test_training_log_shows_no_mfu_above_100_percent(monkeypatch, tmp_path, caps
     assert "MFU against" in log and "measured fp32 matmul" in log
     assert "MFU n/a" in log
     assert not re.search(r"MFU \d", log)
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"%s": "fast"}'])
+def test_a_malformed_peak_cache_is_ignored_and_replaced(text, monkeypatch, tmp_path):
+    monkeypatch.setenv("LOOPED_CACHE", str(tmp_path))
+    throughput.measured_cpu_peak.cache_clear()
+    monkeypatch.setattr(throughput, "time", SlowClock(1e-3))
+    key = throughput.cpu_peak_key(2)
+    (tmp_path / "cpu_peak.json").write_text(text.replace("%s", key))
+    try:
+        peak, source = throughput.cpu_peak(2)
+    finally:
+        throughput.measured_cpu_peak.cache_clear()
+    assert peak == pytest.approx(2 * throughput.CPU_PEAK_SIZE ** 3 / 1e-3)
+    assert "this run's measurement" in source
+    assert json.loads((tmp_path / "cpu_peak.json").read_text()) == {key: pytest.approx(peak)}

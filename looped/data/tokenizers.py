@@ -151,8 +151,13 @@ def load_tokenizer_file(path: Path | str):
     return BPETokenizer.from_file(path)
 
 
+def cache_root() -> Path:
+    """Where looped keeps what it can recompute: `$LOOPED_CACHE`, default ~/.cache/looped."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "looped")
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "looped") / "tokenizers"
+    return cache_root() / "tokenizers"
 
 
 def trained_bpe(train_text: str, vocab_size: int) -> BPETokenizer:

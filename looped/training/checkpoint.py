@@ -162,8 +162,8 @@ def save_run_config(run_dir: Path, cfg) -> None:
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     cfg = cfg.copy()
     da = cfg.model.depth_attention
-    if da.sources is None:
-        da.sources = resolve_policy(da, looped=cfg.loop > 1) if da.enabled else None
+    if da.enabled and da.sources is None:
+        da.sources = resolve_policy(da, looped=cfg.loop > 1)
     tmp = Path(run_dir) / ".config.yaml.tmp"
     tmp.write_text(OmegaConf.to_yaml(cfg))
     os.replace(tmp, Path(run_dir) / "config.yaml")

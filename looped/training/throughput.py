@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from looped.data.tokenizers import CACHE_ENV
+from looped.data.tokenizers import cache_root
 
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity), from the vendors' data sheets
 GPU_BF16_PEAK = {
@@ -68,8 +68,18 @@ def cpu_peak_key(threads: int) -> str:
 
 
 def peak_cache_file() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(Path.home(), ".cache", "looped")
-    return Path(root) / "cpu_peak.json"
+    return cache_root() / "cpu_peak.json"
+
+
+def _read_peaks(path: Path) -> dict[str, float]:
+    """The peaks kept in path by key; an unreadable or malformed file keeps none."""
+    try:
+        seen = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(seen, dict):
+        return {}
+    return {k: float(v) for k, v in seen.items() if isinstance(v, (int, float))}
 
 
 def cpu_peak(threads: int) -> tuple[float, str]:
@@ -78,16 +88,13 @@ def cpu_peak(threads: int) -> tuple[float, str]:
     make a measurement slower, so the best one seen is the closest to the true peak."""
     now = measured_cpu_peak(threads)
     key, path = cpu_peak_key(threads), peak_cache_file()
-    try:
-        seen = json.loads(path.read_text())
-    except (OSError, ValueError):
-        seen = {}
-    best = max(now, float(seen.get(key, 0.0)) if isinstance(seen, dict) else 0.0)
-    if best > float(seen.get(key, 0.0) if isinstance(seen, dict) else 0.0):
+    seen = _read_peaks(path)
+    best = max(now, seen.get(key, 0.0))
+    if now > seen.get(key, 0.0):
         try:  # the cache is a convenience: an unwritable one only costs the next run's accuracy
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**(seen if isinstance(seen, dict) else {}), key: best}))
+            tmp.write_text(json.dumps({**seen, key: now}))
             os.replace(tmp, path)
         except OSError:
             pass
