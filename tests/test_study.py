@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -156,6 +157,65 @@ def test_markdown_table_and_figures_are_rendered(done):
     assert {int(c["step"]) for c in curves} == {3, 6}
     for name in ("loss_vs_R.png", "curves.png", "gap_curves.png"):
         assert (out / "results" / name).stat().st_size > 1000
+
+
+HARD = "difficulty: {knob: chain_len, levels: [4, 5], loops: [1, 3], n_samples: 16}"
+
+
+@pytest.mark.slow
+def test_a_difficulty_grid_added_later_scores_finished_runs_without_training(done, tmp_path):
+    """The same study with a difficulty grid: its finished runs are scored on the harder
+    splits (no training), the cells land in result.json, the paired differences match a hand
+    computation, and a rerun has nothing left to do."""
+    _, out, _ = done
+    path = write_study(tmp_path / "hard.yaml", out, VARIANTS,
+                       extra=f"results: {tmp_path / 'report'}\n{HARD}")
+    runs = [out / v / f"seed{s}" for v in ("vanilla", "da") for s in (0, 1)]
+    logs = [(d / "train.log").read_text() for d in runs]
+    proc = study(path, "only=[vanilla,da]")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "4 to score on the difficulty grid" in proc.stdout
+    assert [(d / "train.log").read_text() for d in runs] == logs  # nothing trained again
+    loss = {}
+    for d in runs:
+        grid = json.loads((d / "result.json").read_text())["difficulty"]
+        assert grid["settings"] == {"knob": "chain_len", "levels": [4, 5], "loops": [1, 3],
+                                    "n_samples": 16, "batch_size": 64}
+        assert {lv: set(by_r) for lv, by_r in grid["cells"].items()} == {
+            "4": {"1", "3"}, "5": {"1", "3"}}
+        loss[(d.parent.name, int(d.name[4:]))] = grid["cells"]["5"]["3"]["loss"]
+    hard = list(csv.DictReader(open(tmp_path / "report" / "difficulty.csv")))
+    assert len(hard) == 2 * 2 * 2 * 2  # (variant, seed, level, R)
+    got = {(r["variant"], r["level"], r["R"]): r
+           for r in csv.DictReader(open(tmp_path / "report" / "difficulty_paired.csv"))}
+    mean, _, lo, hi = _hand_stats([loss[("da", s)] - loss[("vanilla", s)] for s in (0, 1)])
+    assert float(got[("da", "5", "3")]["mean"]) == pytest.approx(mean, rel=1e-4, abs=1e-7)
+    assert float(got[("da", "5", "3")]["ci95_low"]) == pytest.approx(lo, rel=1e-4, abs=1e-6)
+    assert float(got[("da", "5", "3")]["ci95_high"]) == pytest.approx(hi, rel=1e-4, abs=1e-6)
+    md = (tmp_path / "report" / "summary.md").read_text()
+    assert "Harder held-out splits (`chain_len`" in md and "| da | 5 | " in md
+    assert (tmp_path / "report" / "difficulty_chain_len5.png").stat().st_size > 1000
+    again = study(path, "only=[vanilla,da]", "dry_run=true")
+    assert "4 runs (4 finished, 0 to resume, 0 to start, 0 with a bad config)" in again.stdout
+
+
+@pytest.mark.parametrize("setting,fragment", [
+    ("difficulty: {levels: [4]}", "levels and loops need a knob"),
+    ("difficulty: {knob: chain_len, loops: [2]}", "needs levels=[...] and loops=[...] too"),
+    ("difficulty: {knob: chain_len, levels: [4], loops: [0]}", "difficulty.loops must be >= 1"),
+    ("difficulty: {knob: chain_len, levels: [4, 4], loops: [2]}", "must not repeat a value"),
+    ("difficulty: {knob: chain_len, levels: [4], loops: [2], n_samples: 0}",
+     "difficulty.n_samples and difficulty.batch_size must be >= 1"),
+    ("metric: bits_per_byte\ndifficulty: {knob: chain_len, levels: [4], loops: [2]}",
+     "metric=bits_per_byte has no harder split"),
+])
+def test_bad_difficulty_grids_are_one_line(tmp_path, setting, fragment):
+    from looped.errors import ConfigError
+
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
+    path.write_text(path.read_text().replace("metric: loss\n", "") + setting + "\n")
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        load_study(path)
 
 
 @pytest.mark.slow

@@ -5,31 +5,28 @@ Written to the study's `results` directory:
     summary.csv   per (grid point, variant, R, metric): n, mean, std, min, max, 95% interval
     paired.csv    per (grid point, variant, R): value - reference over shared seeds, 95% interval
     curves.csv    the learning curves: each run's held-out metric at its trained R by step
+    difficulty*.csv, difficulty_*.png   the study's difficulty grid, if it has one
     summary.md    the tables the README quotes
     <grid point>metric_vs_R.png, <grid point>curves.png
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import statistics
-from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 from looped.training.checkpoint import METRICS_FILE
 from looped.tools.plots import plot_bands
+from looped.tools.study import difficulty_report
 from looped.tools.study.runner import ERROR, finished_result
-from looped.tools.study.spec import METRICS, RunSpec, StudySpec
-from looped.tools.study.stats import Spread, paired_difference, paired_values, spread
+from looped.tools.study.spec import METRICS, RunSpec, StudySpec, comparisons
+from looped.tools.study.stats import paired_values, spread
+from looped.tools.study.tables import (by_seed, cell, diff_cell, num, paired_or_none, spread_cols,
+                                      write_csv)
 
 TRAINED = "trained"  # the R column that means "each run at the R it was trained with"
-
-
-def _num(x) -> float:
-    return float(x) if x not in (None, "") else math.nan
 
 
 def run_cache_bytes_per_token(run_dir: Path) -> int:
@@ -61,8 +58,8 @@ def collect(runs: list[RunSpec], spec_cache: bool = False
                 "trained_loop": result["trained_loop"]}
         cache = {"cache_bytes": run_cache_bytes_per_token(d)} if spec_cache else {}
         for r, metrics in result["eval"].items():
-            rows.append({**base, "R": int(r), **{m: _num(metrics.get(m)) for m in METRICS},
-                         "iterations": _num(metrics.get("iterations")),
+            rows.append({**base, "R": int(r), **{m: num(metrics.get(m)) for m in METRICS},
+                         "iterations": num(metrics.get("iterations")),
                          "train_seconds": result["train_seconds"],
                          "resumed": result["resumed"], **cache})
         curves.extend(_curve(d / METRICS_FILE, base))
@@ -84,29 +81,9 @@ def _curve(path: Path, base: dict) -> list[dict]:
         metrics = row["eval"].get(str(base["trained_loop"]))
         if metrics is not None:
             self_w = list(row.get("depth_self_weight", {}).values())
-            out.append({**base, "step": step, **{m: _num(metrics.get(m)) for m in METRICS},
-                        "train_loss": _num(row.get("train_loss")),
+            out.append({**base, "step": step, **{m: num(metrics.get(m)) for m in METRICS},
+                        "train_loss": num(row.get("train_loss")),
                         "mean_self_weight": (sum(self_w) / len(self_w)) if self_w else math.nan})
-    return out
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        path.write_text("")
-        return
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: (f"{v:.10g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def _by(rows: list[dict], metric: str, *keys: str) -> dict[tuple, dict[int, float]]:
-    """(key values) -> {seed: metric}, skipping missing values."""
-    out: dict[tuple, dict[int, float]] = defaultdict(dict)
-    for row in rows:
-        if not math.isnan(row[metric]):
-            out[tuple(row[k] for k in keys)][row["seed"]] = row[metric]
     return out
 
 
@@ -115,83 +92,39 @@ def _with_trained(rows: list[dict]) -> list[dict]:
     return rows + [{**r, "R": TRAINED} for r in rows if r["R"] == r["trained_loop"]]
 
 
-def _paired(values: Optional[dict[int, float]],
-            reference: Optional[dict[int, float]]) -> Optional[Spread]:
-    """The paired difference, or None where either side is missing or no seed is shared."""
-    if not values or not reference or not set(values) & set(reference):
-        return None
-    return paired_difference(values, reference)
-
-
 def summarise(rows: list[dict], spec: StudySpec) -> list[dict]:
     out = []
     for metric in METRICS:
-        for (grid, variant, R), vals in _by(rows, metric, "grid", "variant", "R").items():
+        for (grid, variant, R), vals in by_seed(rows, metric, "grid", "variant", "R").items():
             s = spread(list(vals.values()))
             out.append({"grid": grid, "variant": variant, "R": R, "metric": metric,
-                        **_spread_cols(s)})
+                        **spread_cols(s)})
     return out
-
-
-def comparisons(spec: StudySpec) -> list[tuple[str, str]]:
-    """(variant, baseline) pairs: every variant against the reference, then the study's pairs."""
-    out = [(v, spec.reference) for v in spec.variants if v != spec.reference]
-    return out + [tuple(p) for p in spec.pairs if tuple(p) not in out]
 
 
 def paired(rows: list[dict], spec: StudySpec) -> list[dict]:
     out = []
     for metric in METRICS:
-        table = _by(_with_trained(rows), metric, "grid", "variant", "R")
+        table = by_seed(_with_trained(rows), metric, "grid", "variant", "R")
         for grid, R in dict.fromkeys((g, r) for g, _, r in table):
             for variant, baseline in comparisons(spec):
                 vals, ref = table.get((grid, variant, R)), table.get((grid, baseline, R))
-                s = _paired(vals, ref)
+                s = paired_or_none(vals, ref)
                 if s is None:
                     continue
                 ref_mean = statistics.fmean(ref[k] for k in set(vals) & set(ref))
                 out.append({"grid": grid, "variant": variant, "reference": baseline, "R": R,
-                            "metric": metric, **_spread_cols(s),
+                            "metric": metric, **spread_cols(s),
                             "relative": s.mean / ref_mean if ref_mean else math.nan})
     return out
-
-
-def _spread_cols(s: Spread) -> dict:
-    return {"n": s.n, "mean": s.mean, "std": s.std, "min": s.min, "max": s.max,
-            "ci95_low": s.ci_low, "ci95_high": s.ci_high}
 
 
 # -- markdown ----------------------------------------------------------------------------------
 
 
-def _fmt(x: float, digits: int = 3) -> str:
-    return "—" if math.isnan(x) else f"{x:.{digits}f}"
-
-
-def _seeds_note(s: Spread, n_seeds: int) -> str:
-    return f" ({s.n} of {n_seeds} seeds)" if s.n < n_seeds else ""
-
-
-def _cell(s: Spread, n_seeds: int) -> str:
-    if s.n == 1:
-        return f"{_fmt(s.mean)}{_seeds_note(s, n_seeds) or ' (1 seed)'}"
-    return (f"{_fmt(s.mean)} ± {_fmt(s.std)} ({_fmt(s.min)}–{_fmt(s.max)})"
-            + _seeds_note(s, n_seeds))
-
-
-def _signed(x: float) -> str:
-    return f"{x:+.3f}"
-
-
-def _diff_cell(s: Spread, n_seeds: int) -> str:
-    if s.n == 1:
-        return f"{_signed(s.mean)}{_seeds_note(s, n_seeds) or ' (1 seed)'}"
-    return f"{_signed(s.mean)} [{_signed(s.ci_low)}, {_signed(s.ci_high)}]" + \
-        _seeds_note(s, n_seeds)
-
-
 def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
-           failed: dict[str, str], n_runs: int) -> str:
+           failed: dict[str, str], n_runs: int, hard: list[dict] = ()) -> str:
+    """summary.md; `hard`: the rows of the difficulty grid (difficulty_report)."""
     m, better = spec.metric, METRICS[spec.metric]
     finished = len({(r["grid"], r["variant"], r["seed"]) for r in rows})
     lines = [f"# Study `{spec.name}`", "", spec.description.strip(), "",
@@ -209,6 +142,7 @@ def report(rows: list[dict], curves: list[dict], spec: StudySpec, command: str,
         lines += _main_table(mine, spec) + [""] + _pairs_table(mine, spec) + [""]
         lines += _gap_table(mine_curves, spec) + [""]
         lines += _self_weight_table(mine_curves, len(spec.seeds)) + [""]
+        lines += difficulty_report.report_lines(hard, spec, grid) + [""]
     if failed:
         lines += ["Failed runs:", ""] + [f"- `{k}`: {v}" for k, v in sorted(failed.items())]
         lines.append("")
@@ -219,24 +153,24 @@ def _main_table(rows: list[dict], spec: StudySpec) -> list[str]:
     m, n = spec.metric, len(spec.seeds)
     all_r = sorted({r["R"] for r in rows})
     loops = [r for r in (spec.report_loops or all_r) if r in all_r]
-    cells = _by(rows, m, "variant", "R")
-    trained = _by(_with_trained(rows), m, "variant", "R")
-    times = _by(rows, "train_seconds", "variant")
+    cells = by_seed(rows, m, "variant", "R")
+    trained = by_seed(_with_trained(rows), m, "variant", "R")
+    times = by_seed(rows, "train_seconds", "variant")
     variants = list(dict.fromkeys(r["variant"] for r in rows))
     head = ["variant", "trained R"] + [f"R={r}" for r in loops] + \
            [f"Δ vs {spec.reference} at trained R", "train time (s)"]
-    cache = _by(rows, "cache_bytes", "variant") if spec.cache_bytes else {}
+    cache = by_seed(rows, "cache_bytes", "variant") if spec.cache_bytes else {}
     if spec.cache_bytes:
         head.append("KV cache / token (fp32)")
     out = ["| " + " | ".join(head) + " |", "|---|---:|" + "---:|" * (len(head) - 2)]
     for v in variants:
         trained_r = sorted({r["trained_loop"] for r in rows if r["variant"] == v})
         row = [v, ",".join(map(str, trained_r))]
-        row += [_cell(spread(list(cells[(v, r)].values())), n) if (v, r) in cells else ""
+        row += [cell(spread(list(cells[(v, r)].values())), n) if (v, r) in cells else ""
                 for r in loops]
-        diff = _paired(trained.get((v, TRAINED)), trained.get((spec.reference, TRAINED)))
+        diff = paired_or_none(trained.get((v, TRAINED)), trained.get((spec.reference, TRAINED)))
         row.append("(reference)" if v == spec.reference else
-                   _diff_cell(diff, n) if diff is not None else "")
+                   diff_cell(diff, n) if diff is not None else "")
         row.append(f"{spread(list(times[(v,)].values())).mean:.0f}" if (v,) in times else "")
         if spec.cache_bytes:
             row.append(f"{int(next(iter(cache[(v,)].values()))):,} B" if (v,) in cache else "")
@@ -249,20 +183,20 @@ def _pairs_table(rows: list[dict], spec: StudySpec) -> list[str]:
     if not spec.pairs:
         return []
     m, n = spec.metric, len(spec.seeds)
-    trained = _by(_with_trained(rows), m, "variant", "R")
+    trained = by_seed(_with_trained(rows), m, "variant", "R")
     out = [f"Paired comparisons (`{m}`, variant − baseline, paired by seed, at trained R):", "",
            "| variant | baseline | Δ |", "|---|---|---:|"]
     for variant, baseline in spec.pairs:
-        diff = _paired(trained.get((variant, TRAINED)), trained.get((baseline, TRAINED)))
+        diff = paired_or_none(trained.get((variant, TRAINED)), trained.get((baseline, TRAINED)))
         out.append(f"| {variant} | {baseline} | "
-                   f"{_diff_cell(diff, n) if diff is not None else ''} |")
+                   f"{diff_cell(diff, n) if diff is not None else ''} |")
     return out
 
 
 def _gap_table(curves: list[dict], spec: StudySpec) -> list[str]:
     """The paired difference against the reference along training, at each run's trained R."""
     m = spec.metric
-    table = _by(curves, m, "variant", "step")
+    table = by_seed(curves, m, "variant", "step")
     steps = sorted({c["step"] for c in curves})
     others = [v for v in dict.fromkeys(c["variant"] for c in curves) if v != spec.reference]
     if not steps or not others or not any((spec.reference, s) in table for s in steps):
@@ -273,15 +207,15 @@ def _gap_table(curves: list[dict], spec: StudySpec) -> list[str]:
         ref = table.get((spec.reference, step))
         row = [str(step)]
         for v in others:
-            diff = _paired(table.get((v, step)), ref)
-            row.append(_diff_cell(diff, len(spec.seeds)) if diff is not None else "")
+            diff = paired_or_none(table.get((v, step)), ref)
+            row.append(diff_cell(diff, len(spec.seeds)) if diff is not None else "")
         out.append("| " + " | ".join(row) + " |")
     return out
 
 
 def _self_weight_table(curves: list[dict], n_seeds: int) -> list[str]:
     """Depth-Attention's mean weight on a position's own value along training (1 = vanilla)."""
-    table = _by(curves, "mean_self_weight", "variant", "step")
+    table = by_seed(curves, "mean_self_weight", "variant", "step")
     variants = list(dict.fromkeys(v for v, _ in table))
     steps = sorted({s for _, s in table})
     if not variants:
@@ -291,7 +225,7 @@ def _self_weight_table(curves: list[dict], n_seeds: int) -> list[str]:
            "| step | " + " | ".join(variants) + " |", "|---:|" + "---:|" * len(variants)]
     for step in steps:
         out.append(f"| {step} | " + " | ".join(
-            _cell(spread(list(table[(v, step)].values())), n_seeds) if (v, step) in table else ""
+            cell(spread(list(table[(v, step)].values())), n_seeds) if (v, step) in table else ""
             for v in variants) + " |")
     return out
 
@@ -313,7 +247,7 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
         prefix = f"{grid}_" if grid else ""
         title = f"{spec.name} ({grid})" if grid else spec.name
         bands = {}
-        for (v, R), vals in _by([r for r in meant_for(rows) if r["grid"] == grid], m, "variant",
+        for (v, R), vals in by_seed([r for r in meant_for(rows) if r["grid"] == grid], m, "variant",
                                 "R").items():
             bands.setdefault(v, {})[R] = list(vals.values())
         if len({R for curve in bands.values() for R in curve}) > 1:  # plain decoders: R = 1
@@ -321,7 +255,7 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
                                    ylabel=f"held-out {m}", log2_x=True,
                                    title=f"{title}: {m} vs R (band: min–max over seeds)"))
         lc: dict[str, dict[int, dict[int, float]]] = {}  # variant -> step -> seed -> value
-        for (v, step), vals in _by([c for c in curves if c["grid"] == grid], m, "variant",
+        for (v, step), vals in by_seed([c for c in curves if c["grid"] == grid], m, "variant",
                                    "step").items():
             lc.setdefault(v, {})[step] = vals
         if lc:
@@ -353,11 +287,18 @@ def write_all(runs: list[RunSpec], spec: StudySpec, command: str,
     out.mkdir(parents=True, exist_ok=True)
     rows, curves, errors = collect(runs, spec.cache_bytes)
     failed = {**errors, **failed}
-    _write_csv(out / "runs.csv", rows)
-    _write_csv(out / "summary.csv", summarise(rows, spec))
-    _write_csv(out / "paired.csv", paired(rows, spec))
-    _write_csv(out / "curves.csv", curves)
-    (out / "summary.md").write_text(report(rows, curves, spec, command, failed, len(runs)))
+    write_csv(out / "runs.csv", rows)
+    write_csv(out / "summary.csv", summarise(rows, spec))
+    write_csv(out / "paired.csv", paired(rows, spec))
+    write_csv(out / "curves.csv", curves)
+    hard = difficulty_report.collect_difficulty(runs)
+    if spec.difficulty.knob is not None:
+        write_csv(out / "difficulty.csv", hard)
+        write_csv(out / "difficulty_summary.csv", difficulty_report.summary_rows(hard, spec))
+        write_csv(out / "difficulty_paired.csv", difficulty_report.paired_rows(hard, spec))
+    (out / "summary.md").write_text(report(rows, curves, spec, command, failed, len(runs), hard))
     if rows:
         figures(rows, curves, spec, out)
+    if hard:
+        difficulty_report.figures(hard, spec, out)
     return out

@@ -56,9 +56,11 @@ def main(argv: list[str]) -> int:
         elif (state := run_state(run)) != "finished":
             todo.append(run)
             states.append(state)
+    resume, score = states.count("interrupted"), states.count("to score")
     print(f"study {spec.name}: {len(runs)} runs ({len(runs) - len(todo) - len(failed)} finished,"
-          f" {states.count('interrupted')} to resume, {len(todo) - states.count('interrupted')} "
-          f"to start, {len(failed)} with a bad config); runs under {spec.out}", flush=True)
+          f" {resume} to resume, {len(todo) - resume - score} to start, "
+          f"{f'{score} to score on the difficulty grid, ' if score else ''}{len(failed)} with a "
+          f"bad config); runs under {spec.out}", flush=True)
     for key, problem in failed.items():
         print(f"  FAILED {key}: {problem}", flush=True)
     if spec.dry_run:

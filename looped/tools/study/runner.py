@@ -4,8 +4,11 @@ A run directory holds, besides what train.py writes:
     study_run.json   what the run is (overrides, seed) and the wall time of each training attempt
     train.log        the training subprocess's output (appended on every attempt)
     eval/            `looped eval`'s loop_sweep.csv / .json / .png
+    difficulty/      the study's difficulty grid, if it has one (looped.tools.study.difficulty)
     result.json      written last: the run is finished, and a rerun of the study skips it as
-                     long as it was made with the same overrides and evaluation settings
+                     long as it was made with the same overrides and evaluation settings; the
+                     difficulty grid is added to it afterwards, and scored again (without
+                     training) when the study's grid changes
     error.txt        the one-line reason of the last failed attempt (removed on success)
     .lock            held while a process works on the run
 
@@ -35,6 +38,7 @@ from looped.config import load_config, renamed_override
 from looped.errors import EXIT_BAD_INPUT, LoopedError
 from looped.training.distributed import DistEnv
 from looped.training.scoring import eval_loops
+from looped.tools.study.difficulty import difficulty_command, is_scored, read_cells
 from looped.tools.study.spec import RunSpec
 
 RESULT = "result.json"
@@ -89,11 +93,14 @@ def finished_result(run: RunSpec) -> Optional[dict]:
 
 
 def run_state(run: RunSpec) -> str:
-    """finished | stale (finished with other settings) | interrupted (has a checkpoint) |
-    failed (last attempt) | new."""
+    """finished | to score (finished, without the study's difficulty grid) | stale (finished
+    with other settings) | interrupted (has a checkpoint) | failed (last attempt) | new."""
     d = Path(run.run_dir)
     if (d / RESULT).is_file():
-        return "finished" if finished_result(run) else "stale"
+        result = finished_result(run)
+        if result is None:
+            return "stale"
+        return "finished" if is_scored(result, run.difficulty) else "to score"
     if (d / CKPT_DIR / LATEST).is_file():
         return "interrupted"
     if (d / ERROR).is_file():
@@ -163,7 +170,9 @@ def _train_and_evaluate(run: RunSpec, d: Path, train: Train) -> RunStatus:
             return _fail(run, f"{d} holds a finished run made with other overrides or "
                               f"evaluation settings than the study's now; move it away or give "
                               f"the study another out=")
-        return RunStatus(run, "skipped", result=result)
+        if is_scored(result, run.difficulty):
+            return RunStatus(run, "skipped", result=result)
+        return _score_difficulty(run, d, result, resumed=False)
     resumed = (d / CKPT_DIR / LATEST).is_file()
     record = read_json(d / RECORD)
     if record is None or (not same_settings(record.get("settings"), run) and not resumed):
@@ -184,9 +193,7 @@ def _train_and_evaluate(run: RunSpec, d: Path, train: Train) -> RunStatus:
     cmd = [sys.executable, "-m", "looped", "eval", f"ckpt={d}", f"out={d / 'eval'}",
            f"n_samples={run.eval_n_samples}", f"batch_size={run.eval_batch_size}",
            f"threads={run.threads}", f"loops=[{','.join(map(str, loops))}]"]
-    # one process, also when rank 0 of a multi-process job starts it
-    plain = {k: v for k, v in os.environ.items() if k not in TORCH_ENVIRON}
-    code, output = _run(cmd, d / "eval.log", plain)
+    code, output = _run(cmd, d / "eval.log", _one_process_environ())
     if code != 0:
         return _fail(run, "evaluation: " + _last_error(output, code), resumed)
     (entry,) = json.loads((d / "eval" / "loop_sweep.json").read_text()).values()
@@ -197,6 +204,28 @@ def _train_and_evaluate(run: RunSpec, d: Path, train: Train) -> RunStatus:
               "attempts": len(attempts), "resumed": resumed or len(attempts) > 1}
     (d / ERROR).unlink(missing_ok=True)
     _write_json(d / RESULT, result)  # the run is finished exactly when result.json exists
+    return _score_difficulty(run, d, result, resumed)
+
+
+def _one_process_environ() -> dict[str, str]:
+    """The environment for an evaluation: one process, also when rank 0 of a multi-process
+    job starts it."""
+    return {k: v for k, v in os.environ.items() if k not in TORCH_ENVIRON}
+
+
+def _score_difficulty(run: RunSpec, d: Path, result: dict, resumed: bool) -> RunStatus:
+    """Add the study's difficulty grid to a finished run's result (nothing to do without one).
+    A failure here leaves the finished training and loop sweep in place."""
+    if run.difficulty is None or is_scored(result, run.difficulty):
+        return RunStatus(run, "finished", resumed=resumed, result=result)
+    code, output = _run(difficulty_command(d, run.difficulty, run.threads), d / "eval.log",
+                        _one_process_environ())
+    if code != 0:
+        return _fail(run, "difficulty grid: " + _last_error(output, code), resumed)
+    result = {**result, "difficulty": {"settings": run.difficulty.settings(),
+                                       "cells": read_cells(d)}}
+    (d / ERROR).unlink(missing_ok=True)
+    _write_json(d / RESULT, result)
     return RunStatus(run, "finished", resumed=resumed, result=result)
 
 

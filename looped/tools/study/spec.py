@@ -15,6 +15,7 @@
     cache_bytes: false                                # optional: KV bytes per token per variant
     metric: bits_per_byte                   # accuracy | solved | loss | bits_per_byte
     eval: {loops: [1], n_samples: 1024}               # the `looped eval` sweep of each run
+    difficulty: {knob: length, levels: [32, 128], loops: [32, 192]}  # optional: harder splits
     launcher: slurm                                   # local (default) | slurm | submitit_local
     slurm: {nodes: 2, gpus_per_node: 8}               # each run trains on 16 GPUs, one job
 
@@ -52,6 +53,33 @@ class StudyEval:
 
 
 @dataclass
+class StudyDifficulty:
+    """Each run scored on harder held-out splits (task.eval.<knob> at each level) at each R:
+    `looped eval knob=... levels=... loops=...`, a stage after the loop sweep."""
+
+    knob: Optional[str] = None  # a task knob, e.g. length or hops; null: no difficulty grid
+    levels: list[int] = field(default_factory=list)  # the knob's held-out values
+    loops: list[int] = field(default_factory=list)  # the loop counts each level is scored at
+    n_samples: int = 256  # held-out sequences per (level, R)
+    batch_size: int = 64  # held-out sequences per forward
+
+
+@dataclass(frozen=True)
+class DifficultySweep:
+    """StudyDifficulty as a run carries it (hashable, picklable)."""
+
+    knob: str
+    levels: tuple[int, ...]
+    loops: tuple[int, ...]
+    n_samples: int
+    batch_size: int
+
+    def settings(self) -> dict:
+        return {"knob": self.knob, "levels": list(self.levels), "loops": list(self.loops),
+                "n_samples": self.n_samples, "batch_size": self.batch_size}
+
+
+@dataclass
 class SlurmOptions:
     partition: Optional[str] = None  # the SLURM partition; null: the cluster's default
     timeout_min: int = 240  # per run
@@ -83,6 +111,8 @@ class StudySpec:
     # R values the markdown table reports (default: every evaluated R)
     report_loops: list[int] = field(default_factory=list)
     eval: StudyEval = field(default_factory=StudyEval)
+    # optional: harder held-out splits; adding it later scores finished runs without retraining
+    difficulty: StudyDifficulty = field(default_factory=StudyDifficulty)
     out: str = ""  # the runs; default runs/study/<file stem>
     results: str = ""  # CSVs, markdown, figures; default <out>/results
     threads: int = 1  # torch threads per run; results are reproducible at a fixed value
@@ -115,6 +145,7 @@ class RunSpec:
     # run is: the trainer makes the same training at any world size
     world_size: int = 1
     gpus_per_node: int = 0
+    difficulty: Optional[DifficultySweep] = None  # the study's difficulty grid, if it has one
 
     @property
     def grid_label(self) -> str:
@@ -185,6 +216,10 @@ def _validate(spec: StudySpec, path: Path) -> None:
     need(all(r >= 1 for r in spec.eval.loops + spec.report_loops), "loop counts must be >= 1")
     need(spec.eval.n_samples >= 1 and spec.eval.batch_size >= 1,
          "eval.n_samples and eval.batch_size must be >= 1")
+    _validate_difficulty(spec.difficulty, need)
+    need(spec.difficulty.knob is None or spec.metric != "bits_per_byte",
+         "the difficulty grid scores accuracy, solved and loss; metric=bits_per_byte has no "
+         "harder split")
     reserved = ("seed", "out_dir", "name", "threads", "resume", "resume_from")
     for key, values in spec.grid.items():
         need(isinstance(values, (list, dict)) and bool(values), f"grid axis '{key}' has no values")
@@ -209,6 +244,27 @@ def _validate(spec: StudySpec, path: Path) -> None:
                  *(o for v in spec.variants.values() for o in v)]:
         need(not item.startswith(tuple(f"{k}=" for k in reserved)),
              f"'{item}': the study sets seed, out_dir, name, threads and resume itself")
+
+
+def _validate_difficulty(d: StudyDifficulty, need: Callable[[bool, str], None]) -> None:
+    if d.knob is None:
+        need(not d.levels and not d.loops,
+             "difficulty: levels and loops need a knob (difficulty.knob=length, for example)")
+        return
+    need(bool(d.levels) and bool(d.loops),
+         f"difficulty.knob={d.knob} needs levels=[...] and loops=[...] too")
+    need(all(r >= 1 for r in d.loops), "difficulty.loops must be >= 1")
+    need(len(set(d.levels)) == len(d.levels) and len(set(d.loops)) == len(d.loops),
+         "difficulty.levels and difficulty.loops must not repeat a value")
+    need(d.n_samples >= 1 and d.batch_size >= 1,
+         "difficulty.n_samples and difficulty.batch_size must be >= 1")
+
+
+def difficulty_sweep(spec: StudySpec) -> Optional[DifficultySweep]:
+    d = spec.difficulty
+    if d.knob is None:
+        return None
+    return DifficultySweep(d.knob, tuple(d.levels), tuple(d.loops), d.n_samples, d.batch_size)
 
 
 def _validate_job(spec: StudySpec, need: Callable[[bool, str], None]) -> None:
@@ -269,8 +325,14 @@ def expand(spec: StudySpec) -> list[RunSpec]:
                                     str(where / variant / f"seed{seed}"), spec.threads,
                                     tuple(spec.eval.loops), spec.eval.n_samples,
                                     spec.eval.batch_size, world_size(spec),
-                                    spec.slurm.gpus_per_node))
+                                    spec.slurm.gpus_per_node, difficulty_sweep(spec)))
     return runs
+
+
+def comparisons(spec: StudySpec) -> list[tuple[str, str]]:
+    """(variant, baseline) pairs: every variant against the reference, then the study's pairs."""
+    out = [(v, spec.reference) for v in spec.variants if v != spec.reference]
+    return out + [tuple(p) for p in spec.pairs if tuple(p) not in out]
 
 
 def check_run_config(run: RunSpec) -> Optional[str]:
