@@ -515,3 +515,43 @@ def continuation_log_likelihood(model, context: list[int], continuation: list[in
     lp = F.log_softmax(model(ids).logits[0, :-1].double(), -1)[-len(continuation):]
     return float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
 
+
+
+# ---------------------------------------------------------------------------------------------
+# A command in this process, as its own process would run it: the bad-input tests fail before
+# anything trains, and a subprocess per case would pay the interpreter's and torch's start
+# (~2 s) each time. Each command keeps one test through a real subprocess.
+
+# Python's default warning filters (no -W, no PYTHONWARNINGS): what a user's terminal shows
+DEFAULT_WARNING_FILTERS = (("default", DeprecationWarning, "__main__"),
+                           ("ignore", DeprecationWarning, ""),
+                           ("ignore", PendingDeprecationWarning, ""),
+                           ("ignore", ImportWarning, ""), ("ignore", ResourceWarning, ""))
+
+
+def cli_in_process(main, argv, capsys):
+    """`cli_main(main, argv)` in this process: (exit code, stdout, stderr) as a
+    CompletedProcess. A warning the command raises is written to stderr, as a terminal would
+    show it; torch's thread count (threads=...) is restored after."""
+    import subprocess
+    import warnings
+
+    from looped.errors import cli_main
+
+    capsys.readouterr()
+    threads = torch.get_num_threads()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        for action, category, module in reversed(DEFAULT_WARNING_FILTERS):
+            warnings.filterwarnings(action, category=category, module=module)
+        try:
+            cli_main(main, [str(a) for a in argv])
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            torch.set_num_threads(threads)
+    out = capsys.readouterr()
+    err = out.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
+                            for w in caught)
+    return subprocess.CompletedProcess(argv, code, out.out, err)

@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (CLI_TINY_MODEL, LOOPED_MODEL, VOCAB, decode_logits, make_model, max_diff,
-                      rand_ids)
+from conftest import (CLI_TINY_MODEL, LOOPED_MODEL, VOCAB, cli_in_process, decode_logits,
+                      make_model, max_diff, rand_ids)
 
 from looped import ConfigError, LoopedLM, load_config
 from looped.components import component_config
@@ -377,18 +375,22 @@ def test_registry_lists_every_method():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(set(CROSS_LAYER_METHODS) - {"none"}))
-def test_trains_through_the_cli_with_one_key(method, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "train.py", *CLI_TINY_MODEL, f"{CL}.method={method}", "train.steps=2",
-         "train.batch_size=8", "eval.n_samples=8", "eval.loops=[1,2,4]", f"out_dir={tmp_path}",
-         "name=run"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_trains_through_the_cli_with_one_key(method, tmp_path, capsys):
+    """train.py's and `looped eval`'s mains, in this process (the subprocess start is what the
+    CLI tests elsewhere pin)."""
+    from looped.tools.cli import main as looped_main
+    from looped.tools.train import main as train_main
+
+    proc = cli_in_process(train_main, [*CLI_TINY_MODEL, f"{CL}.method={method}", "train.steps=2",
+                                       "train.batch_size=8", "eval.n_samples=8",
+                                       "eval.loops=[1,2,4]", f"out_dir={tmp_path}", "name=run"],
+                          capsys)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "ckpt" / "latest").exists()
     if method == "denseformer":  # sweeps skip the R its per-position parameters cannot run
-        sweep = subprocess.run(
-            [sys.executable, "-m", "looped", "eval", f"ckpt={tmp_path / 'run'}", "loops=[1,2,4]",
-             "n_samples=8", f"out={tmp_path / 'sweep'}", "threads=1"], cwd=ROOT,
-            capture_output=True, text=True, timeout=300)
+        sweep = cli_in_process(looped_main, ["eval", f"ckpt={tmp_path / 'run'}", "loops=[1,2,4]",
+                                             "n_samples=8", f"out={tmp_path / 'sweep'}",
+                                             "threads=1"], capsys)
         assert sweep.returncode == 0, sweep.stderr[-2000:]
         assert "skipping loops [4]" in sweep.stdout
         rows = (tmp_path / "sweep" / "loop_sweep.csv").read_text().splitlines()[1:]

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLI_TINY_MODEL
+from conftest import CLI_TINY_MODEL, cli_in_process
+
+from looped.tools.train import main as train_main
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,16 +81,24 @@ BAD_INPUTS = [  # (id, args, a fragment the error line must contain)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,args,fragment", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
-def test_bad_input_is_one_line_and_exit_2(files, tmp_path, name, args, fragment):
+def test_bad_input_is_one_line_and_exit_2(files, tmp_path, capsys, name, args, fragment):
     if name == "xformers on cpu" and os.environ.get("CUDA_VISIBLE_DEVICES") not in (None, ""):
         pytest.skip("a CUDA machine may run xformers")
     args = [a.format(dir=files["dir"], ckpt=files["ckpt"], trunc=files["trunc"]) for a in args]
-    proc = run(*TINY, f"out_dir={tmp_path}", *args)
+    proc = cli_in_process(train_main, [*TINY, f"out_dir={tmp_path}", *args], capsys)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert fragment in lines[0]
+
+
+def test_bad_input_through_train_py_is_one_line_and_exit_2(tmp_path):
+    """The cases above run train.py's main in the test's process; here the script itself."""
+    proc = run(*TINY, f"out_dir={tmp_path}", "model.d_modl=64")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1 and "did you mean model.d_model" in lines[0], proc.stderr
 
 
 def test_at_least_twenty_bad_inputs():
