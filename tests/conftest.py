@@ -529,18 +529,21 @@ DEFAULT_WARNING_FILTERS = (("default", DeprecationWarning, "__main__"),
                            ("ignore", ImportWarning, ""), ("ignore", ResourceWarning, ""))
 
 
-def cli_in_process(main, argv, capsys):
+def cli_in_process(main, argv):
     """`cli_main(main, argv)` in this process: (exit code, stdout, stderr) as a
     CompletedProcess. A warning the command raises is written to stderr, as a terminal would
     show it; torch's thread count (threads=...) is restored after."""
+    import contextlib
+    import io
     import subprocess
     import warnings
 
     from looped.errors import cli_main
 
-    capsys.readouterr()
+    out, err = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(out), \
+            contextlib.redirect_stderr(err):
         warnings.resetwarnings()
         for action, category, module in reversed(DEFAULT_WARNING_FILTERS):
             warnings.filterwarnings(action, category=category, module=module)
@@ -551,7 +554,6 @@ def cli_in_process(main, argv, capsys):
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         finally:
             torch.set_num_threads(threads)
-    out = capsys.readouterr()
-    err = out.err + "".join(warnings.formatwarning(w.message, w.category, w.filename, w.lineno)
-                            for w in caught)
-    return subprocess.CompletedProcess(argv, code, out.out, err)
+    stderr = err.getvalue() + "".join(
+        warnings.formatwarning(w.message, w.category, w.filename, w.lineno) for w in caught)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), stderr)

@@ -1,12 +1,10 @@
 """Checkpoints: round trip, clear errors for bad files, exact resume, and the evaluate CLI."""
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import CLI_TINY_MODEL, assert_same_checkpoint
+from conftest import CLI_TINY_MODEL, assert_same_checkpoint, cli_in_process
 import torch
 
 from looped import build_model, load_config
@@ -102,8 +100,10 @@ def test_state_file_loads_without_pickled_code(tmp_path):
 
 
 def _train(*args):
-    proc = subprocess.run([sys.executable, "train.py", *TINY, *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    """train.py's main in this process; the printed loss of each step."""
+    from looped.tools.train import main
+
+    proc = cli_in_process(main, [*TINY, *args])
     assert proc.returncode == 0, proc.stderr
     return {int(line.split()[1]): float(line.split()[3]) for line in proc.stdout.splitlines()
             if line.startswith("step ")}
@@ -126,9 +126,10 @@ def test_resume_continues_exactly(tmp_path):
 def test_evaluate_writes_csv_json_and_png(tmp_path):
     _train("train.steps=2", "train.eval_every=2", f"out_dir={tmp_path}", "name=run")
     out = tmp_path / "sweep"
-    proc = subprocess.run([sys.executable, "-m", "looped", "eval", f"ckpt={tmp_path / 'run'}",
-                           "loops=[1,3]", "n_samples=16", f"out={out}", "threads=1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    from looped.tools.cli import main
+
+    proc = cli_in_process(main, ["eval", f"ckpt={tmp_path / 'run'}", "loops=[1,3]",
+                                 "n_samples=16", f"out={out}", "threads=1"])
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(open(out / "loop_sweep.csv")))
     assert [int(r["loops"]) for r in rows] == [1, 3]

@@ -77,30 +77,30 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys(capsys):
     (["generate", "run=/no/such/run"], "/no/such/run"),
     (["generate", "run=x", "temperature=-1"], "temperature must be >= 0"),
 ])
-def test_bad_input_is_one_line(args, fragment, capsys, monkeypatch):
+def test_bad_input_is_one_line(args, fragment, monkeypatch):
     from looped.tools.cli import main
 
     monkeypatch.chdir(ROOT)  # relative paths as from the repository root
-    proc = cli_in_process(main, args, capsys)  # `looped --help` above goes through the script
+    proc = cli_in_process(main, args)  # `looped --help` above goes through the script
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
     assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def _train(tmp_path, capsys, *args) -> Path:
+def _train(tmp_path, *args) -> Path:
     from looped.tools.train import main
 
     proc = cli_in_process(main, [*CLI_TINY_MODEL, "train.steps=3", "train.batch_size=4",
                                  "train.eval_every=3", "eval.n_samples=8", f"out_dir={tmp_path}",
-                                 "name=run", *args], capsys)
+                                 "name=run", *args])
     assert proc.returncode == 0, proc.stderr[-2000:]
     return tmp_path / "run"
 
 
-def looped_here(capsys, *args):
+def looped_here(*args):
     """`looped ARGS` in this process (`looped --help` above goes through the script)."""
     from looped.tools.cli import main
 
-    return cli_in_process(main, args, capsys)
+    return cli_in_process(main, args)
 
 
 def _reference(run: Path, prompt: torch.Tensor, n: int, **kw) -> torch.Tensor:
@@ -112,13 +112,13 @@ def _reference(run: Path, prompt: torch.Tensor, n: int, **kw) -> torch.Tensor:
 
 
 @pytest.mark.slow
-def test_generate_prints_the_models_greedy_text(tmp_path, capsys):
+def test_generate_prints_the_models_greedy_text(tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"ROMEO: line {i} of a play, said twice.\n" for i in range(300)))
-    run = _train(tmp_path, capsys, "task=text", f"task.corpus={corpus}", "task.seq_len=32",
+    run = _train(tmp_path, "task=text", f"task.corpus={corpus}", "task.seq_len=32",
                  "model.vocab_size=256", "model.max_seq_len=64", "train.objective.loss=final",
                  "train.loop_sampling.sampler=fixed")
-    proc = looped_here(capsys, "generate", f"run={run}", "prompt=ROMEO: line",
+    proc = looped_here("generate", f"run={run}", "prompt=ROMEO: line",
                        "max_new_tokens=12", "temperature=0", "loops=3")
     assert proc.returncode == 0, proc.stderr
     from looped.data.text import ByteTokenizer
@@ -128,17 +128,17 @@ def test_generate_prints_the_models_greedy_text(tmp_path, capsys):
     expected = tok.decode(_reference(run, prompt, 12, loops=3))
     assert proc.stdout == "ROMEO: line" + expected + "\n"
     # sampling: the same seed gives the same text, several samples are numbered
-    sampled = [looped_here(capsys, "generate", f"run={run}", "prompt=ROMEO:", "max_new_tokens=8",
+    sampled = [looped_here("generate", f"run={run}", "prompt=ROMEO:", "max_new_tokens=8",
                            "samples=2", "seed=3") for _ in range(2)]
     assert sampled[0].returncode == 0 and sampled[0].stdout == sampled[1].stdout
     assert sampled[0].stdout.count("--- sample ") == 2
 
 
 @pytest.mark.slow
-def test_generate_on_a_token_task_continues_a_held_out_row(tmp_path, capsys):
-    run = _train(tmp_path, capsys, "task=addition", "task.digits=2", "model.vocab_size=12",
+def test_generate_on_a_token_task_continues_a_held_out_row(tmp_path):
+    run = _train(tmp_path, "task=addition", "task.digits=2", "model.vocab_size=12",
                  "model.max_seq_len=16")
-    proc = looped_here(capsys, "generate", f"run={run}", "max_new_tokens=3", "temperature=0",
+    proc = looped_here("generate", f"run={run}", "max_new_tokens=3", "temperature=0",
                        "exit.criterion=max_loops", "exit.after=1")
     assert proc.returncode == 0, proc.stderr
     lines = dict(line.split(":", 1) for line in proc.stdout.splitlines())
@@ -149,7 +149,7 @@ def test_generate_on_a_token_task_continues_a_held_out_row(tmp_path, capsys):
 
     assert got == _reference(run, prompt, 3, exit=MaxLoopsExit(after=1)).tolist()
     assert "mean iterations per token: 1.00" in proc.stderr
-    bad = looped_here(capsys, "generate", f"run={run}", "prompt=1 2 x")
+    bad = looped_here("generate", f"run={run}", "prompt=1 2 x")
     assert bad.returncode == 2 and "space-separated token ids (0..11)" in bad.stderr
-    wide = looped_here(capsys, "generate", f"run={run}", "prompt=1 2 40")
+    wide = looped_here("generate", f"run={run}", "prompt=1 2 40")
     assert wide.returncode == 2 and "token ids must be in 0..11" in wide.stderr

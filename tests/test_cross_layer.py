@@ -375,7 +375,7 @@ def test_registry_lists_every_method():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(set(CROSS_LAYER_METHODS) - {"none"}))
-def test_trains_through_the_cli_with_one_key(method, tmp_path, capsys):
+def test_trains_through_the_cli_with_one_key(method, tmp_path):
     """train.py's and `looped eval`'s mains, in this process (the subprocess start is what the
     CLI tests elsewhere pin)."""
     from looped.tools.cli import main as looped_main
@@ -383,14 +383,13 @@ def test_trains_through_the_cli_with_one_key(method, tmp_path, capsys):
 
     proc = cli_in_process(train_main, [*CLI_TINY_MODEL, f"{CL}.method={method}", "train.steps=2",
                                        "train.batch_size=8", "eval.n_samples=8",
-                                       "eval.loops=[1,2,4]", f"out_dir={tmp_path}", "name=run"],
-                          capsys)
+                                       "eval.loops=[1,2,4]", f"out_dir={tmp_path}", "name=run"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "run" / "ckpt" / "latest").exists()
     if method == "denseformer":  # sweeps skip the R its per-position parameters cannot run
         sweep = cli_in_process(looped_main, ["eval", f"ckpt={tmp_path / 'run'}", "loops=[1,2,4]",
                                              "n_samples=8", f"out={tmp_path / 'sweep'}",
-                                             "threads=1"], capsys)
+                                             "threads=1"])
         assert sweep.returncode == 0, sweep.stderr[-2000:]
         assert "skipping loops [4]" in sweep.stdout
         rows = (tmp_path / "sweep" / "loop_sweep.csv").read_text().splitlines()[1:]

@@ -5,8 +5,6 @@ writes its table, CSV and figure for runs grouped by variant."""
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +12,9 @@ import torch
 
 from looped.errors import ConfigError
 from looped.tools.depth_weights import PARTS, main as weights_main, split_weights
+from looped.tools.train import main as train_main
 
-from conftest import LOOPED_MODEL, make_model, rand_ids
+from conftest import LOOPED_MODEL, cli_in_process, make_model, rand_ids
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["task=prefix_sums", "task.length=6", "model.vocab_size=4", "model.d_model=16",
@@ -64,9 +63,8 @@ def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("weights")
     for variant, extra in [("anchor_window", ["model.depth_attention.sources=anchor_window"]),
                            ("vanilla", ["model.depth_attention.enabled=false"])]:
-        proc = subprocess.run([sys.executable, "train.py", *RUN, *extra,
-                               f"out_dir={out / variant}", "name=seed0"],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        proc = cli_in_process(train_main, [*RUN, *extra, f"out_dir={out / variant}",
+                                           "name=seed0"])
         assert proc.returncode == 0, proc.stderr
     return out
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,9 @@ from looped.errors import ConfigError
 from looped.training.scoring import task_accuracy
 from looped.tools.difficulty_grid import GridRun, summarise
 from looped.tools.evaluate import main as evaluate_main
+from looped.tools.train import main as train_main
+
+from conftest import cli_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ["task=prefix_sums", "task.length=6", "model.vocab_size=4", "model.d_model=16",
@@ -32,8 +33,7 @@ RUN = ["task=prefix_sums", "task.length=6", "model.vocab_size=4", "model.d_model
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("grid")
-    proc = subprocess.run([sys.executable, "train.py", *RUN, f"out_dir={out}", "name=ps"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = cli_in_process(train_main, [*RUN, f"out_dir={out}", "name=ps"])
     assert proc.returncode == 0, proc.stderr
     return out / "ps"
 

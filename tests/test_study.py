@@ -42,12 +42,12 @@ VARIANTS = {"vanilla": ["model.depth_attention.enabled=false"], "da": [],
             "broken": ["model.vocab_size=4"]}  # roots needs 25 tokens: fails when training
 
 
-def study_here(capsys, *args):
+def study_here(*args):
     """`looped study` in this process: for invocations that train nothing (each subprocess
     pays torch's import again)."""
     from looped.tools.study.cli import main
 
-    return cli_in_process(main, args, capsys)
+    return cli_in_process(main, args)
 
 
 def study(*args, timeout=600):
@@ -82,24 +82,24 @@ def test_completes_and_reports_the_failing_variant(done):
 
 
 @pytest.mark.slow
-def test_rerun_skips_finished_runs(done, capsys):
+def test_rerun_skips_finished_runs(done):
     path, out, _ = done
     result = out / "da" / "seed0" / "result.json"
     before = (result.stat().st_mtime_ns, (out / "da" / "seed0" / "train.log").read_text())
-    proc = study_here(capsys, path, "only=[vanilla,da]")
+    proc = study_here(path, "only=[vanilla,da]")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 runs (4 finished, 0 to resume, 0 to start" in proc.stdout
     assert (result.stat().st_mtime_ns, (out / "da" / "seed0" / "train.log").read_text()) == before
 
 
 @pytest.mark.slow
-def test_report_only_reports_what_is_finished_and_trains_nothing(done, tmp_path, capsys):
+def test_report_only_reports_what_is_finished_and_trains_nothing(done, tmp_path):
     """report_only=true: the report of the runs finished so far (e.g. while the study runs in
     another process), with an unstarted seed counted as not finished, and no run started."""
     _, out, _ = done
     path = write_study(tmp_path / "more.yaml", out, VARIANTS, seeds=(0, 1, 2),
                        extra=f"results: {tmp_path / 'report'}")
-    proc = study_here(capsys, path, "report_only=true")
+    proc = study_here(path, "report_only=true")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not any((out / v / "seed2").exists() for v in VARIANTS)
     md = (tmp_path / "report" / "summary.md").read_text()
@@ -171,8 +171,7 @@ HARD = "difficulty: {knob: chain_len, levels: [4, 5], loops: [1, 3], n_samples: 
 
 
 @pytest.mark.slow
-def test_a_difficulty_grid_added_later_scores_finished_runs_without_training(done, tmp_path,
-                                                                            capsys):
+def test_a_difficulty_grid_added_later_scores_finished_runs_without_training(done, tmp_path):
     """The same study with a difficulty grid: its finished runs are scored on the harder
     splits (no training), the cells land in result.json, the paired differences match a hand
     computation, and a rerun has nothing left to do."""
@@ -204,7 +203,7 @@ def test_a_difficulty_grid_added_later_scores_finished_runs_without_training(don
     md = (tmp_path / "report" / "summary.md").read_text()
     assert "Harder held-out splits (`chain_len`" in md and "| da | 5 | " in md
     assert (tmp_path / "report" / "difficulty_chain_len5.png").stat().st_size > 1000
-    again = study_here(capsys, path, "only=[vanilla,da]", "dry_run=true")
+    again = study_here(path, "only=[vanilla,da]", "dry_run=true")
     assert "4 runs (4 finished, 0 to resume, 0 to start, 0 with a bad config)" in again.stdout
 
 
@@ -287,11 +286,11 @@ def test_submitit_debug_executor_runs_the_study(tmp_path):
     (["{study}", "seeds=[0,1"], "while parsing a flow sequence"),
     (["{study}", "launcher=submitit_debug", "slurm.parameters={bogus_key: 1}"], "bogus_key"),
 ])
-def test_bad_study_input_is_one_line(tmp_path, capsys, args, fragment):
+def test_bad_study_input_is_one_line(tmp_path, args, fragment):
     from looped.tools.study.cli import main
 
     path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
-    proc = cli_in_process(main, [a.replace("{study}", str(path)) for a in args], capsys)
+    proc = cli_in_process(main, [a.replace("{study}", str(path)) for a in args])
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and fragment in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
