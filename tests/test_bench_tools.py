@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from test_cli import _train, looped
+from test_cli import _train, looped_here as looped
 
 
 @pytest.mark.slow

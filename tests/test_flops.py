@@ -5,19 +5,15 @@ that Depth-Attention adds under 0.01% FLOPs at 1.5B and 3B."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+from conftest import cli_in_process
 
 from looped import build_model, load_config
 from looped.tools.flops import account
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # preset -> (nominal size, n_layers, d_model, n_heads, n_kv_heads, ffn_dim)
 PRESETS = {
@@ -96,14 +92,14 @@ def test_method_rows_match_built_models():
 
 
 def test_cli_prints_the_table():
-    proc = subprocess.run([sys.executable, "-m", "looped", "flops", "model=3b"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    from looped.tools.cli import main
+
+    proc = cli_in_process(main, ["flops", "model=3b"])
     assert proc.returncode == 0, proc.stderr
     for row in ("depth_attention", "denseformer", "value_residual", "attn_res", "mhc",
                 "hyper_connections", "KV cache"):
         assert row in proc.stdout
-    bad = subprocess.run([sys.executable, "-m", "looped", "flops", "context=many"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    bad = cli_in_process(main, ["flops", "context=many"])
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0
     assert "context must be an integer" in bad.stderr
 

@@ -180,7 +180,7 @@ def test_a_difficulty_grid_added_later_scores_finished_runs_without_training(don
                        extra=f"results: {tmp_path / 'report'}\n{HARD}")
     runs = [out / v / f"seed{s}" for v in ("vanilla", "da") for s in (0, 1)]
     logs = [(d / "train.log").read_text() for d in runs]
-    proc = study(path, "only=[vanilla,da]")
+    proc = study_here(path, "only=[vanilla,da]")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "4 to score on the difficulty grid" in proc.stdout
     assert [(d / "train.log").read_text() for d in runs] == logs  # nothing trained again
@@ -231,7 +231,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     variants = {"vanilla": ["model.depth_attention.enabled=false"]}
     longer = "extra: [train.steps=40, train.eval_every=4, train.log_every=1]"
     ref = write_study(tmp_path / "ref.yaml", tmp_path / "ref", variants, seeds=(0,), extra=longer)
-    assert study(ref).returncode == 0
+    assert study_here(ref).returncode == 0
     path = write_study(tmp_path / "kill.yaml", tmp_path / "kill", variants, seeds=(0,),
                        extra=longer)
     proc = subprocess.Popen([sys.executable, "-m", "looped", "study", str(path)], cwd=ROOT,
@@ -247,7 +247,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
         os.killpg(proc.pid, signal.SIGKILL)  # the study and its training subprocess
         proc.wait()
     assert not (run / "result.json").exists()
-    again = study(path)
+    again = study_here(path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "1 to resume" in again.stdout and "(resumed)" in again.stdout
     assert "resumed from" in (run / "train.log").read_text()
@@ -265,7 +265,7 @@ def test_submitit_debug_executor_runs_the_study(tmp_path):
     path = write_study(tmp_path / "s.yaml", tmp_path / "out",
                        {"vanilla": ["model.depth_attention.enabled=false"], "da": []},
                        seeds=(0,))
-    proc = study(path, "launcher=submitit_debug")
+    proc = study_here(path, "launcher=submitit_debug")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "submitted 2 job(s) through submitit (submitit_debug)" in proc.stdout
     for v in ("vanilla", "da"):
@@ -345,13 +345,13 @@ def test_t_quantiles_and_spread():
 def test_changed_overrides_are_refused_and_failed_runs_retried(tmp_path):
     first = {"vanilla": ["model.depth_attention.enabled=false"], "broken": ["model.vocab_size=4"]}
     path = write_study(tmp_path / "s.yaml", tmp_path / "out", first, seeds=(0,))
-    assert study(path).returncode == 1
+    assert study_here(path).returncode == 1
     assert (tmp_path / "out" / "broken" / "seed0" / "error.txt").is_file()
     # the same directories, now with vanilla changed and broken fixed
     second = {"vanilla": ["model.depth_attention.enabled=false", "train.lr=0.001"],
               "broken": []}
     write_study(path, tmp_path / "out", second, seeds=(0,))
-    proc = study(path)
+    proc = study_here(path)
     assert proc.returncode == 1
     assert "FAILED vanilla/seed0" in proc.stdout and "other overrides" in proc.stdout
     assert "done   broken/seed0" in proc.stdout  # retried: its failed attempt left no checkpoint
@@ -383,7 +383,7 @@ def test_paired_difference_pairs_only_shared_seeds(tmp_path):
 
 def test_runs_whose_trained_loop_is_not_evaluated_are_refused_up_front(tmp_path):
     path = write_study(tmp_path / "s.yaml", tmp_path / "out", VARIANTS)
-    proc = study(path, "eval.loops=[1,3]", "only=[da]", "dry_run=true", timeout=120)
+    proc = study_here(path, "eval.loops=[1,3]", "only=[da]", "dry_run=true")
     assert "0 to start, 2 with a bad config" in proc.stdout
     assert "FAILED da/seed0: the study's eval.loops [1, 3] leave out this run's trained loop=2" \
         in proc.stdout

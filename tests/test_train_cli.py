@@ -1,10 +1,13 @@
-"""The real CLI in a subprocess: a short run trains, and bad input exits 2 with one line."""
+"""The real CLI in a subprocess: a short run trains, and bad input exits 2 with one line (the
+bad inputs through train.py's main in the test's process; tests/test_failures.py also sends one
+through the script)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +38,9 @@ def test_short_run_trains_and_loss_drops(tmp_path):
     ["model.vocab_size=8"],
 ])
 def test_bad_input_exits_2_with_one_line(args, tmp_path):
-    proc = run_train(*args, "train.steps=1", f"out_dir={tmp_path}")
+    from looped.tools.train import main
+
+    proc = cli_in_process(main, [*args, "train.steps=1", f"out_dir={tmp_path}"])
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
