@@ -15,7 +15,9 @@ another task preset replaces the earlier preset's task knobs.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -253,17 +255,31 @@ def _schema(loose: DictConfig) -> DictConfig:
     merged config chooses (looped.components)."""
     from looped.components import schema, slots
 
+    chosen = tuple((slot.path, schema(slot, slot.component(loose))) for slot in slots().values())
+    return copy.deepcopy(_schema_of(chosen))
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_of(chosen: tuple[tuple[str, type], ...]) -> DictConfig:
+    """The structured config with each (slot path, node dataclass) of `chosen`. Cached: building
+    it is most of a config's resolution, and a config's choices repeat (callers get a copy)."""
     cfg = OmegaConf.structured(Config)
-    for slot in slots().values():
-        parent_path, _, leaf = slot.path.rpartition(".")
+    for path, node in chosen:
+        parent_path, _, leaf = path.rpartition(".")
         parent = OmegaConf.select(cfg, parent_path) if parent_path else cfg
-        setattr(parent, leaf, OmegaConf.structured(schema(slot, slot.component(loose))))
+        setattr(parent, leaf, OmegaConf.structured(node))
     return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _defaults_container() -> dict:
+    """Config's defaults as plain containers (callers get a copy)."""
+    return OmegaConf.to_container(OmegaConf.structured(Config))
 
 
 def _loose(sources: list[DictConfig], dotlist: list[str]) -> DictConfig:
     """Every source merged without a schema: only to read which components are chosen."""
-    loose = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(Config)))
+    loose = OmegaConf.create(copy.deepcopy(_defaults_container()))
     for node in sources:
         try:
             loose = OmegaConf.merge(loose, node)
