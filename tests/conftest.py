@@ -16,6 +16,13 @@ import torch
 
 from looped import build_model, load_config
 
+# The suite runs in two xdist workers on a 2-core machine. torch's default of one thread per
+# core would put two OpenMP teams on the same cores, whose spin-waits slow the tiny ops of these
+# tests 10-100x (a decode test: 10 s in the cold suite, 0.2 s alone). One thread per worker and
+# per process the tests start (they inherit OMP_NUM_THREADS; threads=N still gets N).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 # trained BPE tokenizers are cached on disk (looped.data.tokenizers); tests keep theirs apart
 # from the user's cache (subprocesses inherit it)
 os.environ.setdefault("LOOPED_CACHE", tempfile.mkdtemp(prefix="looped-test-cache-"))
