@@ -30,7 +30,9 @@ KILL_IN_ASYNC = "LOOPED_TEST_KILL_IN_ASYNC_SAVE"
 PAUSE_S = 600
 
 
-def poison_loss_at(step: int) -> None:
+def poison_loss_at(step: int, patch=setattr) -> None:
+    """`patch`: setattr in this script; a test in its own process passes monkeypatch.setattr,
+    which undoes the patch after it."""
     original_step, original_build = trainer.Trainer.train_step, trainer.build_objective
     current = {"step": 0}
 
@@ -46,7 +48,8 @@ def poison_loss_at(step: int) -> None:
             return loss * float("nan") if current["step"] == step else loss
         return poisoned
 
-    trainer.Trainer.train_step, trainer.build_objective = train_step, build_objective
+    patch(trainer.Trainer, "train_step", train_step)
+    patch(trainer, "build_objective", build_objective)
 
 
 class _PausingOs:

@@ -1,5 +1,6 @@
-"""Failure modes through the real CLI: every bad input is one line on stderr and exit code 2;
-a NaN stops the run (exit 3) and keeps the last good checkpoint."""
+"""Failure modes through the CLI: every bad input is one line on stderr and exit code 2; a NaN
+stops the run (exit 3) and keeps the last good checkpoint. The cases run train.py's main in the
+test's process (cli_in_process); one bad input goes through the script itself."""
 
 import os
 import subprocess
@@ -18,15 +19,11 @@ TINY = CLI_TINY_MODEL + ["train.batch_size=8", "eval.n_samples=16", "eval.loops=
                          "train.steps=2"]
 
 
-NAN_HOOK = "LOOPED_TEST_NAN_AT_STEP"  # read by tests/faulty_train.py
-
-
-def run(*args, env=None, module=None, timeout=300):
-    """The real CLI; with `env`, tests/faulty_train.py, which injects the faults it names."""
-    entry = "tests/faulty_train.py" if env else "train.py"
-    cmd = [sys.executable, "-m", *module.split()] if module else [sys.executable, entry]
+def run(*args, module=None, timeout=300):
+    """The real CLI: train.py, or `python -m <module>`."""
+    cmd = [sys.executable, "-m", *module.split()] if module else [sys.executable, "train.py"]
     return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})})
+                          timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -112,9 +109,19 @@ def test_evaluate_bad_inputs_are_one_line(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+def train_with_nan_at(step: int, argv: list[str], monkeypatch):
+    """train.py's main in this process with the loss of optimizer step `step` made NaN (as
+    tests/faulty_train.py does in its own process), the patch undone after."""
+    from faulty_train import poison_loss_at
+
+    with monkeypatch.context() as m:
+        poison_loss_at(step, patch=m.setattr)
+        return cli_in_process(train_main, argv)
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     args = [*TINY, "train.steps=6", "train.eval_every=2", f"out_dir={tmp_path}", "name=nan"]
-    proc = run(*args, env={NAN_HOOK: "5"})
+    proc = train_with_nan_at(5, args, monkeypatch)
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "at step 5" in lines[0] and "Traceback" not in proc.stderr
@@ -122,13 +129,14 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     assert (ckpt / "latest").read_text() == "step_00000004"
     assert "step_00000004" in lines[0]
     # the surviving checkpoint is intact and resumable
-    resumed = run(*args, "name=after", f"resume_from={ckpt}")
+    resumed = cli_in_process(train_main, [*args, "name=after", f"resume_from={ckpt}"])
     assert resumed.returncode == 0, resumed.stderr
 
 
-def test_skip_nonfinite_skips_and_counts(tmp_path):
-    proc = run(*TINY, "train.steps=4", "train.log_every=1", "train.skip_nonfinite=true",
-               f"out_dir={tmp_path}", "name=skip", env={NAN_HOOK: "2"})
+def test_skip_nonfinite_skips_and_counts(tmp_path, monkeypatch):
+    proc = train_with_nan_at(2, [*TINY, "train.steps=4", "train.log_every=1",
+                                 "train.skip_nonfinite=true", f"out_dir={tmp_path}", "name=skip"],
+                             monkeypatch)
     assert proc.returncode == 0, proc.stderr
     step_lines = [line for line in proc.stdout.splitlines() if line.startswith("step")]
     assert len(step_lines) == 4
@@ -138,7 +146,8 @@ def test_skip_nonfinite_skips_and_counts(tmp_path):
     state = torch.load(tmp_path / "skip" / "ckpt" / "step_00000004" / "state.pt",
                        weights_only=True)
     assert state["skipped"] == 1
-    more = run(*TINY, "train.steps=5", "train.log_every=1", "train.skip_nonfinite=true",
-               f"out_dir={tmp_path}", "name=skip", "resume=true")
+    more = cli_in_process(train_main, [*TINY, "train.steps=5", "train.log_every=1",
+                                       "train.skip_nonfinite=true", f"out_dir={tmp_path}",
+                                       "name=skip", "resume=true"])
     assert more.returncode == 0, more.stderr
     assert "skipped 1" in [ln for ln in more.stdout.splitlines() if ln.startswith("step")][0]
