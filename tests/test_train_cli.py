@@ -56,9 +56,15 @@ def test_compiled_training_matches_eager(tmp_path):
               "train.objective.loss=progressive",
               "train.batch_size=16", "threads=1", f"out_dir={tmp_path}", "eval.n_samples=16",
               "eval.loops=[3]"]
+    import torch._dynamo
+
+    from looped.tools.train import main
+
     losses = {}
-    for flag in ("false", "true"):
-        proc = run_train(*common, f"name=c{flag}", f"train.compile={flag}")
+    for flag in ("false", "true"):  # in this process: a subprocess each would add ~4 s of start
+        torch._dynamo.reset()
+        proc = cli_in_process(main, [*common, f"name=c{flag}", f"train.compile={flag}"])
+        torch._dynamo.reset()
         assert proc.returncode == 0, proc.stderr
         losses[flag] = [float(line.split()[3]) for line in proc.stdout.splitlines()
                         if line.startswith("step")]
