@@ -462,3 +462,24 @@ def test_every_study_file_of_the_project_resolves(path, monkeypatch):
     first = runs[0].seed  # the seed changes no config key: one seed's runs are every variant
     problems = {run.key: check_run_config(run) for run in runs if run.seed == first}
     assert not any(problems.values()), problems
+
+
+def test_a_grid_scored_with_other_settings_is_left_out_of_the_report(tmp_path):
+    """A run's difficulty cells count only if they were scored with the study's grid now: a
+    changed grid reports nothing for the run (and lists it "to score") until it is scored again."""
+    from looped.tools.study.difficulty_report import collect_difficulty
+    from looped.tools.study.runner import run_state, settings
+
+    path = write_study(tmp_path / "s.yaml", tmp_path / "out", {"vanilla": []}, seeds=(0,),
+                       extra=HARD)
+    (run,) = expand(load_study(path))
+    cells = {"4": {"1": {"accuracy": 0.5, "solved": 0.25, "loss": 1.0, "iterations": 1.0}}}
+    d = Path(run.run_dir)
+    d.mkdir(parents=True)
+    for grid, state, n_rows in ((run.difficulty.settings(), "finished", 1),
+                                ({**run.difficulty.settings(), "levels": [4]}, "to score", 0)):
+        result = {"settings": settings(run), "trained_loop": 2, "eval": {}, "train_seconds": 1,
+                  "resumed": False, "difficulty": {"settings": grid, "cells": cells}}
+        (d / "result.json").write_text(json.dumps(result))
+        assert run_state(run) == state
+        assert len(collect_difficulty([run])) == n_rows

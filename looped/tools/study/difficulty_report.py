@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from looped.tools.plots import plot_bands
-from looped.tools.study.difficulty import difficulty_rows
+from looped.tools.study.difficulty import difficulty_rows, is_scored
 from looped.tools.study.runner import finished_result
 from looped.tools.study.spec import RunSpec, StudySpec, comparisons
 from looped.tools.study.stats import spread
@@ -22,12 +22,15 @@ from looped.tools.study.tables import by_seed, cell, diff_cell, paired_or_none, 
 
 
 def collect_difficulty(runs: list[RunSpec]) -> list[dict]:
+    """The grid's rows of every finished run scored with the study's grid (a grid made with
+    other settings is left out until the run is scored again)."""
     rows = []
     for run in runs:
         result = finished_result(run)
-        if result is not None:
-            rows += difficulty_rows(result, {"grid": run.grid_label, "variant": run.variant,
-                                             "seed": run.seed})
+        if result is None or run.difficulty is None or not is_scored(result, run.difficulty):
+            continue
+        rows += difficulty_rows(result, {"grid": run.grid_label, "variant": run.variant,
+                                         "seed": run.seed})
     return rows
 
 
