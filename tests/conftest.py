@@ -402,7 +402,8 @@ def model_sources(model, loops=None):
     """policy_sources for a model's layout and configured policy (and its knobs)."""
     c = model.cfg
     da = c.depth_attention
-    policy = "none" if not da.enabled else (da.sources or "same_layer")
+    unset = "anchor" if model.loop > 1 else "strided"  # the defaults, written out
+    policy = "none" if not da.enabled else (da.sources or unset)
     knobs = {k: getattr(da, k) for k in ("window", "stride") if hasattr(da, k)}
     return policy_sources(policy, c.n_prelude, c.n_layers, model.loop if loops is None else loops,
                           c.n_coda, **knobs)

@@ -74,8 +74,8 @@ DEFAULT_POLICY_MODELS = {
     "plain-unset": (dict(loop=1), "strided"),
     # `strided` named, its stride left at the default
     "plain-strided-default": (dict(loop=1, policy="strided"), "strided"),
-    # a looped model with sources unset: `same_layer`
-    "looped-unset": (dict(loop=3, **LOOPED_MODEL), "same_layer"),
+    # a looped model with sources unset: `anchor`
+    "looped-unset": (dict(loop=3, **LOOPED_MODEL), "anchor"),
     # a looped model with `strided` at the default stride (distinct layers // 2 = 2; the
     # 8 depth positions // 2 would be 4)
     "looped-strided-default": (dict(loop=3, policy="strided", **LOOPED_MODEL), "strided"),
@@ -85,7 +85,7 @@ DEFAULT_POLICY_MODELS = {
 @pytest.mark.parametrize("name", list(DEFAULT_POLICY_MODELS))
 def test_export_of_the_default_source_policy_and_stride(name, tmp_path):
     """Bug caught: the export records the wrong source policy or default stride when they are
-    left at their defaults (sources unset: strided for a plain model, same_layer for a looped
+    left at their defaults (sources unset: strided for a plain model, anchor for a looped
     one; strided's default stride is distinct layers // 2, independent of the loop count),
     e.g. the exported code's default stride counting depth positions, or the export writing a
     stride / policy of its own instead of leaving the default."""

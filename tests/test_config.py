@@ -49,7 +49,8 @@ def test_struct_mode_rejects_new_keys_after_loading():
      "unknown config key 'task.n_chains' (task 'chain' has knobs: hops, n_distractors)"),
     (["task=chain", "task.eval.n_chains=3"], "task.eval.n_chains"),
     (["exit.criterion=kl", "exit.after=3"], "exit criterion 'kl' has knobs: threshold"),
-    (["loop=4", "model.depth_attention.window=1"], "policy 'same_layer' has knobs: none"),
+    (["loop=4", "model.depth_attention.sources=same_layer", "model.depth_attention.window=1"],
+     "policy 'same_layer' has knobs: none"),
     # a plain decoder's default policy is strided: its knobs are checked without naming it
     (["loop=1", "model.depth_attention.window=-1"], "window must be >= 0, got -1"),
     (["task.name=nope", "task.hops=3"], "unknown config key 'task.hops'; did you mean"),

@@ -315,9 +315,9 @@ def test_same_layer_sources_on_looped_model():
     assert got == [s + (p,) for p, s in enumerate(SAME_LAYER_LOOPED)]
 
 
-def test_default_policy_strided_for_decoder_same_layer_for_looped():
+def test_default_policy_strided_for_decoder_anchor_for_looped():
     assert build_model(tiny_cfg()).policy == "strided"
-    assert build_model(tiny_cfg(loop=3, **LOOPED_MODEL)).policy == "same_layer"
+    assert build_model(tiny_cfg(loop=3, **LOOPED_MODEL)).policy == "anchor"
     assert build_model(tiny_cfg(enabled=False, policy="dense")).policy == "none"
 
 

@@ -171,21 +171,24 @@ def test_runs_record_their_policy_and_old_runs_keep_the_default_of_their_time(tm
     from looped.model import depth
     from looped.training.checkpoint import save_run_config
 
-    for loop, legacy in ((4, "same_layer"), (1, "strided")):
+    # (loop, the default now, the default before runs recorded their policy)
+    defaults = ((4, "anchor", "same_layer"), (1, "strided", "strided"))
+    for loop, now, _ in defaults:
         cfg = load_config(overrides(loop=loop, n_layers=2))
         assert cfg.model.depth_attention.sources is None  # unset: the default for the model
         save_run_config(tmp_path / f"new{loop}", cfg)
         saved = OmegaConf.load(tmp_path / f"new{loop}" / "config.yaml")
-        assert saved.model.depth_attention.sources == legacy
+        assert saved.model.depth_attention.sources == now
         (tmp_path / f"old{loop}").mkdir()
         (tmp_path / f"old{loop}" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    monkeypatch.setattr(depth, "default_policy", lambda looped: "anchor" if looped else "dense")
-    assert build_model(load_config(overrides(loop=4, n_layers=2))).policy == "anchor"
-    for loop, legacy in ((4, "same_layer"), (1, "strided")):
-        for kind in ("new", "old"):
+    # the default changes again: every saved run keeps the policy it trained with
+    monkeypatch.setattr(depth, "default_policy", lambda looped: "window" if looped else "dense")
+    assert build_model(load_config(overrides(loop=4, n_layers=2))).policy == "window"
+    for loop, now, legacy in defaults:
+        for kind, policy in (("new", now), ("old", legacy)):
             run_cfg = load_run_config(tmp_path / f"{kind}{loop}")
-            assert run_cfg.model.depth_attention.sources == legacy
-            assert build_model(run_cfg).policy == legacy
+            assert run_cfg.model.depth_attention.sources == policy
+            assert build_model(run_cfg).policy == policy
     vanilla = load_config(overrides(loop=4, n_layers=2, enabled=False))
     save_run_config(tmp_path / "vanilla", vanilla)
     assert build_model(load_run_config(tmp_path / "vanilla")).policy == "none"
