@@ -524,7 +524,6 @@ def continuation_log_likelihood(model, context: list[int], continuation: list[in
     return float(lp.gather(1, ids[0, -len(continuation):, None]).sum())
 
 
-
 # ---------------------------------------------------------------------------------------------
 # A command in this process, as its own process would run it: the bad-input tests fail before
 # anything trains, and a subprocess per case would pay the interpreter's and torch's start

@@ -23,19 +23,17 @@ def looped(*args, cwd=ROOT, timeout=300):
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def _help(capsys, *argv) -> str:
-    """A subcommand's help, printed by the `looped` entry point's main in this process (each
+def _help(*argv) -> str:
+    """A subcommand's help, printed by the `looped` entry point in this process (each
     subprocess would pay torch's import again)."""
     from looped.tools.cli import main
 
-    capsys.readouterr()
-    assert main(list(argv)) == 0
-    out = capsys.readouterr()
-    assert out.err == "", argv
-    return out.out
+    proc = cli_in_process(main, argv)
+    assert proc.returncode == 0 and proc.stderr == "", argv
+    return proc.stdout
 
 
-def test_help_lists_every_subcommand_and_each_lists_its_keys(capsys):
+def test_help_lists_every_subcommand_and_each_lists_its_keys():
     top = looped("--help")  # the real entry point, once
     assert top.returncode == 0
     for name in SUBCOMMANDS:
@@ -43,18 +41,18 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys(capsys):
     keys = {"train": "model.d_model=", "eval": "n_samples=1024", "study": "seeds=[0, 1, 2]",
             "flops": "context", "generate": "temperature=0.8", "export": "check=True"}
     for name, fragment in keys.items():
-        assert fragment in _help(capsys, name, "--help"), name
+        assert fragment in _help(name, "--help"), name
     for bench, fragment in (("depth", "looped_batch=16"), ("loop", "tolerance=0.005"),
                              ("decode", "recompute_tokens=512"), ("cache", "policies=")):
-        assert fragment in _help(capsys, "bench", bench, "--help")
+        assert fragment in _help("bench", bench, "--help")
     # `python -m looped.study` is `looped study`
     alias = subprocess.run([sys.executable, "-m", "looped.study", "--help"], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
-    assert alias.returncode == 0 and alias.stdout == _help(capsys, "study", "--help")
+    assert alias.returncode == 0 and alias.stdout == _help("study", "--help")
     # `python train.py --help` is `looped train --help`
     script = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
-    assert script.stdout == _help(capsys, "train", "--help")
+    assert script.stdout == _help("train", "--help")
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -247,8 +247,8 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
         prefix = f"{grid}_" if grid else ""
         title = f"{spec.name} ({grid})" if grid else spec.name
         bands = {}
-        for (v, R), vals in by_seed([r for r in meant_for(rows) if r["grid"] == grid], m, "variant",
-                                "R").items():
+        mine = [r for r in meant_for(rows) if r["grid"] == grid]
+        for (v, R), vals in by_seed(mine, m, "variant", "R").items():
             bands.setdefault(v, {})[R] = list(vals.values())
         if len({R for curve in bands.values() for R in curve}) > 1:  # plain decoders: R = 1
             made.append(plot_bands(bands, out / f"{prefix}{m}_vs_R.png", xlabel="loop count R",
@@ -256,7 +256,7 @@ def figures(rows: list[dict], curves: list[dict], spec: StudySpec, out: Path) ->
                                    title=f"{title}: {m} vs R (band: min–max over seeds)"))
         lc: dict[str, dict[int, dict[int, float]]] = {}  # variant -> step -> seed -> value
         for (v, step), vals in by_seed([c for c in curves if c["grid"] == grid], m, "variant",
-                                   "step").items():
+                                       "step").items():
             lc.setdefault(v, {})[step] = vals
         if lc:
             per_step = {v: {step: list(vals.values()) for step, vals in steps.items()}

@@ -43,11 +43,10 @@ def summary_rows(rows: list[dict], spec: StudySpec) -> list[dict]:
 
 def paired_rows(rows: list[dict], spec: StudySpec) -> list[dict]:
     table = by_seed(rows, spec.metric, "grid", "variant", "level", "R")
+    pairs = comparisons(spec)
     out = []
     for (g, v, lv, r), vals in table.items():
-        for variant, baseline in comparisons(spec):
-            if variant != v:
-                continue
+        for baseline in (b for a, b in pairs if a == v):
             s = paired_or_none(vals, table.get((g, baseline, lv, r)))
             if s is not None:
                 out.append({"grid": g, "variant": v, "reference": baseline, "level": lv, "R": r,
