@@ -2,7 +2,8 @@
 
 `load_config(["loop=8", "model=small", "model.d_model=256"])` resolves exactly as `train.py` does:
   1. the dataclass defaults below,
-  2. configs/defaults.yaml,
+  2. configs/defaults.yaml (the main job), or the whole-run recipe `recipe=NAME` names
+     (configs/recipe/NAME.yaml, e.g. recipe=roots_staircase) in its place,
   3. preset selections `group=name` (configs/<group>/<name>.yaml), in the order given,
   4. dotlist overrides `a.b=value`, in the order given,
 then validates ranges and shapes. Every problem raises `ConfigError` with a one-line message.
@@ -16,6 +17,7 @@ another task preset replaces the earlier preset's task knobs.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 from dataclasses import dataclass, field
@@ -150,7 +152,8 @@ def presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-NOT_PRESETS = ("study",)  # configs/study/ holds study files (`looped study`), not presets
+# configs/study/ holds study files (`looped study`); configs/recipe/ whole-run recipes (recipe=)
+NOT_PRESETS = ("study", "recipe")
 
 
 def preset_groups() -> list[str]:
@@ -330,11 +333,55 @@ def _preset(group: str, value: str) -> DictConfig:
                       f"{', '.join(presets(group))}{registered}")
 
 
-def _without(node: DictConfig, key: str) -> DictConfig:
-    if key not in node:
+def _without(node: DictConfig, path: str) -> DictConfig:
+    """node without the key at a dotted path (a copy; node itself where it has no such key)."""
+    *parents, last = path.split(".")
+    inner = node
+    for key in parents:
+        inner = inner.get(key) if isinstance(inner, DictConfig) else None
+    if not isinstance(inner, DictConfig) or last not in inner:
         return node
-    node = node.copy()
-    node.pop(key)
+    node = copy.deepcopy(node)
+    inner = node
+    for key in parents:
+        inner = inner[key]
+    inner.pop(last)
+    return node
+
+
+def _switched_slots(sources, dotlist) -> list[str]:
+    """The slots whose component a dotlist override changes from the one the sources choose
+    (`task.name=chain` over a default prefix_sums): the sources' knobs of that slot belong to
+    the other component and are dropped, as choosing a preset drops them."""
+    from looped.components import slots
+
+    chosen = {item.split("=", 1)[0]: item.split("=", 1)[1] for item in dotlist}
+    try:
+        merged = OmegaConf.merge(*[node for _, node in sources]) if sources else None
+    except OmegaConfBaseException:  # reported against the schema later
+        return []
+    switched = []
+    for slot in slots().values():
+        value = chosen.get(f"{slot.path}.{slot.selector}")
+        if value is not None and merged is not None and value != slot.component(merged):
+            switched.append(slot)
+    return switched
+
+
+def _without_task_grid(node: DictConfig, switched: str) -> DictConfig:
+    """Choosing another task drops an earlier source's eval.grid too: its knob and levels are
+    the other task's (the main job's grid is over prefix sums' lengths)."""
+    return _without(node, "eval.grid") if switched == "task" else node
+
+
+def _without_knobs(node: DictConfig, slot) -> DictConfig:
+    """node without the component knobs of a slot (its shared fields, e.g. `enabled`, stay)."""
+    inner = OmegaConf.select(node, slot.path, default=None)
+    if not isinstance(inner, DictConfig):
+        return node
+    shared = {f.name for f in dataclasses.fields(slot.base)}
+    for key in [k for k in inner.keys() if k not in shared]:
+        node = _without(node, f"{slot.path}.{key}")
     return node
 
 
@@ -352,20 +399,48 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     import_plugins(_plugins_of(overrides))
     _check_dotlist(overrides)
     sources = []
-    defaults = CONFIG_DIR / "defaults.yaml"
+    defaults = _defaults_file(overrides)
     if defaults.is_file():
         sources.append((str(defaults), load_yaml(defaults)))
     groups = set(preset_groups())
     dotlist = []
     for item in overrides:
         key, value = item.split("=", 1)
+        if key == RECIPE:  # read above, in place of the built-in defaults
+            continue
         if key in groups:
             if key in slots():  # choosing another component replaces the earlier one's knobs
-                sources = [(label, _without(node, key)) for label, node in sources]
+                sources = [(label, _without(_without_task_grid(node, key), key))
+                           for label, node in sources]
             sources.append((f"preset {key}={value}", _preset(key, value)))
         else:
             dotlist.append(item)
+    for slot in _switched_slots(sources, dotlist):
+        sources = [(label, _without_knobs(_without_task_grid(node, slot.path), slot))
+                   for label, node in sources]
     return _resolve(sources, dotlist)
+
+
+RECIPE = "recipe"  # recipe=NAME: configs/recipe/NAME.yaml stands in for configs/defaults.yaml
+
+
+def recipes() -> list[str]:
+    return presets(RECIPE)
+
+
+def _defaults_file(overrides) -> Path:
+    """configs/defaults.yaml (the main job's recipe), or the whole-run recipe an override names:
+    a recipe sets every default a run's task, model and training need, so it replaces the
+    built-in defaults rather than merging with them."""
+    named = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == RECIPE]
+    if not named:
+        return CONFIG_DIR / "defaults.yaml"
+    if len(set(named)) > 1:
+        raise ConfigError(f"recipe= names {len(set(named))} recipes ({', '.join(named)}); a run "
+                          f"has one")
+    if named[0] not in recipes():
+        raise ConfigError(f"unknown recipe '{named[0]}'; choose one of: {', '.join(recipes())}")
+    return CONFIG_DIR / RECIPE / f"{named[0]}.yaml"
 
 
 def load_run_config(run_dir: Path, overrides: Optional[list[str]] = None) -> DictConfig:
@@ -577,5 +652,10 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.eval.n_samples >= 1, f"eval.n_samples must be >= 1, got {cfg.eval.n_samples}")
     _require(cfg.eval.batch_size >= 0,
              f"eval.batch_size must be >= 0 (0: what fits in memory), got {cfg.eval.batch_size}")
+    grid = cfg.eval.grid
+    _require(grid.n_samples >= 1, f"eval.grid.n_samples must be >= 1, got {grid.n_samples}")
+    _require(all(isinstance(v, int) and not isinstance(v, bool) for v in grid.levels),
+             f"eval.grid.levels must be whole numbers (values of eval.grid.knob), got "
+             f"{OmegaConf.to_container(grid.levels)}")
     for slot in slots().values():
         check(slot, OmegaConf.select(cfg, slot.path), cfg)

@@ -52,8 +52,17 @@ def _rows(cls: type, node, prefix: str) -> list[tuple[str, str, str]]:
         hint = comments.get(f.name, "")
         if not hint and hasattr(cls, "__held_out_of__"):
             hint = f"the held-out split's {f.name}; null: as trained"
-        rows.append((key, "null" if shown is None else str(shown), hint))
+        rows.append((key, _as_typed(shown), hint))
     return rows
+
+
+def _as_typed(value) -> str:
+    """A default as it is typed on the command line: null, 8, [1,2,4] (no spaces)."""
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_as_typed(v) for v in value) + "]"
+    return str(value)
 
 
 def _key_lines(rows) -> list[str]:
@@ -70,11 +79,13 @@ def tool_help(doc: str, cls: type) -> str:
 
 def config_help() -> str:
     """The help text: presets, then one line per key."""
-    from looped.config import Config, load_config, preset_groups, presets
+    from looped.config import Config, load_config, preset_groups, presets, recipes
 
     cfg = load_config([])
     rows = _rows(Config, cfg, "")
     choices = [f"  {g}=NAME   NAME in: {', '.join(presets(g))}" for g in preset_groups()]
+    choices.append(f"  recipe=NAME   a whole run's defaults in place of the main job's; NAME in: "
+                   f"{', '.join(recipes())}")
     lines = ["usage: python train.py [key=value ...]   (defaults: configs/defaults.yaml's)",
              "", "presets:", *choices, "", "keys (key=default  help):"]
     lines += _key_lines(rows)

@@ -34,7 +34,8 @@ VOCAB = 50
 BASE_MODEL = dict(vocab_size=VOCAB, d_model=32, n_layers=4, n_prelude=0, n_coda=0, n_heads=4,
                   n_kv_heads=2, head_dim=8, ffn_dim=64, max_seq_len=32, rope_theta=10000.0,
                   norm_eps=1e-6, tie_embeddings="true", kernel="sdpa", share_weights="true",
-                  injection="add", init_state="zeros", exit_gate="false", pos_embedding="false")
+                  injection="add", init_state="zeros", exit_gate="false", pos_embedding="false",
+                  attn_window=0, state_norm="false")
 
 HEADS = {
     "gqa": dict(n_heads=4, n_kv_heads=2),
@@ -60,9 +61,11 @@ def overrides(*, loop: int = 1, enabled: bool = True, policy: str | None = None,
     """The dotlist for a tiny config; `model` keys override BASE_MODEL."""
     m = dict(BASE_MODEL)
     m.update(model)
-    # a fixed loop count keeps every model buildable (unrolled ones accept no sampler)
-    out = [f"loop={loop}", "train.loop_sampling.sampler=fixed"] + [f"model.{k}={v}"
-                                                                    for k, v in m.items()]
+    # the recipe these configs were written on (the prefix-sums main job's progressive loss and
+    # state norm refuse unrolled and cross-layer models); a fixed loop count keeps every model
+    # buildable (unrolled ones accept no sampler)
+    out = ["recipe=roots_staircase", f"loop={loop}", "train.loop_sampling.sampler=fixed"]
+    out += [f"model.{k}={v}" for k, v in m.items()]
     da = "model.depth_attention"
     out.append(f"{da}.enabled={'true' if enabled else 'false'}")
     if policy is not None:
@@ -478,8 +481,10 @@ def tol_for(dtype) -> float:
     return 1e-9 if dtype == torch.float64 else 1e-5
 
 
-# A tiny model for tests that run the real CLI in a subprocess (train.py dotlist arguments).
-CLI_TINY_MODEL = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+# A tiny model for tests that run the real CLI in a subprocess (train.py dotlist arguments), on
+# the recipe they were written on (roots; the prefix-sums main job is pinned in test_config).
+CLI_TINY_MODEL = ["recipe=roots_staircase", "model.d_model=32", "model.n_heads=2",
+                  "model.n_kv_heads=1",
                   "model.head_dim=16", "model.ffn_dim=64", "loop=2", "threads=1"]
 
 

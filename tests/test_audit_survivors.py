@@ -66,7 +66,8 @@ def test_seed_table_counts_a_best_accuracy_of_exactly_0_9_as_reaching():
 
 # -- 3. trainer: a step's FLOPs at the loop count it sampled -----------------------------------
 
-TRAIN_RUN = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.head_dim=16",
+TRAIN_RUN = ["recipe=roots_staircase", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+             "model.head_dim=16",
              "model.ffn_dim=64", "model.vocab_size=12", "model.max_seq_len=16", "device=cpu",
              "task=roots", "task.n_chains=2", "task.chain_len=3", "task.n_queries=3",
              "loop=4", "train.loop_sampling.sampler=uniform", "train.batch_size=4",

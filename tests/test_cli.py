@@ -38,7 +38,7 @@ def test_help_lists_every_subcommand_and_each_lists_its_keys():
     assert top.returncode == 0
     for name in SUBCOMMANDS:
         assert f"  {name} " in top.stdout
-    keys = {"train": "model.d_model=", "eval": "n_samples=1024", "study": "seeds=[0, 1, 2]",
+    keys = {"train": "model.d_model=", "eval": "n_samples=1024", "study": "seeds=[0,1,2]",
             "flops": "context", "generate": "temperature=0.8", "export": "check=True"}
     for name, fragment in keys.items():
         assert fragment in _help(name, "--help"), name

@@ -46,7 +46,8 @@ def test_struct_mode_rejects_new_keys_after_loading():
     (["model.head_dim=7"], "even"),
     # each component's knobs are checked against its own dataclass
     (["task=chain", "task.n_chains=3"],
-     "unknown config key 'task.n_chains' (task 'chain' has knobs: hops, n_distractors)"),
+     "unknown config key 'task.n_chains' (task 'chain' has knobs: hops, n_distractors, "
+     "statements, min_hops, loops_per_hop)"),
     (["task=chain", "task.eval.n_chains=3"], "task.eval.n_chains"),
     (["exit.criterion=kl", "exit.after=3"], "exit criterion 'kl' has knobs: threshold"),
     (["loop=4", "model.depth_attention.sources=same_layer", "model.depth_attention.window=1"],
@@ -85,7 +86,8 @@ def test_a_components_knobs_join_its_node():
                               "eval": {"hops": 8, "length": None, "alphabet": None,
                                        "min_hops": None, "loops_per_hop": None}}
     assert dict(cfg.exit) == {"criterion": "kl", "drop_rows_from": 16, "threshold": 1e-3}
-    cross = load_config(["model.cross_layer.method=denseformer", "model.cross_layer.dilation=2"])
+    cross = load_config(["recipe=roots_staircase", "model.cross_layer.method=denseformer",
+                         "model.cross_layer.dilation=2"])
     assert dict(cross.model.cross_layer) == {"method": "denseformer", "param_loops": 0,
                                              "dilation": 2, "period": 1}
     assert dict(cfg.train.loop_sampling) == {"sampler": "poisson_lognormal", "min_loops": 1,
@@ -115,10 +117,45 @@ def test_a_run_saved_with_the_flat_knobs_of_older_versions_loads_unchanged(tmp_p
 
     (tmp_path / "config.yaml").write_text(OLD_RUN_CONFIG)
     old = load_config_file(tmp_path / "config.yaml")
-    new = load_config(["loop=4", "model.depth_attention.sources=strided",
+    new = load_config(["recipe=roots_staircase", "loop=4", "model.depth_attention.sources=strided",
                        "model.depth_attention.stride=2", "model.depth_attention.window=1",
                        "train.loop_sampling.min_loops=2", "task=chain", "task.hops=3",
                        "task.eval.hops=6", "exit.criterion=entropy"])
     for node in ("model.depth_attention", "model.cross_layer", "train.loop_sampling", "task",
                  "exit"):
         assert OmegaConf.select(old, node) == OmegaConf.select(new, node), node
+
+
+def test_the_main_job_is_pinned():
+    """`python train.py loop=8`: prefix sums from the final answer only (the progressive loss),
+    8-bit strings at R = 8, a difficulty x R grid reaching 2x and 4x the trained length."""
+    cfg = load_config(["loop=8"])
+    assert cfg.loop == 8
+    assert (cfg.task.name, cfg.task.length, cfg.task.eval.length) == ("prefix_sums", 8, 16)
+    assert cfg.train.objective.loss == "progressive"  # no intermediate targets
+    assert cfg.train.loop_sampling.sampler == "fixed" and cfg.train.steps == 600
+    m = cfg.model
+    assert (m.d_model, m.n_layers, m.attn_window, m.injection, m.state_norm) == \
+        (64, 1, 2, "add", True)
+    assert m.depth_attention.enabled and m.depth_attention.sources is None  # the looped default
+    assert (cfg.eval.grid.knob, list(cfg.eval.grid.levels)) == ("length", [8, 16, 32])
+    assert max(cfg.eval.loops) == 8 * cfg.loop
+
+
+def test_a_recipe_replaces_the_defaults():
+    cfg = load_config(["recipe=roots_staircase", "loop=8", "train.steps=7"])
+    assert (cfg.task.name, cfg.task.chain_len) == ("roots", 6)
+    assert cfg.train.objective.loss == "per_iteration" and cfg.train.steps == 7
+    assert cfg.model.attn_window == 0 and list(cfg.eval.grid.levels) == []
+    # the same keys, whatever the order of the recipe among the overrides
+    assert load_config(["loop=8", "train.steps=7", "recipe=roots_staircase"]) == cfg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["recipe=nope"], "unknown recipe 'nope'; choose one of: roots_staircase"),
+    (["recipe=roots_staircase", "recipe=main"], "recipe= names 2 recipes"),
+])
+def test_bad_recipe_is_one_line(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -350,7 +350,7 @@ def test_exit_with_a_cross_layer_method_is_refused():
     with pytest.raises(ConfigError, match="adaptive exit"):
         model(rand_ids(1, 6), exit=build_exit(load_config(["exit.criterion=kl"]).exit))
     with pytest.raises(ConfigError, match="adaptive exit"):
-        load_config([f"{CL}.method=mhc", "exit.criterion=kl"])
+        load_config(["recipe=roots_staircase", f"{CL}.method=mhc", "exit.criterion=kl"])
 
 
 @pytest.mark.parametrize("overrides,fragment", [
@@ -364,7 +364,7 @@ def test_exit_with_a_cross_layer_method_is_refused():
 ])
 def test_bad_cross_layer_configs(overrides, fragment):
     with pytest.raises(ConfigError) as e:
-        load_config(overrides)
+        load_config(["recipe=roots_staircase", *overrides])
     assert fragment in str(e.value)
 
 

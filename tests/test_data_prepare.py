@@ -218,7 +218,8 @@ def test_eval_and_export_of_a_run_on_shards_load_the_saved_tokenizer(tmp_path, m
     P.prepare(P.PrepareArgs(corpus=str(corpus), out=str(data), tokenizer="bpe", bpe_vocab=300,
                             held_out=0.2, workers=1), progress=False)
     run = tmp_path / "runs" / "r"
-    tiny = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
+    tiny = ["recipe=roots_staircase", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
+            "model.n_kv_heads=1",
             "model.head_dim=16", "model.ffn_dim=64", "model.max_seq_len=32", "loop=2"]
     assert cli.main(["train", "task=text", f"task.data={data}", "task.seq_len=32",
                      "model.vocab_size=300", *tiny, "train.steps=4", "train.batch_size=4",

@@ -21,7 +21,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 # below the gradient norms so that clipping (on the global gradient) acts at every step. The
 # task (a plugin) scores a different number of tokens in every row, so the ranks' losses must
 # be weighted by their answer tokens to equal the 1-process loss.
-TINY = ["imports=[tests/plugins/ragged_task.py]", "task.name=ragged",
+TINY = ["recipe=roots_staircase", "imports=[tests/plugins/ragged_task.py]", "task.name=ragged",
         "loop=3", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
         "model.head_dim=16", "model.ffn_dim=64", "model.n_prelude=1", "model.n_coda=1",
         "train.batch_size=8", "train.steps=4", "train.log_every=1", "train.eval_every=2",
@@ -230,7 +230,7 @@ def test_two_nodes_over_localhost_train_as_one_process(runs):
 def test_ddp_with_parameters_that_get_no_gradient(tmp_path):
     """An unrolled model under truncated backprop: its early copies get no gradient, which DDP
     refuses unless it looks for unused parameters."""
-    args = ["model.share_weights=false", "train.grad_loops=1", "train.loop_sampling.sampler=fixed",
+    args = ["recipe=roots_staircase", "model.share_weights=false", "train.grad_loops=1", "train.loop_sampling.sampler=fixed",
             "eval.loops=[3]"]
     one = train([sys.executable], f"out_dir={tmp_path}", "name=one", *args)
     two = train(TORCHRUN, f"out_dir={tmp_path}", "name=ddp", *args)

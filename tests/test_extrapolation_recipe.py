@@ -209,7 +209,7 @@ def test_row_loops_bad_shapes_are_one_line_errors():
 def test_training_with_per_row_loops_runs_and_needs_a_task_that_gives_them(tmp_path):
     from looped.training.trainer import Trainer
 
-    base = ["task=prefix_sums", "task.length=6", "task.min_length=2", "model.vocab_size=4",
+    base = ["recipe=roots_staircase", "task=prefix_sums", "task.length=6", "task.min_length=2", "model.vocab_size=4",
             "model.d_model=16", "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1",
             "model.head_dim=8", "model.ffn_dim=32", "model.max_seq_len=16", "loop=4",
             "train.loop_sampling.sampler=task", "train.batch_size=8"]

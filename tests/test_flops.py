@@ -27,7 +27,7 @@ MLA_TINY = ["model.attention=mla", "model.mla.kv_rank=24", "model.mla.rope_dim=8
 
 
 def paper_cfg(preset: str, *extra: str):
-    return load_config([f"model={preset}", "loop=1", "train.loop_sampling.sampler=fixed", *extra])
+    return load_config(["recipe=roots_staircase", f"model={preset}", "loop=1", "train.loop_sampling.sampler=fixed", *extra])
 
 
 @pytest.mark.parametrize("preset", PRESETS)

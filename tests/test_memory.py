@@ -96,7 +96,7 @@ def test_per_iteration_checkpointing_keeps_one_state_per_iteration():
 
 def test_checkpointing_refuses_cross_layer_streams():
     with pytest.raises(ConfigError, match="plain residual"):
-        load_config(["train.activation_checkpointing=iteration",
+        load_config(["recipe=roots_staircase", "train.activation_checkpointing=iteration",
                      "model.cross_layer.method=denseformer"])
     with pytest.raises(ConfigError, match="unknown train.activation_checkpointing"):
         load_config(["train.activation_checkpointing=layer"])
@@ -127,7 +127,8 @@ def test_chunked_head_equals_full_logits():
 
 
 def _trainer(tmp_path, *overrides: str) -> Trainer:
-    cfg = load_config(["imports=[tests/plugins/ragged_task.py]", "task.name=ragged", "loop=3",
+    cfg = load_config(["recipe=roots_staircase", "imports=[tests/plugins/ragged_task.py]", "task.name=ragged",
+                       "loop=3",
                        "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
                        "model.head_dim=16", "model.ffn_dim=64", "model.n_prelude=1",
                        "model.n_coda=1", "train.batch_size=8", "train.lr=1e-2",

@@ -182,7 +182,7 @@ def test_cross_layer_scalars_and_vectors_are_not_decayed(method, expected_decaye
     extra = [f"model.cross_layer.method={method}", "model.depth_attention.enabled=false"]
     if method == "value_residual":
         extra.append("model.cross_layer.learnable=true")
-    cfg = load_config(["loop=1", "model.n_layers=3"] + extra)
+    cfg = load_config(["recipe=roots_staircase", "loop=1", "model.n_layers=3"] + extra)
     model = build_model(cfg)
     own = {n for n, _ in model.named_parameters() if n.startswith("cross_layer.")}
     assert own, method
@@ -209,5 +209,6 @@ def test_eval_loops_follow_loop():
     assert default_eval_loops(4) == [1, 2, 3, 4, 6, 8]
     assert default_eval_loops(8) == [1, 2, 3, 4, 5, 6, 7, 8, 12, 16]
     assert default_eval_loops(16) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]
-    assert eval_loops(load_config(["loop=1", "model.n_layers=8"])) == [1]
-    assert eval_loops(load_config(["loop=3", "eval.loops=[2,5]"])) == [2, 5]
+    roots = "recipe=roots_staircase"  # the main job's recipe sets eval.loops itself
+    assert eval_loops(load_config([roots, "loop=1", "model.n_layers=8"])) == [1]
+    assert eval_loops(load_config([roots, "loop=3", "eval.loops=[2,5]"])) == [2, 5]

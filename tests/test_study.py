@@ -483,3 +483,24 @@ def test_a_grid_scored_with_other_settings_is_left_out_of_the_report(tmp_path):
         (d / "result.json").write_text(json.dumps(result))
         assert run_state(run) == state
         assert len(collect_difficulty([run])) == n_rows
+
+
+def test_runs_recorded_before_recipes_count_for_the_roots_staircase_recipe():
+    """A result recorded before recipes existed was made on the defaults of its day, which are
+    recipe=roots_staircase now: it counts for a study file that names that recipe, and not for
+    one on today's defaults (the prefix-sums main job)."""
+    from types import SimpleNamespace
+
+    from looped.tools.study.runner import same_settings, settings
+
+    def run(*overrides):
+        return SimpleNamespace(overrides=list(overrides), seed=1, eval_loops=[1, 2],
+                               eval_n_samples=8, eval_batch_size=0)
+
+    legacy = {k: v for k, v in settings(run("loop=8")).items() if k != "recipe"}
+    assert same_settings(legacy, run("recipe=roots_staircase", "loop=8"))
+    assert not same_settings(legacy, run("loop=8"))
+    today = settings(run("loop=8"))
+    assert same_settings(today, run("loop=8"))
+    assert not same_settings(today, run("recipe=roots_staircase", "loop=8"))
+    assert not same_settings({**legacy, "seed": 2}, run("recipe=roots_staircase", "loop=8"))

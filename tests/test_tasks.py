@@ -98,6 +98,9 @@ CASES = [
     ("chain", dict(hops=4, n_distractors=2)),
     ("chain", dict(hops=1, n_distractors=0)),
     ("chain", dict(hops=13, n_distractors=1)),  # 26 variables: the pool grows past 24
+    ("chain", dict(hops=4, statements=16, min_hops=1, loops_per_hop=2)),  # rows' own hops
+    ("chain", dict(hops=8, statements=16)),  # twice the hops at the same length
+    ("chain", dict(hops=3, statements=3)),  # no distractor
     ("phop", dict(hops=4, length=32, alphabet=8)),  # many rows need the fallback
     ("phop", dict(hops=4, length=64, alphabet=4)),
     ("phop", dict(hops=6, length=8, alphabet=3)),  # the tightest: length = hops + 2
@@ -214,7 +217,7 @@ def test_eval_difficulty_from_config(preset, key, value, grows):
 
 @pytest.mark.parametrize("preset", ["roots", "chain", "phop", "addition"])
 def test_presets_fit_the_default_model(preset):
-    cfg = load_config([f"task={preset}"])
+    cfg = load_config(["recipe=roots_staircase", f"task={preset}"])
     for split in ("train", "eval"):
         task = build_task(cfg.task, split=split)
         assert task.vocab_size <= cfg.model.vocab_size
@@ -239,7 +242,7 @@ def test_held_out_scoring_matches_a_recompute_by_hand():
     from looped import build_model
     from looped.training.scoring import HELD_OUT_SEED_OFFSET, task_accuracy
 
-    cfg = load_config(["loop=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
+    cfg = load_config(["recipe=roots_staircase", "loop=2", "model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1",
                        "model.head_dim=16", "model.ffn_dim=64"])
     torch.manual_seed(0)
     model = build_model(cfg).eval()
@@ -334,3 +337,36 @@ def test_phop_with_a_range_of_hops_answers_each_rows_own_depth():
     with pytest.raises(ConfigError, match="min_hops needs loops_per_hop"):
         make("phop", dict(hops=3, min_hops=2))
     assert make("phop", dict(hops=3)).sample(4, torch.Generator().manual_seed(1)).loops is None
+
+
+def test_chain_rows_draw_their_hops_and_ask_for_loops_in_proportion():
+    task = make("chain", dict(hops=4, statements=16, min_hops=2, loops_per_hop=3))
+    batch, inputs, _, _ = sample_lists(task, n=400)
+    hops = [len(solve_chain(toks)[task.seq_len - 1]) for toks in inputs]
+    assert set(hops) == {2, 3, 4}
+    assert batch.loops.tolist() == [3 * h for h in hops]
+    assert task.seq_len == 4 * 16 + 2
+
+
+def test_chain_statements_keep_the_length_and_the_distractors():
+    """task.eval.hops=8 after hops=4 with statements=16: sequences of the same length, and the
+    queried chain's constant is not the only one (a distractor chain ends in its own)."""
+    cfg = load_config(["task=chain", "task.statements=16", "task.hops=4", "task.eval.hops=8"])
+    train, held_out = build_task(cfg.task), build_task(cfg.task, split="eval")
+    assert train.seq_len == held_out.seq_len == 66
+    _, inputs, _, _ = sample_lists(held_out, n=100)
+    for toks in inputs:
+        assert len(solve_chain(toks)[65]) == 8
+        ends = [toks[k + 2] for k in range(0, 64, 4) if 3 <= toks[k + 2] < 8]
+        assert len(ends) == 2  # the queried chain's and the one distractor's
+
+
+@pytest.mark.parametrize("knobs, fragment", [
+    (dict(hops=4, statements=3), "statements must be 0 or >= hops=4"),
+    (dict(hops=4, min_hops=5), "min_hops must be in [0, hops=4]"),
+    (dict(hops=4, loops_per_hop=-1), "loops_per_hop must be >= 0"),
+])
+def test_chain_bad_knobs_are_one_line(knobs, fragment):
+    with pytest.raises(ConfigError) as err:
+        make("chain", knobs)
+    assert fragment in str(err.value) and "\n" not in str(err.value)

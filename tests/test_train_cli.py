@@ -21,13 +21,21 @@ def test_short_run_trains_and_loss_drops(tmp_path):
     proc = run_train("loop=2", "train.steps=40", "train.log_every=20", "train.batch_size=32",
                      "threads=1", f"out_dir={tmp_path}", "name=run", "eval.n_samples=64",
                      "train.loop_sampling.sampler=fixed",
-                     "eval.loops=[1,2]")
+                     "eval.loops=[1,2]", "eval.grid.levels=[8,12]", "eval.grid.n_samples=16")
     assert proc.returncode == 0, proc.stderr
     losses = [float(line.split()[3]) for line in proc.stdout.splitlines()
               if line.startswith("step")]
     assert len(losses) == 2 and losses[1] < losses[0]
     assert "held-out accuracy by loop count" in proc.stdout
+    # the main job's difficulty x R grid: a row per level, a column per R, both metrics
+    for title in ("whole answers solved", "accuracy"):
+        head = f"held-out {title} by length (trained: 8) and loop count R (trained: 2):"
+        table = proc.stdout.split(head)[1].strip().splitlines()
+        assert table[0].split() == ["length", "R=1", "R=2"]
+        assert [row.split()[0] for row in table[1:3]] == ["8", "12"]
+        assert all(0 <= float(v) <= 1 for row in table[1:3] for v in row.split()[1:])
     run = tmp_path / "run"
+    assert "| 12 |" in (run / "eval" / "difficulty_grid.md").read_text()
     for name in ("config.yaml", "meta.json", "accuracy_vs_loops.png", "ckpt/latest"):
         assert (run / name).is_file(), name
     assert list((run / "tb").iterdir()), "no TensorBoard events written"
@@ -35,7 +43,8 @@ def test_short_run_trains_and_loss_drops(tmp_path):
 
 @pytest.mark.parametrize("args", [
     ["model.d_modl=3"], ["loop=0"], ["model.kernel=xformers"], ["task.name=nope"],
-    ["model.vocab_size=8"],
+    ["model.vocab_size=2"], ["eval.grid.knob=hops"], ["eval.grid.levels=[0]"],
+    ["eval.grid.levels=[400]"], ["recipe=nope"],
 ])
 def test_bad_input_exits_2_with_one_line(args, tmp_path):
     from looped.tools.train import main
@@ -91,7 +100,8 @@ def test_help_lists_every_key_with_its_default_and_help():
     for key, value in leaves(load_config([])):
         assert key in keys, key
         shown = keys[key].split("=", 1)[1].split()[0]
-        assert shown == ("null" if value is None else str(OmegaConf.to_container(value)
-                                                          if OmegaConf.is_config(value) else value))
+        plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        assert shown == ("null" if plain is None else str(plain).replace(" ", "")
+                         if isinstance(plain, list) else str(plain))
         assert len(keys[key].split("=", 1)[1].split()) > 1, f"{key} has no help"  # one line each
     assert "  task=NAME" in proc.stdout and "roots" in keys["task.name"]

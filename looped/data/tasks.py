@@ -83,6 +83,15 @@ class ChainTask(Task):
     seq_len = 4 (1 + n_distractors) hops + 2. Variable names come from a pool of 24 (vocab 32)
     while the chains fit in it (e.g. hops 8 with 2 distractors); longer chains enlarge the pool
     by exactly the names they need, keeping every existing token id.
+
+    Hop extrapolation at a fixed length: with `statements` > 0 every sequence holds exactly that
+    many assignments, the queried chain's h first, the rest cut into distractor chains of
+    `hops` assignments (the last one shorter), so task.eval.hops=8 after hops=4 asks for twice
+    the hops in sequences of the same length (n_distractors is then unused). With min_hops > 0
+    each row draws its own h ~ U{min_hops..hops} (its hop_targets past h hold its answer), and
+    loops_per_hop > 0 asks for h * loops_per_hop iterations per row (Batch.loops, trained with
+    train.loop_sampling.sampler=task): the loop count grows with the hops, as Fan et al. grow it
+    with the length.
     """
 
     EQ, SEMI, QUERY = 0, 1, 2
@@ -91,20 +100,35 @@ class ChainTask(Task):
 
     @dataclass
     class Config:
-        hops: int = 4  # assignments to follow
-        n_distractors: int = 2  # chains besides the queried one
+        hops: int = 4  # assignments to follow (the most, with min_hops)
+        n_distractors: int = 2  # chains besides the queried one (statements=0 only)
+        statements: int = 0  # > 0: this many assignments in every sequence, whatever the hops
+        min_hops: int = 0  # > 0: each row's hops ~ U{min_hops..hops}; 0: every row `hops`
+        loops_per_hop: int = 0  # > 0: each row asks for hops * this iterations (Batch.loops)
 
         def check(self, cfg=None) -> None:
             if self.hops < 1:
                 raise knob_error("chain", f"hops must be >= 1, got {self.hops}")
             if self.n_distractors < 0:
                 raise knob_error("chain", f"n_distractors must be >= 0, got {self.n_distractors}")
+            if self.statements and self.statements < self.hops:
+                raise knob_error("chain", f"statements must be 0 or >= hops={self.hops}, got "
+                                 f"{self.statements}")
+            if self.statements < 0:
+                raise knob_error("chain", f"statements must be >= 0, got {self.statements}")
+            if not 0 <= self.min_hops <= self.hops:
+                raise knob_error("chain", f"min_hops must be in [0, hops={self.hops}], got "
+                                 f"{self.min_hops}")
+            if self.loops_per_hop < 0:
+                raise knob_error("chain", f"loops_per_hop must be >= 0, got {self.loops_per_hop}")
 
     def __init__(self, hops: int = Config.hops, n_distractors: int = Config.n_distractors,
-                 **_):
-        self.Config(hops, n_distractors).check()
+                 statements: int = Config.statements, min_hops: int = Config.min_hops,
+                 loops_per_hop: int = Config.loops_per_hop, **_):
+        self.Config(hops, n_distractors, statements, min_hops, loops_per_hop).check()
         self.hops, self.n_chains = hops, n_distractors + 1
-        self.n_assign = self.n_chains * hops
+        self.statements, self.min_hops, self.loops_per_hop = statements, min_hops, loops_per_hop
+        self.n_assign = statements or self.n_chains * hops
         self.const0 = 3
         self.var0 = self.const0 + self.N_CONSTS
         self.n_vars = max(self.MIN_POOL, self.n_assign)
@@ -112,6 +136,8 @@ class ChainTask(Task):
         self.seq_len = 4 * self.n_assign + 2
 
     def sample(self, batch_size: int, generator: torch.Generator) -> Batch:
+        if self.statements or self.min_hops or self.loops_per_hop:
+            return self._sample_slots(batch_size, generator)
         b, c, h, n = batch_size, self.n_chains, self.hops, self.n_assign
         names = torch.argsort(torch.rand(b, self.n_vars, generator=generator), dim=1)[:, :n]
         chains = (names + self.var0).view(b, c, h)  # chains[:, k, j] = v_j of chain k
@@ -129,6 +155,37 @@ class ChainTask(Task):
         hop_targets = torch.full((h, b, inputs.shape[1]), IGNORE, dtype=torch.long)
         hop_targets[:, :, -1] = values[:, 0, :].T  # r dereferences: v_r, then the constant
         return Batch(inputs, targets, hop_targets)
+
+    def _sample_slots(self, batch_size: int, generator: torch.Generator) -> Batch:
+        """Rows of their own hop counts: n slots hold the variables in chain order, the queried
+        chain in slots 0..h-1, then distractor chains of `hops` slots; a slot's value is the
+        next slot's variable, or a constant where its chain ends."""
+        b, n, top = batch_size, self.n_assign, self.hops
+        names = torch.argsort(torch.rand(b, self.n_vars, generator=generator), dim=1)[:, :n]
+        names = names + self.var0  # (B, n): the variable of each slot
+        h = (torch.randint(self.min_hops, top + 1, (b,), generator=generator) if self.min_hops
+             else torch.full((b,), top))
+        consts = torch.randint(0, self.N_CONSTS, (b, n), generator=generator) + self.const0
+        slot = torch.arange(n)[None]  # (1, n)
+        after = slot - h[:, None]  # distractor slots count from 0
+        ends = (slot == h[:, None] - 1) | ((after >= 0) & (after % top == top - 1)) | (slot == n - 1)
+        following = torch.cat([names[:, 1:], names[:, :1]], dim=1)
+        values = torch.where(ends, consts, following)  # (B, n)
+        order = torch.argsort(torch.rand(b, n, generator=generator), dim=1)
+        lhs, rhs = names.gather(1, order), values.gather(1, order)
+        stmts = torch.stack([lhs, torch.full_like(lhs, self.EQ), rhs,
+                             torch.full_like(lhs, self.SEMI)], dim=2).reshape(b, 4 * n)
+        query = torch.stack([torch.full((b,), self.QUERY, dtype=torch.long), names[:, 0]], 1)
+        inputs = torch.cat([stmts, query], dim=1)
+        # r dereferences (r = 1..hops) reach slot min(r, h) - 1's value: the answer past h
+        reached = torch.minimum(torch.arange(1, top + 1)[:, None], h[None]) - 1  # (hops, B)
+        step_values = values.gather(1, reached.T).T  # (hops, B)
+        targets = torch.full_like(inputs, IGNORE)
+        targets[:, -1] = values.gather(1, (h - 1)[:, None])[:, 0]
+        hop_targets = torch.full((top, b, inputs.shape[1]), IGNORE, dtype=torch.long)
+        hop_targets[:, :, -1] = step_values
+        loops = h * self.loops_per_hop if self.loops_per_hop else None
+        return Batch(inputs, targets, hop_targets, loops)
 
 
 @register_task("phop")

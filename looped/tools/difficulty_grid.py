@@ -29,14 +29,12 @@ from pathlib import Path
 from looped import build_model
 from looped.config import load_run_config
 from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
-from looped.data import build_task
 from looped.errors import ConfigError
 from looped.model.exit import build_exit
 from looped.training.device import pick_device
-from looped.training.scoring import task_accuracy
+from looped.training.scoring import GRID_METRICS as METRICS, check_fits, level_task, score_grid
 from looped.tools.plots import plot_bands, plot_heatmap, plot_metric_vs_loops
 
-METRICS = ("accuracy", "solved", "loss", "iterations")
 SOLVED_AT = 0.9  # a seed "reaches" a level when its best accuracy there is at least this
 
 
@@ -87,28 +85,18 @@ def grid_run(path: str, args) -> GridRun:
     ckpt = resolve_checkpoint(Path(path))
     run_dir = run_dir_of(ckpt)
     cfg = load_run_config(run_dir, args.config)
-    knobs = [k for k in cfg.task if k not in ("name", "eval")]
-    if args.knob not in knobs:
-        raise ConfigError(f"knob={args.knob}: task '{cfg.task.name}' of {run_dir.name} has no such "
-                          f"knob; its knobs: {', '.join(knobs)}")
+    tasks = {level: level_task(cfg.task, args.knob, level, f" of {run_dir.name}")
+             for level in args.levels}
+    for level, task in tasks.items():
+        check_fits(task, cfg.model, f"{args.knob}={level} ({run_dir.name})")
     model = load_model(cfg, ckpt, args.device)
-    exit = build_exit(cfg.exit)
-    loops = model.runnable_loops(args.loops)
-    cells: dict[int, dict[int, dict[str, float]]] = {}
-    for level in args.levels:
-        level_cfg = load_run_config(run_dir, [*args.config, f"task.eval.{args.knob}={level}"])
-        task = build_task(level_cfg.task, split="eval")
-        if task.seq_len > cfg.model.max_seq_len or task.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(f"{args.knob}={level}: the task needs sequences of {task.seq_len} "
-                              f"tokens and a vocabulary of {task.vocab_size}; {run_dir.name} was "
-                              f"built for {cfg.model.max_seq_len} and {cfg.model.vocab_size}")
-        cells[level] = {}
-        for r in loops:
-            res = task_accuracy(model, task, r, args.n_samples, args.batch_size, cfg.seed,
-                                exit=exit, kv=args.kv)
-            cells[level][r] = {k: res[k] for k in METRICS}
-            print(f"  {run_dir.name}  {args.knob}={level:<4d} R={r:3d}  accuracy "
-                  f"{res['accuracy']:.4f}  solved {res['solved']:.4f}", flush=True)
+
+    def log(level, r, res):
+        print(f"  {run_dir.name}  {args.knob}={level:<4d} R={r:3d}  accuracy "
+              f"{res['accuracy']:.4f}  solved {res['solved']:.4f}", flush=True)
+
+    cells = score_grid(model, tasks, model.runnable_loops(args.loops), args.n_samples,
+                       args.batch_size, cfg.seed, exit=build_exit(cfg.exit), kv=args.kv, log=log)
     name = (f"{run_dir.parent.name}/{run_dir.name}" if run_dir.name.startswith("seed")
             else run_dir.name)
     return GridRun(name, cfg.loop, cfg.task[args.knob], cells)

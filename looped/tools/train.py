@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -17,6 +18,7 @@ from looped.config import load_config
 from looped.training.scoring import eval_loops
 from looped.training.distributed import ERROR_GRACE_S, DistEnv, finish, local_batch_size
 from looped.errors import EXIT_BAD_INPUT, ConfigError, LoopedError, cli_main
+from looped.tools.difficulty_grid import GridRun, write_grid
 from looped.tools.plots import plot_metric_vs_loops
 from looped.training.trainer import Trainer
 
@@ -108,10 +110,33 @@ def run(argv: list[str], env: DistEnv) -> int:
     for r, v in results.items():
         marker = "  <- trained" if r == cfg.loop else ""
         print(f"{r:4d}  {v['accuracy']:.3f}{marker}")
+    grid_dir = print_grid(trainer, cfg, name, run_dir)
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print(f"checkpoint:  {run_dir / 'ckpt'}")
     print(f"plot:        {plot}")
+    if grid_dir:
+        print(f"grid:        {grid_dir / 'difficulty_grid.md'} (and .csv, .json, figures)")
     return 0
+
+
+def print_grid(trainer, cfg, name: str, run_dir: Path) -> Optional[Path]:
+    """Score eval.grid on the trained model, print it (whole answers solved, then accuracy per
+    answer token) and write it as `looped eval knob=...` does; None without a grid."""
+    knob = cfg.eval.grid.knob
+    cells = trainer.evaluate_grid(eval_loops(cfg))
+    if not cells:
+        return None
+    loops = sorted({r for by_r in cells.values() for r in by_r})
+    trained = cfg.task[knob]
+    for metric, title in (("solved", "whole answers solved"), ("accuracy", "accuracy")):
+        print(f"\nheld-out {title} by {knob} (trained: {trained}) and loop count R "
+              f"(trained: {cfg.loop}):")
+        print(f"{knob:>8}  " + "  ".join(f"{'R=' + str(r):>6}" for r in loops))
+        for level, by_r in cells.items():
+            print(f"{level:>8}  " + "  ".join(f"{by_r[r][metric]:6.3f}" for r in loops))
+    out = run_dir / "eval"
+    write_grid([GridRun(name, cfg.loop, trained, cells)], knob, out)
+    return out
 
 
 if __name__ == "__main__":

@@ -7,13 +7,26 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
+from omegaconf import OmegaConf, open_dict
 
+from looped.data import build_task
 from looped.data.base import IGNORE, Task
 from looped.errors import ConfigError
 from looped.data.text import TextTask
 from looped.model.head_scores import head_scores
 from looped.model.exit import ExitCriterion
 from looped.training.device import autocast
+
+
+@dataclass
+class GridConfig:
+    """The `eval.grid` node: after training, held-out scores on a grid of task difficulties x
+    loop counts (the task's held-out split with task.eval.<knob> = each level, at eval.loops),
+    as `looped eval knob=... levels=...` scores a saved run."""
+
+    knob: str = ""  # a knob of the task (e.g. length, hops)
+    levels: list[int] = field(default_factory=list)  # the knob's values, one row each; []: no grid
+    n_samples: int = 256  # held-out sequences per cell
 
 
 @dataclass
@@ -25,6 +38,7 @@ class EvalConfig:
     n_samples: int = 1024  # held-out sequences per loop count
     # held-out sequences per forward; 0: as many as fit the memory budget (eval_batch_size)
     batch_size: int = 0
+    grid: GridConfig = field(default_factory=GridConfig)
 
 
 # Automatic evaluation batches (eval.batch_size=0): at most this many rows, the old fixed default,
@@ -113,6 +127,44 @@ def task_accuracy(model, task: Task, loops: int, n_samples: int, batch_size: int
                         batch_size=batch_size, kv=kv)
         result.update({k: lm[k] for k in ("loss", "bits_per_byte", "perplexity")})
     return result
+
+
+GRID_METRICS = ("accuracy", "solved", "loss", "iterations")
+
+
+def level_task(task_cfg, knob: str, level, owner: str = "") -> Task:
+    """The held-out task with task.eval.<knob> = level (its other knobs as configured); owner
+    names whose task it is in errors ("of <run>")."""
+    knobs = [k for k in task_cfg if k not in ("name", "eval")]
+    if knob not in knobs:
+        raise ConfigError(f"knob={knob}: task '{task_cfg.name}'{owner} has no such knob; its "
+                          f"knobs: {', '.join(knobs)}")
+    node = OmegaConf.create(OmegaConf.to_container(task_cfg))
+    with open_dict(node):
+        node.eval[knob] = level
+    return build_task(node, split="eval")
+
+
+def check_fits(task: Task, model_cfg, what: str) -> None:
+    """A one-line error where the model cannot read the task's sequences."""
+    if task.seq_len > model_cfg.max_seq_len or task.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(f"{what}: the task needs sequences of {task.seq_len} tokens and a "
+                          f"vocabulary of {task.vocab_size}; the model was built for "
+                          f"{model_cfg.max_seq_len} and {model_cfg.vocab_size}")
+
+
+def score_grid(model, tasks: dict, loops: list[int], n_samples: int, batch_size: int, seed: int,
+               exit=None, kv: Optional[str] = None, log=None) -> dict:
+    """{level: {R: GRID_METRICS}} for each level's task (from level_task) at each loop count."""
+    cells = {}
+    for level, task in tasks.items():
+        cells[level] = {}
+        for r in loops:
+            res = task_accuracy(model, task, r, n_samples, batch_size, seed, exit=exit, kv=kv)
+            cells[level][r] = {k: res[k] for k in GRID_METRICS}
+            if log:
+                log(level, r, res)
+    return cells
 
 
 def forward_scores(model, inputs: torch.Tensor, targets: torch.Tensor, *,

@@ -36,7 +36,7 @@ from looped.training.distributed import (DistEnv, FullStateView, all_reduce_sum,
 from looped.training.loop_sampling import sample_loops, step_generator
 from looped.training.losses import Step, build_objective
 from looped.training.optim import build_optimizer, lr_at
-from looped.training.scoring import eval_loops, task_accuracy
+from looped.training.scoring import check_fits, eval_loops, level_task, score_grid, task_accuracy
 from looped.training.sharded_checkpoint import PendingSave, save_sharded
 from looped.training.throughput import ThroughputMeter, device_peak
 
@@ -74,6 +74,11 @@ class Trainer:
             if task.seq_len > m.max_seq_len:
                 raise ConfigError(f"task '{cfg.task.name}' makes sequences of {task.seq_len} "
                                   f"tokens; model.max_seq_len is {m.max_seq_len}")
+        grid = cfg.eval.grid  # the difficulty x R grid scored after training
+        self.grid_tasks = {level: level_task(cfg.task, grid.knob, level, " (eval.grid.knob)")
+                           for level in grid.levels}
+        for level, task in self.grid_tasks.items():
+            check_fits(task, m, f"eval.grid {grid.knob}={level}")
         self.device = pick_device(cfg.device, self.env.local_rank if self.env.enabled else None)
         check_kernel(m.kernel, self.device)
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
@@ -292,6 +297,15 @@ class Trainer:
         return {r: task_accuracy(self.model, self.eval_task, r, ev.n_samples, ev.batch_size,
                                  self.cfg.seed, exit=self.exit)
                 for r in self.model.runnable_loops(loops)}
+
+    def evaluate_grid(self, loops: list[int], log=None) -> dict:
+        """eval.grid's cells {level: {R: metrics}}; {} without a grid or where this rank does
+        not evaluate."""
+        if not (self.grid_tasks and self.evaluates):
+            return {}
+        ev = self.cfg.eval
+        return score_grid(self.model, self.grid_tasks, self.model.runnable_loops(loops),
+                          ev.grid.n_samples, ev.batch_size, self.cfg.seed, exit=self.exit, log=log)
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, object]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from looped.training.checkpoint import CKPT_DIR, LATEST
-from looped.config import load_config, renamed_override
+from looped.config import RECIPE, load_config, renamed_override
 from looped.errors import EXIT_BAD_INPUT, LoopedError
 from looped.training.distributed import DistEnv
 from looped.training.scoring import eval_loops
@@ -59,21 +59,39 @@ class RunStatus:
     result: dict = field(default_factory=dict)
 
 
+# The defaults every run recorded before recipes existed was made on: they are this recipe now.
+LEGACY_RECIPE = "roots_staircase"
+
+
 def settings(run: RunSpec) -> dict:
-    """What a finished result must have been made with to count for this run."""
+    """What a finished result must have been made with to count for this run. `recipe`: the
+    defaults under its overrides (configs/defaults.yaml, or the recipe= it names)."""
     return {"overrides": list(run.overrides), "seed": run.seed,
             "eval_loops": list(run.eval_loops), "eval_n_samples": run.eval_n_samples,
-            "eval_batch_size": run.eval_batch_size}
+            "eval_batch_size": run.eval_batch_size,
+            "recipe": _named_recipe(run.overrides) or "defaults"}
+
+
+def _named_recipe(overrides) -> Optional[str]:
+    named = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == RECIPE]
+    return named[-1] if named else None
+
+
+def _comparable(recorded: dict) -> dict:
+    """Settings in today's terms: overrides in today's keys (a study file updated for a renamed
+    key keeps the runs made before the rename), and the recipe apart from them (a record without
+    one was made on the defaults of its day, LEGACY_RECIPE)."""
+    overrides = [renamed_override(o) for o in recorded.get("overrides", [])]
+    recipe = _named_recipe(overrides) or recorded.get("recipe", LEGACY_RECIPE)
+    return {**recorded, "recipe": recipe,
+            "overrides": [o for o in overrides if o.split("=", 1)[0] != RECIPE]}
 
 
 def same_settings(recorded: Optional[dict], run: RunSpec) -> bool:
-    """Whether settings recorded with a run are this run's, reading its overrides in today's
-    keys (a study file updated for a renamed key keeps the runs made before the rename)."""
+    """Whether settings recorded with a run are this run's (see _comparable)."""
     if not isinstance(recorded, dict):
         return False
-    old = {**recorded, "overrides": [renamed_override(o) for o in recorded.get("overrides", [])]}
-    now = settings(run)
-    return old == {**now, "overrides": [renamed_override(o) for o in now["overrides"]]}
+    return _comparable(recorded) == _comparable(settings(run))
 
 
 def read_json(path: Path) -> Optional[dict]:
