@@ -27,8 +27,10 @@ from looped.training.flops import train_flops_per_token  # noqa: E402
 from looped.training.throughput import device_peak  # noqa: E402
 
 DEVICE = torch.device("cuda")
-SMALL = ["loop=4", "model.d_model=256", "model.n_heads=8", "model.n_kv_heads=4",
-         "model.head_dim=32", "model.ffn_dim=768", "model.n_layers=2", "model.n_prelude=1",
+# on the roots recipe: full causal attention, no state norm (the main job's window and norm are
+# not what a GPU check is for)
+SMALL = ["recipe=roots_staircase", "loop=4", "model.d_model=256", "model.n_heads=8",
+         "model.n_kv_heads=4", "model.head_dim=32", "model.ffn_dim=768", "model.n_layers=2", "model.n_prelude=1",
          "model.n_coda=1", "model.vocab_size=256", "model.max_seq_len=256",
          "model.depth_attention.enabled=true"]
 
@@ -76,8 +78,9 @@ def fsdp_nccl() -> str:
     with tempfile.TemporaryDirectory() as out:
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
-             "train.py", "loop=4", "train.steps=20", "train.parallel=fsdp", "train.eval_every=20",
-             "eval.n_samples=64", f"out_dir={out}", "name=fsdp"],
+             "train.py", "recipe=roots_staircase", "loop=4", "train.steps=20",
+             "train.parallel=fsdp", "train.eval_every=20", "eval.n_samples=64", f"out_dir={out}",
+             "name=fsdp"],
             cwd=ROOT, capture_output=True, text=True, timeout=240,
             env={**os.environ, "WORLD_SIZE": "1"})
     steps = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
@@ -112,7 +115,8 @@ def cuda_graph_decode() -> str:
 def mfu_360m() -> str:
     """One training step of the 360M preset (bf16 autocast, seq 2048): its MFU."""
     torch.manual_seed(0)
-    cfg = load_config(["model=360m", "loop=1", "train.loop_sampling.sampler=fixed"])
+    cfg = load_config(["recipe=roots_staircase", "model=360m", "loop=1",
+                       "train.loop_sampling.sampler=fixed"])
     model = build_model(cfg).to(DEVICE)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, cfg.model.vocab_size, (8, 2048), device=DEVICE)
