@@ -235,3 +235,16 @@ def test_ddp_with_parameters_that_get_no_gradient(tmp_path):
     one = train([sys.executable], f"out_dir={tmp_path}", "name=one", *args)
     two = train(TORCHRUN, f"out_dir={tmp_path}", "name=ddp", *args)
     check_same_training(tmp_path, "ddp", two.stdout, printed_losses(one.stdout))
+
+
+def test_the_main_jobs_grid_is_scored_on_every_fsdp_rank(tmp_path):
+    """The main job's difficulty grid after training under FSDP: its forwards are collectives,
+    so every rank scores it (rank 0 alone would wait forever); rank 0 prints it once."""
+    proc = subprocess.run([*TORCHRUN, "train.py", "loop=2", "train.steps=2", "train.batch_size=8",
+                           "train.parallel=fsdp", "eval.loops=[1,2]", "eval.n_samples=8",
+                           "eval.grid.levels=[8,12]", "eval.grid.n_samples=8", "threads=1",
+                           f"out_dir={tmp_path}", "name=grid"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("held-out whole answers solved by length") == 1
+    assert (tmp_path / "grid" / "eval" / "difficulty_grid.md").is_file()

@@ -99,6 +99,8 @@ def run(argv: list[str], env: DistEnv) -> int:
     trainer.wait_for_checkpoint()  # the last asynchronous checkpoint, published before exit
     if not results:  # resumed at the end: nothing trained, still report
         results = trainer.evaluate(eval_loops(cfg))
+    # every evaluating rank scores the grid (under FSDP its forwards are collectives)
+    grid = trainer.evaluate_grid(eval_loops(cfg))
     if not main_rank:
         return 0
     plot = plot_metric_vs_loops({name: {r: v["accuracy"] for r, v in results.items()}},
@@ -110,7 +112,7 @@ def run(argv: list[str], env: DistEnv) -> int:
     for r, v in results.items():
         marker = "  <- trained" if r == cfg.loop else ""
         print(f"{r:4d}  {v['accuracy']:.3f}{marker}")
-    grid_dir = print_grid(trainer, cfg, name, run_dir)
+    grid_dir = print_grid(grid, cfg, name, run_dir)
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
     print(f"checkpoint:  {run_dir / 'ckpt'}")
     print(f"plot:        {plot}")
@@ -119,11 +121,10 @@ def run(argv: list[str], env: DistEnv) -> int:
     return 0
 
 
-def print_grid(trainer, cfg, name: str, run_dir: Path) -> Optional[Path]:
-    """Score eval.grid on the trained model, print it (whole answers solved, then accuracy per
-    answer token) and write it as `looped eval knob=...` does; None without a grid."""
+def print_grid(cells: dict, cfg, name: str, run_dir: Path) -> Optional[Path]:
+    """Print eval.grid's cells (whole answers solved, then accuracy per answer token) and write
+    them as `looped eval knob=...` does; None without a grid."""
     knob = cfg.eval.grid.knob
-    cells = trainer.evaluate_grid(eval_loops(cfg))
     if not cells:
         return None
     loops = sorted({r for by_r in cells.values() for r in by_r})
