@@ -428,11 +428,16 @@ def recipes() -> list[str]:
     return presets(RECIPE)
 
 
+def named_recipes(overrides) -> list[str]:
+    """The recipes `recipe=NAME` overrides name, in order."""
+    return [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == RECIPE]
+
+
 def _defaults_file(overrides) -> Path:
     """configs/defaults.yaml (the main job's recipe), or the whole-run recipe an override names:
     a recipe sets every default a run's task, model and training need, so it replaces the
     built-in defaults rather than merging with them."""
-    named = [item.split("=", 1)[1] for item in overrides if item.split("=", 1)[0] == RECIPE]
+    named = named_recipes(overrides)
     if not named:
         return CONFIG_DIR / "defaults.yaml"
     if len(set(named)) > 1:

@@ -117,6 +117,14 @@ def run_stage(stages: list[Stage], name: str, fn, *args) -> Stage:
     return stage
 
 
+def skip_stage(stages: list[Stage], name: str, why: str) -> Stage:
+    """A stage that cannot run because its input failed or was switched off: SKIP, and why."""
+    stage = Stage(name, detail=why)
+    stages.append(stage)
+    print(f"{name:12s} SKIP  {why}", flush=True)
+    return stage
+
+
 def environment(args: Args):
     import torch
 
@@ -288,12 +296,12 @@ def main(argv: list[str]) -> int:
     run_stage(stages, "checks", checks, args)
     corpus = run_stage(stages, "corpus", gather_corpus, args, out)
     prep = (run_stage(stages, "prepare", prepare, args, out) if corpus.status == "PASS"
-            else stages.append(Stage("prepare", detail="no corpus")) or stages[-1])
+            else skip_stage(stages, "prepare", "no corpus"))
     for group in ("text", "looped"):
         if group == "looped" and not args.looped_pair:
-            stages.append(Stage(group, detail="looped_pair=false"))
+            skip_stage(stages, group, "looped_pair=false")
         elif prep.status != "PASS":
-            stages.append(Stage(group, detail="no prepared data"))
+            skip_stage(stages, group, "no prepared data")
         else:
             run_stage(stages, group, train_pair, args, out, group)
     write_report(out, args, stages)

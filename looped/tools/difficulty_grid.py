@@ -29,7 +29,6 @@ from pathlib import Path
 from looped import build_model
 from looped.config import load_run_config
 from looped.training.checkpoint import load_weights, resolve_checkpoint, run_dir_of
-from looped.errors import ConfigError
 from looped.model.exit import build_exit
 from looped.training.device import pick_device
 from looped.training.scoring import GRID_METRICS as METRICS, check_fits, level_task, score_grid

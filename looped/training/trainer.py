@@ -298,14 +298,14 @@ class Trainer:
                                  self.cfg.seed, exit=self.exit)
                 for r in self.model.runnable_loops(loops)}
 
-    def evaluate_grid(self, loops: list[int], log=None) -> dict:
+    def evaluate_grid(self, loops: list[int]) -> dict:
         """eval.grid's cells {level: {R: metrics}}; {} without a grid or where this rank does
         not evaluate."""
         if not (self.grid_tasks and self.evaluates):
             return {}
         ev = self.cfg.eval
         return score_grid(self.model, self.grid_tasks, self.model.runnable_loops(loops),
-                          ev.grid.n_samples, ev.batch_size, self.cfg.seed, exit=self.exit, log=log)
+                          ev.grid.n_samples, ev.batch_size, self.cfg.seed, exit=self.exit)
 
     @torch.no_grad()
     def diagnostics(self) -> dict[str, object]:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from looped.training.checkpoint import CKPT_DIR, LATEST
-from looped.config import RECIPE, load_config, renamed_override
+from looped.config import RECIPE, load_config, named_recipes, renamed_override
 from looped.errors import EXIT_BAD_INPUT, LoopedError
 from looped.training.distributed import DistEnv
 from looped.training.scoring import eval_loops
@@ -73,7 +73,7 @@ def settings(run: RunSpec) -> dict:
 
 
 def _named_recipe(overrides) -> Optional[str]:
-    named = [o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0] == RECIPE]
+    named = named_recipes(overrides)
     return named[-1] if named else None
 
 
